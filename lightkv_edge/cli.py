@@ -1,0 +1,159 @@
+"""`python -m lightkv_edge ...`: chat about images, with or without LightKV.
+
+Every user mistake ends in one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import LightKVError
+
+EXAMPLES = """\
+examples:
+  python -m lightkv_edge chat photo.png                    interactive chat, embedded model
+  python -m lightkv_edge chat photo.png -p "What colour is the circle?" --stats
+  python -m lightkv_edge chat a.png b.png -p "..." --mode off     stock llama.cpp (control)
+  python -m lightkv_edge chat img.jpg --model m.gguf --mmproj mmproj.gguf --keep 0.5
+  python -m lightkv_edge chat img.jpg --hf-repo OWNER/REPO-GGUF --hf-file '*Q4_K_M*'
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not (0.0 < v <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not (v >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not usage + error) and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m lightkv_edge",
+                 description="Vision-language chat on llama.cpp, made cheaper by LightKV "
+                             "(prompt-guided merging of the image's vision tokens).",
+                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="store_true",
+                    help="print our version, the pinned llama.cpp and the backends")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    chat = sub.add_parser(
+        "chat", help="chat about one or more images",
+        description="Answer a question about images (-p), or chat interactively. "
+                    "Without --model/--hf-repo the embedded shapes model is used.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    chat.add_argument("-p", "--prompt", help="ask this once and exit (default: interactive)")
+    src = chat.add_argument_group("model (default: the embedded model, no download)")
+    src.add_argument("-m", "--model", metavar="F", help="GGUF text model")
+    src.add_argument("--mmproj", metavar="F", help="GGUF vision projector matching --model")
+    src.add_argument("--hf-repo", metavar="REPO",
+                     help="download a GGUF + mmproj pair from this Hugging Face repo")
+    src.add_argument("--hf-file", metavar="PATTERN",
+                     help="which GGUF of --hf-repo to use (glob, e.g. '*Q4_K_M*')")
+    lk = chat.add_argument_group("LightKV")
+    lk.add_argument("--mode", choices=("off", "embed", "layer"), default="embed",
+                    help="off: stock llama.cpp; embed: merge the image embeddings before "
+                         "the LLM, guided by the prompt (default); layer: merge inside "
+                         "the LLM at configured layers")
+    lk.add_argument("--keep", type=_fraction, default=0.55, metavar="FRACTION",
+                    help="fraction of vision tokens kept, in (0, 1] (default 0.55)")
+    lk.add_argument("--windows", type=_positive_int, default=None, metavar="N",
+                    help="merge windows per side (default: chosen from the grid)")
+    gen = chat.add_argument_group("generation")
+    gen.add_argument("-n", "--max-tokens", type=_positive_int, default=256, metavar="N",
+                     help="most tokens to generate per answer (default 256)")
+    gen.add_argument("--temp", type=_temperature, default=0.0,
+                     help="sampling temperature; 0 = greedy (default)")
+    gen.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("-c", "--ctx-size", type=_positive_int, default=4096, metavar="N",
+                     help="context size in tokens (default 4096)")
+    gen.add_argument("-ngl", "--gpu-layers", type=_nonneg_int, default=None, metavar="N",
+                     help="layers to offload to the GPU (default: all when a GPU exists)")
+    gen.add_argument("-t", "--threads", type=_positive_int, default=None,
+                     help="CPU threads (default: all cores)")
+    out = chat.add_argument_group("output")
+    out.add_argument("--stats", action="store_true",
+                     help="end with one JSON line of statistics (tokens kept, KV bytes, ms)")
+    out.add_argument("--json", action="store_true",
+                     help="print the answer and statistics as one JSON object")
+    out.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    return ap
+
+
+def print_version() -> None:
+    from . import _libs, backends
+    print(f"lightkv-edge {__version__}")
+    try:
+        from . import _build_info
+        print(f"llama.cpp: {_build_info.LLAMA_CPP_PIN} (vendored source, "
+              f"build {_build_info.LLAMA_CPP_BUILD_KEY})")
+        print(f"built backends: {', '.join(_build_info.BACKENDS)}")
+        devs = backends.devices()
+        print("devices: " + ", ".join(f"{d.name} ({d.description})" for d in devs))
+    except (ImportError, _libs.NativeLibraryError) as e:
+        print(f"llama.cpp: not built ({e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        if args.version:
+            print_version()
+            return 0
+        if args.command == "chat":
+            from .chat import run_chat
+            return run_chat(args)
+        ap.print_help()
+        return 2
+    except LightKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

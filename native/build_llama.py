@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Build the pinned, patched llama.cpp once and cache the result.
+
+The build is keyed by (pinned source sha256, patch-series hash, build flags, compiler),
+so an install with unchanged inputs, also from a fresh clone on the same machine, reuses
+the cached libraries instead of compiling again. Called by the top-level CMakeLists.txt;
+also usable by hand:
+
+    python native/build_llama.py [-DGGML_CUDA=ON ...]     # prints the install prefix
+
+The prefix holds lib/ (libggml*, libllama, libmtmd, one soname each, rpath $ORIGIN) and
+include/. Progress goes to stderr, the full log to <cache>/build/<key>/build.log, and a
+failure ends in one line, "lightkv-edge build: <cause>" (also written to --error-file).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_source  # noqa: E402
+from llama_source import SourceError  # noqa: E402
+
+# Bump when the recipe below changes in a way that changes the binaries.
+RECIPE_VERSION = 1
+
+# What we build: the core libraries and libmtmd, nothing else of llama.cpp's tree.
+BASE_ARGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_BUILD_COMMON=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_MTMD=ON",  # libmtmd alone, without the rest of tools/
+    "-DMTMD_VIDEO=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DCMAKE_INSTALL_LIBDIR=lib",
+    "-DCMAKE_INSTALL_INCLUDEDIR=include",
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    # one file per library (libllama.so, no .so.0 -> .so.0.5.0 chain): wheels cannot
+    # hold symlinks, and ctypes loads the plain name
+    "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
+]
+
+# Which of the user's CMake cache variables change the llama.cpp binaries.
+FORWARDED = re.compile(r"^-D(GGML_|LLAMA_|CMAKE_CUDA_|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|"
+                       r"CMAKE_OSX_|CMAKE_BUILD_TYPE|BLAS_|CUDAToolkit_)")
+
+
+def fail(msg: str, error_file: str | None) -> int:
+    line = f"lightkv-edge build: {msg}"
+    print(line, file=sys.stderr)
+    if error_file:
+        Path(error_file).write_text(msg + "\n")
+    return 2
+
+
+def find_compilers() -> tuple[str, str]:
+    cc = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cxx = os.environ.get("CXX") or next(
+        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if not cc or not shutil.which(cc.split()[0]):
+        raise SourceError("no C compiler found (install gcc or clang, or set CC)")
+    if not cxx or not shutil.which(cxx.split()[0]):
+        raise SourceError("no C++ compiler found (install g++ or clang++, or set CXX)")
+    return cc, cxx
+
+
+def compiler_id(cxx: str) -> str:
+    """The compiler's real path and version: 'c++' and 'g++' name the same binary."""
+    exe = shutil.which(cxx.split()[0]) or cxx
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, text=True)
+        version = (r.stdout.splitlines() or ["?"])[0].split(" ", 1)[-1]
+    except OSError:
+        version = "?"
+    return f"{os.path.realpath(exe)} {version}"
+
+
+def key_material(flags: list[str], cxx: str) -> dict:
+    return {
+        "recipe": RECIPE_VERSION,
+        "source": llama_source.read_pins()["vendor/llama.cpp"],
+        "patches": llama_source.patch_series_hash(),
+        "flags": sorted(flags),
+        "compiler": compiler_id(cxx),
+        "platform": sys.platform,
+    }
+
+
+def build_key(flags: list[str], cxx: str) -> str:
+    material = json.dumps(key_material(flags, cxx), sort_keys=True).encode()
+    return hashlib.sha256(material).hexdigest()[:20]
+
+
+def _run_logged(cmd: list[str], log, label: str, cwd: Path | None = None) -> int:
+    """Run cmd, append everything to log, show a compact progress line on stderr."""
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    tty = sys.stderr.isatty()
+    last_pct = -10
+    for line in proc.stdout:
+        log.write(line)
+        m = re.match(r"^\[\s*(\d+)\s*/\s*(\d+)\]|^\[\s*(\d+)%\]", line)
+        if not m:
+            continue
+        pct = (int(m.group(1)) * 100 // max(int(m.group(2)), 1)) if m.group(1) else int(m.group(3))
+        if tty:
+            print(f"\r{label}: {pct:3d}%", end="", file=sys.stderr, flush=True)
+        elif pct >= last_pct + 10:
+            print(f"{label}: {pct}%", file=sys.stderr, flush=True)
+            last_pct = pct
+    rc = proc.wait()
+    if tty:
+        print(file=sys.stderr)
+    return rc
+
+
+def _first_error(log_path: Path) -> str:
+    text = log_path.read_text(errors="replace").splitlines()
+    for pat in (r"error:", r"CMake Error", r"Error", r"FAILED"):
+        for i, line in enumerate(text):
+            if re.search(pat, line):
+                detail = line.strip()
+                if pat == "CMake Error" and i + 1 < len(text):
+                    detail += " " + " ".join(l.strip() for l in text[i + 1:i + 3] if l.strip())
+                return detail[:300]
+    return "see the log"
+
+
+def build(flags: list[str], jobs: int | None = None) -> Path:
+    cc, cxx = find_compilers()
+    if shutil.which("cmake") is None:
+        raise SourceError("cmake not found (pip install cmake)")
+    tree = llama_source.patched_tree()
+    key = build_key(flags, cxx)
+    root = llama_source.cache_root() / "build" / key
+    prefix = root / "install"
+    stamp = prefix / ".complete"
+    if stamp.exists():
+        print(f"lightkv-edge: reusing the cached llama.cpp build {key}", file=sys.stderr)
+        return prefix
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    log_path = root / "build.log"
+    rpath = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = ["cmake", "-S", str(tree), "-B", str(root / "build"), *gen, *BASE_ARGS,
+                 f"-DCMAKE_INSTALL_PREFIX={prefix}", f"-DCMAKE_INSTALL_RPATH={rpath}",
+                 f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_CXX_COMPILER={cxx}", *flags]
+    jobs = jobs or os.cpu_count() or 2
+    t0 = time.time()
+    print(f"lightkv-edge: building llama.cpp {key} (once; later installs reuse it), "
+          f"log: {log_path}", file=sys.stderr)
+    with open(log_path, "w") as log:
+        if _run_logged(configure, log, "configure llama.cpp") != 0:
+            raise SourceError(f"configuring llama.cpp failed: {_first_error(log_path)} "
+                              f"(log: {log_path})")
+        if _run_logged(["cmake", "--build", str(root / "build"), "-j", str(jobs)],
+                       log, "compile llama.cpp") != 0:
+            raise SourceError(f"compiling llama.cpp failed: {_first_error(log_path)} "
+                              f"(log: {log_path})")
+        if _run_logged(["cmake", "--install", str(root / "build")], log, "install") != 0:
+            raise SourceError(f"installing llama.cpp failed (log: {log_path})")
+    info = {"key": key, "inputs": key_material(flags, cxx), "flags": flags, "seconds": round(time.time() - t0, 1),
+            "source_dir": str(tree), "pin": f"{llama_source.PIN_PACKAGE}=="
+                                              f"{llama_source.PIN_VERSION}"}
+    (prefix / "lightkv-build.json").write_text(json.dumps(info, indent=1) + "\n")
+    stamp.write_text(key + "\n")
+    shutil.rmtree(root / "build", ignore_errors=True)  # objects are not needed again
+    print(f"lightkv-edge: llama.cpp built in {info['seconds']} s", file=sys.stderr)
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--error-file", help="write the one-line cause of a failure here")
+    ap.add_argument("--check-toolchain", action="store_true",
+                    help="only check that compilers, cmake and git are there")
+    ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: cores)")
+    args, rest = ap.parse_known_args(argv)
+    flags = [f for f in rest if FORWARDED.match(f)]
+    try:
+        if args.check_toolchain:
+            find_compilers()
+            if shutil.which("git") is None:
+                raise SourceError("git is needed to apply native/patches (install git)")
+            return 0
+        print(build(flags, args.jobs))
+    except SourceError as e:
+        return fail(str(e), args.error_file)
+    except KeyboardInterrupt:
+        return fail("interrupted", args.error_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

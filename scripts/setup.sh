@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One-shot set-up on a fresh machine: a virtual environment in .venv, the Python
+# dependencies, the pinned llama.cpp (built once, cached in ~/.cache/lightkv-edge), our
+# native library, llama-cpp-python's Python layer bound to that build, and the package
+# itself (editable). Idempotent and quick when nothing changed.
+#   CMAKE_ARGS="-DGGML_CUDA=ON" bash scripts/setup.sh     # NVIDIA (Jetson, desktop)
+#   CMAKE_ARGS="-DGGML_METAL=ON" bash scripts/setup.sh    # macOS (default there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 2; }
+
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found (Python >= 3.10 is needed)"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  # system site-packages are visible (a torch already installed is reused), but every
+  # requirement below is installed into the venv at its pinned version
+  "$PYTHON" -m venv --system-site-packages "$VENV" || die "could not create $VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+LOG="$VENV/setup.log"
+: > "$LOG"
+
+say "installing Python dependencies"
+"${PIP[@]}" install -r requirements-dev.txt >>"$LOG" 2>&1 \
+  || die "pip could not install requirements-dev.txt (see $LOG)"
+
+# The verified sdist of llama-cpp-python: source of llama.cpp and of its Python layer.
+SDIST=$("$PY" native/llama_source.py --print-sdist) || exit 2
+TREE=$("$PY" native/llama_source.py --print-dir) || exit 2
+
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '0.3.36')" 2>/dev/null; then
+  say "installing llama-cpp-python's Python layer (no native build: it loads ours)"
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${PIP[@]}" install --no-deps \
+    --no-build-isolation "$SDIST" >>"$LOG" 2>&1 || die "installing llama-cpp-python failed (see $LOG)"
+fi
+if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('gguf') != '0.19.0')" 2>/dev/null; then
+  say "installing gguf-py from the pinned llama.cpp"
+  "${PIP[@]}" install --no-deps "$TREE/gguf-py" >>"$LOG" 2>&1 || die "installing gguf-py failed (see $LOG)"
+fi
+
+say "building lightkv-edge (llama.cpp compiles once; later runs reuse the cache)"
+if ! "${PIP[@]}" install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+  cause=$(grep -h "lightkv-edge build:" "$LOG" | tail -n 1)
+  die "${cause:-building the package failed (see $LOG)}"
+fi
+"$PY" -m lightkv_edge --version >&2 || die "the package does not start (see above)"
