@@ -53,8 +53,10 @@ BASE_ARGS = [
     "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
 ]
 
-# Which of the user's CMake cache variables change the llama.cpp binaries.
-FORWARDED = re.compile(r"^-D(GGML_|LLAMA_|CMAKE_CUDA_|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|"
+# Which of the user's CMake cache variables change the llama.cpp binaries. LLAMA_PREFIX is
+# our own cache variable (the result of this script): forwarding it would change the key
+# on every configure and recompile llama.cpp each time.
+FORWARDED = re.compile(r"^-D(?!LLAMA_PREFIX[:=])(GGML_|LLAMA_|CMAKE_CUDA_|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|"
                        r"CMAKE_OSX_|CMAKE_BUILD_TYPE|BLAS_|CUDAToolkit_)")
 
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="only check that compilers, cmake and git are there")
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: cores)")
     args, rest = ap.parse_known_args(argv)
-    flags = [f for f in rest if FORWARDED.match(f)]
+    flags = [f for f in rest if FORWARDED.match(f) and not f.startswith("-DLLAMA_PREFIX=")]
     try:
         if args.check_toolchain:
             find_compilers()

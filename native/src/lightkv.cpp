@@ -1,0 +1,844 @@
+// LightKV C API: validation, window layout, the two merge graphs and the host step between
+// them, guidance, backends. The graph builders themselves are in lightkv_graphs.cpp.
+//
+// What runs where, and why:
+//   graph 1 (ggml, chosen backend): gather the sources and destinations of every window,
+//     cosine similarity (batched mul_mat, O(N * n_w * D)), best destination + its score.
+//   host (O(N) integers and floats): the top-r choice per window, the threshold, the merge
+//     groups and their weights, the output order. Two reasons it is not a graph:
+//     (a) ggml_argsort / ggml_top_k are unstable on CUDA and Metal (bitonic sorts), while
+//         the method fixes ties (equal scores -> lower source index first);
+//     (b) the number of output rows M depends on the data (threshold), and a ggml graph has
+//         static shapes: graph 2 can only be built once M is known.
+//   graph 2 (ggml, chosen backend): the guided weighted aggregation (batched mul_mat of a
+//     per-window weight matrix and the window's member tokens) and the re-ordering by
+//     original index (concat + get_rows).
+// Both graphs run through ggml_backend_sched over [chosen backend, CPU]: any op the chosen
+// backend does not support runs on the CPU, with the scheduler's copies in between.
+#include "lightkv.h"
+#include "lightkv_graphs.h"
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cctype>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// ------------------------------------------------------------------------------- errors
+thread_local std::string g_thread_error;
+
+struct lkv_error {
+    lightkv_status status;
+    std::string    message;
+};
+
+[[noreturn]] void fail(lightkv_status status, const char * fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    throw lkv_error{status, buf};
+}
+
+#define LKV_INVALID(...) fail(LIGHTKV_ERR_INVALID_ARGUMENT, __VA_ARGS__)
+
+constexpr double  EPS_WEIGHT  = 1e-8;   // max(sum of weights, 1e-8), as the method states
+constexpr float   PAD_MASK    = -4.0f;  // added to padding destination slots (cosines >= -1)
+constexpr int64_t MAX_TOKENS  = (int64_t) 1 << 30;  // indices are int32 inside the graphs
+constexpr int64_t MAX_ELEMS   = (int64_t) 1 << 40;  // any single tensor, in elements
+
+int64_t checked_mul(int64_t a, int64_t b, const char * what) {
+    if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
+        fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s is too large (%lld x %lld)", what, (long long) a, (long long) b);
+    }
+    const int64_t p = a * b;
+    if (p > MAX_ELEMS) {
+        fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s is too large (%lld elements)", what, (long long) p);
+    }
+    return p;
+}
+
+// ------------------------------------------------------------------------------- backends
+void ensure_backends_loaded() {
+    // a build with GGML_BACKEND_DL registers nothing until the backends are loaded
+    if (ggml_backend_dev_count() == 0) {
+        ggml_backend_load_all();
+    }
+}
+
+ggml_backend_dev_t find_device(const char * name) {
+    ensure_backends_loaded();
+    const size_t n = ggml_backend_dev_count();
+    auto ieq = [](const char * a, const char * b) {
+        for (; *a && *b; ++a, ++b) {
+            if (tolower((unsigned char) *a) != tolower((unsigned char) *b)) return false;
+        }
+        return *a == *b;
+    };
+    if (name == nullptr || name[0] == '\0') {
+        for (auto type : {GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU, GGML_BACKEND_DEVICE_TYPE_CPU}) {
+            if (ggml_backend_dev_t dev = ggml_backend_dev_by_type(type)) return dev;
+        }
+        fail(LIGHTKV_ERR_BACKEND, "no ggml backend is available");
+    }
+    if (ieq(name, "cpu")) {
+        if (ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) return dev;
+    }
+    if (ieq(name, "gpu")) {
+        for (auto type : {GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU}) {
+            if (ggml_backend_dev_t dev = ggml_backend_dev_by_type(type)) return dev;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ieq(ggml_backend_dev_name(dev), name)) return dev;
+    }
+    std::string avail;
+    for (size_t i = 0; i < n; i++) {
+        avail += (i ? ", " : "");
+        avail += ggml_backend_dev_name(ggml_backend_dev_get(i));
+    }
+    fail(LIGHTKV_ERR_BACKEND, "no ggml backend named '%s' (available: %s)", name, avail.c_str());
+}
+
+void set_threads(ggml_backend_t backend, int n_threads) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    if (!reg) return;
+    auto fn = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
+    if (fn) fn(backend, n_threads);
+}
+
+// ------------------------------------------------------------------------------- RAII
+struct ctx_deleter   { void operator()(ggml_context * c) const { ggml_free(c); } };
+struct buf_deleter   { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
+using ctx_ptr = std::unique_ptr<ggml_context, ctx_deleter>;
+using buf_ptr = std::unique_ptr<ggml_backend_buffer, buf_deleter>;
+
+ctx_ptr new_meta_context(size_t n_tensors) {
+    ggml_init_params p = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(512, false),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ggml_context * c = ggml_init(p);
+    if (!c) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "ggml_init failed");
+    return ctx_ptr(c);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------- context
+struct lightkv_context {
+    ggml_backend_t               primary = nullptr;  // the chosen backend
+    ggml_backend_t               cpu     = nullptr;  // fallback; == primary when CPU was chosen
+    ggml_backend_sched_t         sched   = nullptr;
+    std::string                  name;
+    std::vector<std::string>     force_cpu_ops;
+    std::string                  error;
+    int32_t                      last_splits = 0;
+
+    ~lightkv_context() {
+        if (sched) ggml_backend_sched_free(sched);
+        if (cpu && cpu != primary) ggml_backend_free(cpu);
+        if (primary) ggml_backend_free(primary);
+    }
+
+    // Input tensors are allocated in a buffer of the chosen backend marked as WEIGHTS:
+    // the scheduler then assigns the ops that read them to that backend (plain graph inputs
+    // would be placed on the CPU and pull the whole graph there).
+    buf_ptr alloc_inputs(ggml_context * meta) {
+        ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(meta, primary);
+        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        return buf_ptr(b);
+    }
+
+    // Allocate and run one graph; the outputs stay readable until the next sched reset.
+    void compute(ggml_cgraph * gf) {
+        ggml_backend_sched_reset(sched);
+        if (!force_cpu_ops.empty() && cpu != primary) {
+            for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+                ggml_tensor * node = ggml_graph_node(gf, i);
+                for (const auto & op : force_cpu_ops) {
+                    if (op == ggml_op_desc(node)) ggml_backend_sched_set_tensor_backend(sched, node, cpu);
+                }
+            }
+        }
+        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+            fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
+        }
+        last_splits += ggml_backend_sched_get_n_splits(sched);
+        const ggml_status st = ggml_backend_sched_graph_compute(sched, gf);
+        if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
+        if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
+    }
+};
+
+// ------------------------------------------------------------------------------- plan
+namespace {
+
+struct window {
+    std::vector<int64_t> tokens;  // ascending original index
+    int64_t              budget;  // r
+};
+
+// Part index of every coordinate of an axis of `len` cut into `w` parts, the first len % w
+// parts one longer.
+std::vector<int64_t> cut_axis(int64_t len, int64_t w) {
+    std::vector<int64_t> part(len);
+    const int64_t base = len / w, extra = len % w;
+    int64_t c = 0;
+    for (int64_t p = 0; p < w; p++) {
+        const int64_t size = base + (p < extra ? 1 : 0);
+        for (int64_t i = 0; i < size; i++) part[c++] = p;
+    }
+    return part;
+}
+
+}  // namespace
+
+struct lightkv_merge_plan {
+    lightkv_context *    ctx = nullptr;
+    int64_t              n = 0, d = 0;
+    lightkv_merge_params params{};
+    std::vector<window>  windows;      // non-empty windows
+    std::vector<int64_t> active;       // windows with budget > 0 (those that need similarity)
+    int64_t              s_pad = 0;    // max sources in an active window
+    int64_t              d_pad = 0;    // max destinations in an active window
+    int64_t              rows_without_threshold = 0;
+};
+
+struct lightkv_merge_result {
+    int64_t              n = 0, m = 0, d = 0;
+    std::vector<float>   x;
+    std::vector<int64_t> kept;
+    std::vector<int64_t> assign;
+    std::vector<float>   weight;
+};
+
+namespace {
+
+void validate_params(int64_t n, int64_t d, const lightkv_merge_params * p, int64_t * rows, int64_t * cols) {
+    if (!p) LKV_INVALID("params must not be NULL");
+    if (n <= 0) LKV_INVALID("x must hold at least one token (N == %lld)", (long long) n);
+    if (d <= 0) LKV_INVALID("x must have at least one feature (D == %lld)", (long long) d);
+    if (n > MAX_TOKENS) LKV_INVALID("N = %lld tokens is more than the supported %lld", (long long) n, (long long) MAX_TOKENS);
+    checked_mul(n, d, "x");
+    if (p->windows < 1) LKV_INVALID("windows must be >= 1, got %d", (int) p->windows);
+    if (!(p->ratio >= 0.0 && p->ratio < 1.0)) LKV_INVALID("ratio must be in [0, 1), got %g", p->ratio);
+    if (p->use_threshold && !std::isfinite(p->threshold)) LKV_INVALID("threshold must be finite, got %g", p->threshold);
+    if (p->grid_rows == 0 && p->grid_cols == 0) {
+        int64_t s = (int64_t) std::sqrt((double) n);
+        while (s * s < n) s++;
+        while (s > 1 && (s - 1) * (s - 1) >= n) s--;
+        *rows = *cols = s;
+    } else {
+        if (p->grid_rows <= 0 || p->grid_cols <= 0) {
+            LKV_INVALID("grid must be positive (rows, cols), got (%lld, %lld)", (long long) p->grid_rows, (long long) p->grid_cols);
+        }
+        if (p->grid_rows > n || p->grid_cols > n || p->grid_rows * p->grid_cols != n) {
+            LKV_INVALID("grid %lldx%lld does not match N = %lld", (long long) p->grid_rows, (long long) p->grid_cols, (long long) n);
+        }
+        *rows = p->grid_rows;
+        *cols = p->grid_cols;
+    }
+    const int64_t side = std::min(*rows, *cols);
+    if (p->windows > side) {
+        LKV_INVALID("windows=%d is larger than a grid side of %lld", (int) p->windows, (long long) side);
+    }
+}
+
+int64_t budget(int64_t n_window, double ratio) {
+    // math.floor of the double product, exactly as the reference computes it
+    const int64_t r = (int64_t) std::floor(ratio * (double) n_window);
+    return std::min(r, n_window / 2);
+}
+
+void build_plan(lightkv_merge_plan & plan) {
+    int64_t rows = 0, cols = 0;
+    validate_params(plan.n, plan.d, &plan.params, &rows, &cols);
+    const int64_t W = plan.params.windows;
+    const auto part_r = cut_axis(rows, W);
+    const auto part_c = cut_axis(cols, W);
+
+    std::vector<window> all((size_t) (W * W));
+    for (int64_t i = 0; i < plan.n; i++) {
+        const int64_t id = part_r[i / cols] * W + part_c[i % cols];
+        all[id].tokens.push_back(i);  // ascending, since i ascends
+    }
+    plan.rows_without_threshold = plan.n;
+    for (auto & w : all) {
+        if (w.tokens.empty()) continue;
+        w.budget = budget((int64_t) w.tokens.size(), plan.params.ratio);
+        plan.rows_without_threshold -= w.budget;
+        plan.windows.push_back(std::move(w));
+    }
+    for (size_t wi = 0; wi < plan.windows.size(); wi++) {
+        const window & w = plan.windows[wi];
+        if (w.budget == 0) continue;
+        const int64_t nw = (int64_t) w.tokens.size();
+        plan.active.push_back((int64_t) wi);
+        plan.s_pad = std::max(plan.s_pad, (nw + 1) / 2);
+        plan.d_pad = std::max(plan.d_pad, nw / 2);
+    }
+}
+
+// Scan x: finite, and the exponent of 2 that keeps the similarity's sums of squares inside
+// float32 (returns 0 when no rescaling is needed).
+int similarity_rescale_exponent(const float * x, int64_t n, int64_t d) {
+    float max_abs = 0.0f;
+    const int64_t total = n * d;
+    for (int64_t i = 0; i < total; i++) {
+        const float v = x[i];
+        if (!std::isfinite(v)) {
+            LKV_INVALID("x contains NaN or Inf (row %lld, column %lld)", (long long) (i / d), (long long) (i % d));
+        }
+        max_abs = std::max(max_abs, std::fabs(v));
+    }
+    // sum of d squares must stay well below FLT_MAX (3.4e38): aim for max^2 * d <= 2^100
+    const double need = (double) max_abs * (double) max_abs * (double) d;
+    if (need <= 0x1p100) return 0;
+    int e = 0;
+    std::frexp(std::sqrt(need / 0x1p100), &e);
+    return e;  // scale by 2^-e (exact in float32 for all values that matter)
+}
+
+void validate_scores(const float * s, int64_t n) {
+    if (!s) return;
+    for (int64_t i = 0; i < n; i++) {
+        if (!std::isfinite(s[i])) LKV_INVALID("scores contain NaN or Inf (index %lld)", (long long) i);
+        if (s[i] < 0.0f) LKV_INVALID("scores must be >= 0 (index %lld is %g)", (long long) i, (double) s[i]);
+    }
+}
+
+template <typename T>
+void upload(ggml_tensor * t, const std::vector<T> & v) {
+    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
+}
+
+// graph 1 + host selection: dst_of[i] = the token that token i merges into (i itself when
+// it stays)
+std::vector<int64_t> match_sources(lightkv_merge_plan & plan, ggml_tensor * x_in, int rescale_exp) {
+    std::vector<int64_t> dst_of(plan.n);
+    std::iota(dst_of.begin(), dst_of.end(), 0);
+    if (plan.active.empty()) return dst_of;
+
+    lightkv_context & lc = *plan.ctx;
+    const int64_t n_act = (int64_t) plan.active.size();
+    const int64_t s_pad = plan.s_pad, d_pad = plan.d_pad;
+
+    // ---- host-side layout of the active windows
+    std::vector<int32_t> idx_src((size_t) checked_mul(s_pad, n_act, "source slots"), 0);
+    std::vector<int32_t> idx_dst((size_t) checked_mul(d_pad, n_act, "destination slots"), 0);
+    std::vector<float>   mask((size_t) (d_pad * n_act), PAD_MASK);
+    std::vector<float>   ramp((size_t) d_pad);
+    checked_mul(checked_mul(s_pad, d_pad, "similarity"), n_act, "similarity");
+    for (int64_t j = 0; j < d_pad; j++) ramp[j] = (float) (d_pad - j);
+    for (int64_t a = 0; a < n_act; a++) {
+        const auto & tok = plan.windows[plan.active[a]].tokens;
+        for (size_t p = 0; p < tok.size(); p++) {
+            if (p % 2 == 0) {
+                idx_src[a * s_pad + p / 2] = (int32_t) tok[p];
+            } else {
+                idx_dst[a * d_pad + p / 2] = (int32_t) tok[p];
+                mask[a * d_pad + p / 2]    = 0.0f;
+            }
+        }
+    }
+
+    // ---- graph 1
+    ctx_ptr in_meta = new_meta_context(8);
+    ggml_tensor * t_src  = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, s_pad * n_act);
+    ggml_tensor * t_dst  = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, d_pad * n_act);
+    ggml_tensor * t_mask = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, d_pad, 1, n_act);
+    ggml_tensor * t_ramp = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, d_pad, 1, 1);
+    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
+    upload(t_src, idx_src);
+    upload(t_dst, idx_dst);
+    upload(t_mask, mask);
+    upload(t_ramp, ramp);
+
+    ctx_ptr g = new_meta_context(64);
+    ggml_tensor * x = x_in;
+    if (rescale_exp != 0) {
+        // inputs whose squares would overflow float32: cosine is scale-free, so rescale by an
+        // exact power of two (only the 1e-8 of the denominator sees the difference)
+        x = ggml_scale(g.get(), x_in, std::ldexp(1.0f, -rescale_exp));
+    }
+    ggml_tensor * src = lightkv::gather_windows(g.get(), x, t_src, s_pad, n_act);
+    ggml_tensor * dst = lightkv::gather_windows(g.get(), x, t_dst, d_pad, n_act);
+    ggml_tensor * sim = lightkv::window_cosine(g.get(), src, dst);
+    lightkv::best_match best = lightkv::best_destination(g.get(), sim, t_mask, t_ramp);
+    ggml_set_output(best.index);
+    ggml_set_output(best.score);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
+    ggml_build_forward_expand(gf, best.index);
+    ggml_build_forward_expand(gf, best.score);
+    lc.compute(gf);
+
+    std::vector<int32_t> best_slot((size_t) (s_pad * n_act));
+    std::vector<float>   best_cos((size_t) (s_pad * n_act));
+    ggml_backend_tensor_get(best.index, best_slot.data(), 0, best_slot.size() * sizeof(int32_t));
+    ggml_backend_tensor_get(best.score, best_cos.data(), 0, best_cos.size() * sizeof(float));
+
+    // ---- host: top-r sources per window (stable: equal scores keep ascending source
+    //      order), then the threshold
+    const bool   use_thr = plan.params.use_threshold != 0;
+    const double thr     = plan.params.threshold;
+    std::vector<int64_t> order;
+    for (int64_t a = 0; a < n_act; a++) {
+        const window & w   = plan.windows[plan.active[a]];
+        const int64_t  nw  = (int64_t) w.tokens.size();
+        const int64_t  ns  = (nw + 1) / 2;
+        const int64_t  nd  = nw / 2;
+        const float *  cos = best_cos.data() + a * s_pad;
+        const int32_t * sl = best_slot.data() + a * s_pad;
+        for (int64_t k = 0; k < ns; k++) {
+            if (!std::isfinite(cos[k])) {
+                fail(LIGHTKV_ERR_NUMERIC, "the similarity of token %lld is not finite (values too large for float32?)",
+                     (long long) w.tokens[2 * k]);
+            }
+            if (sl[k] < 0 || sl[k] >= nd) fail(LIGHTKV_ERR_INTERNAL, "best destination slot %d out of range", (int) sl[k]);
+        }
+        order.resize((size_t) ns);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return cos[i] > cos[j]; });
+        for (int64_t c = 0; c < w.budget; c++) {
+            const int64_t k = order[c];
+            if (use_thr && (double) cos[k] < thr) continue;
+            dst_of[w.tokens[2 * k]] = w.tokens[2 * sl[k] + 1];
+        }
+    }
+    return dst_of;
+}
+
+}  // namespace
+
+namespace {
+
+void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * scores, lightkv_merge_result ** out) {
+    if (!out) LKV_INVALID("out must not be NULL");
+    *out = nullptr;
+    if (!x_host) LKV_INVALID("x must not be NULL");
+    lightkv_context & lc = *plan.ctx;
+    const int64_t n = plan.n, d = plan.d;
+    const int rescale_exp = similarity_rescale_exponent(x_host, n, d);
+    validate_scores(scores, n);
+    lc.last_splits = 0;
+
+    // ---- x on the chosen backend (shared by both graphs)
+    ctx_ptr x_meta = new_meta_context(1);
+    ggml_tensor * t_x = ggml_new_tensor_2d(x_meta.get(), GGML_TYPE_F32, d, n);
+    buf_ptr x_buf = lc.alloc_inputs(x_meta.get());
+    ggml_backend_tensor_set(t_x, x_host, 0, ggml_nbytes(t_x));
+
+    // ---- graph 1 + host selection
+    const std::vector<int64_t> dst_of = match_sources(plan, t_x, rescale_exp);
+
+    // ---- groups and weights (host, double precision, O(N))
+    auto res = std::make_unique<lightkv_merge_result>();
+    res->n = n;
+    res->d = d;
+    res->assign.resize((size_t) n);
+    res->weight.assign((size_t) n, 1.0f);
+    std::vector<int64_t> row_of((size_t) n, -1);
+    for (int64_t i = 0; i < n; i++) {
+        if (dst_of[i] == i) {
+            row_of[i] = (int64_t) res->kept.size();
+            res->kept.push_back(i);
+        }
+    }
+    const int64_t m = (int64_t) res->kept.size();
+    res->m = m;
+    for (int64_t i = 0; i < n; i++) res->assign[i] = row_of[dst_of[i]];
+
+    // members of every group (destination first, then its sources, ascending)
+    std::vector<std::vector<int64_t>> group_of_row((size_t) m);
+    for (int64_t i = 0; i < n; i++) {
+        if (dst_of[i] != i) group_of_row[res->assign[i]].push_back(i);
+    }
+    struct group { int64_t row; std::vector<int64_t> members; std::vector<double> weights; };
+    std::vector<std::vector<group>> groups_by_window(plan.windows.size());
+    {
+        // window of every token
+        std::vector<int32_t> win_of((size_t) n);
+        for (size_t wi = 0; wi < plan.windows.size(); wi++) {
+            for (int64_t t : plan.windows[wi].tokens) win_of[t] = (int32_t) wi;
+        }
+        for (int64_t row = 0; row < m; row++) {
+            if (group_of_row[row].empty()) continue;
+            group gr;
+            gr.row = row;
+            gr.members.push_back(res->kept[row]);
+            gr.members.insert(gr.members.end(), group_of_row[row].begin(), group_of_row[row].end());
+            double total = 0.0;
+            for (int64_t t : gr.members) total += scores ? (double) scores[t] : 1.0;
+            for (int64_t t : gr.members) {
+                const double g = scores ? (double) scores[t] : 1.0;
+                // all-zero group: equal weights instead of a zero vector
+                gr.weights.push_back(total == 0.0 ? 1.0 / (double) gr.members.size() : g / std::max(total, EPS_WEIGHT));
+            }
+            for (size_t k = 0; k < gr.members.size(); k++) res->weight[gr.members[k]] = (float) gr.weights[k];
+            groups_by_window[win_of[res->kept[row]]].push_back(std::move(gr));
+        }
+    }
+
+    res->x.resize((size_t) checked_mul(m, d, "output"));
+    std::vector<int64_t> merge_windows;
+    int64_t k_pad = 0, g_pad = 0;
+    for (size_t wi = 0; wi < groups_by_window.size(); wi++) {
+        const auto & gs = groups_by_window[wi];
+        if (gs.empty()) continue;
+        merge_windows.push_back((int64_t) wi);
+        int64_t members = 0;
+        for (const auto & gr : gs) members += (int64_t) gr.members.size();
+        k_pad = std::max(k_pad, members);
+        g_pad = std::max(g_pad, (int64_t) gs.size());
+    }
+    // the member axis is the contracted axis of the aggregation's mul_mat: a multiple of
+    // 64 lets the CPU backend use its tiled sgemm (which needs K % 16 == 0) instead of
+    // one dot product per output; the extra members have weight 0
+    k_pad = (k_pad + 63) / 64 * 64;
+
+    if (merge_windows.empty()) {
+        // nothing merged (ratio too small for every window, or the threshold blocked all
+        // merges): the output is x itself
+        std::memcpy(res->x.data(), x_host, (size_t) (n * d) * sizeof(float));
+        *out = res.release();
+        return;
+    }
+
+    // ---- graph 2: aggregation + re-ordering
+    const int64_t n_mw = (int64_t) merge_windows.size();
+    std::vector<int32_t> idx_mem((size_t) checked_mul(k_pad, n_mw, "merge members"), 0);
+    std::vector<float>   wmat((size_t) checked_mul(checked_mul(k_pad, g_pad, "merge weights"), n_mw, "merge weights"), 0.0f);
+    std::vector<int32_t> out_idx((size_t) m);
+    for (int64_t row = 0; row < m; row++) out_idx[row] = (int32_t) res->kept[row];  // copies of x
+    for (int64_t a = 0; a < n_mw; a++) {
+        int64_t k = 0;
+        const auto & gs = groups_by_window[merge_windows[a]];
+        for (size_t gi = 0; gi < gs.size(); gi++) {
+            for (size_t j = 0; j < gs[gi].members.size(); j++, k++) {
+                idx_mem[a * k_pad + k] = (int32_t) gs[gi].members[j];
+                wmat[(a * g_pad + (int64_t) gi) * k_pad + k] = (float) gs[gi].weights[j];
+            }
+            out_idx[gs[gi].row] = (int32_t) (n + a * g_pad + (int64_t) gi);  // merged row
+        }
+    }
+
+    ctx_ptr in_meta = new_meta_context(4);
+    ggml_tensor * t_mem = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, k_pad * n_mw);
+    ggml_tensor * t_w   = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, g_pad, n_mw);
+    ggml_tensor * t_out = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, m);
+    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
+    upload(t_mem, idx_mem);
+    upload(t_w, wmat);
+    upload(t_out, out_idx);
+
+    ctx_ptr g = new_meta_context(32);
+    ggml_tensor * members = lightkv::gather_windows(g.get(), t_x, t_mem, k_pad, n_mw);
+    ggml_tensor * merged  = lightkv::aggregate_groups(g.get(), members, t_w);
+    ggml_tensor * result  = lightkv::reorder_rows(g.get(), t_x, merged, t_out);
+    ggml_set_output(result);
+    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
+    ggml_build_forward_expand(gf, result);
+    lc.compute(gf);
+    ggml_backend_tensor_get(result, res->x.data(), 0, res->x.size() * sizeof(float));
+
+    for (const float v : res->x) {
+        if (!std::isfinite(v)) fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
+    }
+    *out = res.release();
+}
+
+// Run `body`, turning every exception into a status + message (never let one cross the C
+// boundary).
+template <typename F>
+lightkv_status guarded(lightkv_context * ctx, F && body) {
+    try {
+        body();
+        if (ctx) ctx->error.clear();
+        return LIGHTKV_OK;
+    } catch (const lkv_error & e) {
+        g_thread_error = e.message;
+        if (ctx) ctx->error = e.message;
+        return e.status;
+    } catch (const std::bad_alloc &) {
+        g_thread_error = "out of host memory";
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        g_thread_error = std::string("internal error: ") + e.what();
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_INTERNAL;
+    } catch (...) {
+        g_thread_error = "internal error";
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_INTERNAL;
+    }
+}
+
+void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen) {
+    if (n < 0) LKV_INVALID("%s count must be >= 0", what);
+    if (n > 0 && !idx) LKV_INVALID("%s indices must not be NULL", what);
+    seen.assign((size_t) n_seq, 0);
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= n_seq) LKV_INVALID("%s indices must be in [0, %lld), got %lld", what, (long long) n_seq, (long long) idx[i]);
+        if (seen[idx[i]]) LKV_INVALID("%s indices contain duplicates (%lld)", what, (long long) idx[i]);
+        seen[idx[i]] = 1;
+    }
+}
+
+void check_finite(const float * v, int64_t n, const char * what) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!std::isfinite(v[i])) LKV_INVALID("%s contains NaN or Inf", what);
+    }
+}
+
+}  // namespace
+
+// =============================================================================== C API
+extern "C" {
+
+int lightkv_api_version(void) { return LIGHTKV_API_VERSION; }
+
+const char * lightkv_status_string(lightkv_status s) {
+    switch (s) {
+        case LIGHTKV_OK:                   return "ok";
+        case LIGHTKV_ERR_INVALID_ARGUMENT: return "invalid argument";
+        case LIGHTKV_ERR_OUT_OF_MEMORY:    return "out of memory";
+        case LIGHTKV_ERR_BACKEND:          return "backend error";
+        case LIGHTKV_ERR_NUMERIC:          return "numeric overflow";
+        case LIGHTKV_ERR_INTERNAL:         return "internal error";
+    }
+    return "unknown status";
+}
+
+lightkv_merge_params lightkv_merge_params_default(void) {
+    lightkv_merge_params p;
+    p.windows = 1;
+    p.ratio = 0.5;
+    p.grid_rows = 0;
+    p.grid_cols = 0;
+    p.use_threshold = 0;
+    p.threshold = 0.0;
+    return p;
+}
+
+lightkv_context_params lightkv_context_params_default(void) {
+    lightkv_context_params p;
+    p.backend = nullptr;
+    p.n_threads = 0;
+    p.force_cpu_ops = nullptr;
+    return p;
+}
+
+lightkv_status lightkv_backends_list(const char ** names, size_t capacity, size_t * count) {
+    return guarded(nullptr, [&] {
+        if (!count) LKV_INVALID("count must not be NULL");
+        if (capacity > 0 && !names) LKV_INVALID("names must not be NULL when capacity > 0");
+        ensure_backends_loaded();
+        const size_t n = ggml_backend_dev_count();
+        for (size_t i = 0; i < n && i < capacity; i++) names[i] = ggml_backend_dev_name(ggml_backend_dev_get(i));
+        *count = n;
+    });
+}
+
+lightkv_status lightkv_context_create(const char * backend, lightkv_context ** out) {
+    lightkv_context_params p = lightkv_context_params_default();
+    p.backend = backend;
+    return lightkv_context_create_ext(&p, out);
+}
+
+lightkv_status lightkv_context_create_ext(const lightkv_context_params * params, lightkv_context ** out) {
+    return guarded(nullptr, [&] {
+        if (!out) LKV_INVALID("out must not be NULL");
+        *out = nullptr;
+        if (!params) LKV_INVALID("params must not be NULL");
+        auto lc = std::make_unique<lightkv_context>();
+        ggml_backend_dev_t dev = find_device(params->backend);
+        lc->name = ggml_backend_dev_name(dev);
+        lc->primary = ggml_backend_dev_init(dev, nullptr);
+        if (!lc->primary) fail(LIGHTKV_ERR_BACKEND, "could not initialise the ggml backend %s", lc->name.c_str());
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+            lc->cpu = lc->primary;
+        } else {
+            ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+            if (!cpu_dev) fail(LIGHTKV_ERR_BACKEND, "the ggml CPU backend is missing");
+            lc->cpu = ggml_backend_dev_init(cpu_dev, nullptr);
+            if (!lc->cpu) fail(LIGHTKV_ERR_BACKEND, "could not initialise the ggml CPU backend");
+        }
+        int n_threads = params->n_threads;
+        if (n_threads <= 0) n_threads = (int) std::max(1u, std::thread::hardware_concurrency());
+        set_threads(lc->cpu, n_threads);
+
+        if (params->force_cpu_ops) {
+            std::string s = params->force_cpu_ops, cur;
+            for (char c : s + ",") {
+                if (c == ',' || c == ' ') {
+                    if (!cur.empty()) lc->force_cpu_ops.push_back(cur);
+                    cur.clear();
+                } else {
+                    cur += (char) toupper((unsigned char) c);
+                }
+            }
+        }
+
+        ggml_backend_t backends[2] = {lc->primary, lc->cpu};
+        const int n_backends = lc->cpu == lc->primary ? 1 : 2;
+        lc->sched = ggml_backend_sched_new(backends, nullptr, n_backends, 512, false, false);
+        if (!lc->sched) fail(LIGHTKV_ERR_BACKEND, "could not create the ggml scheduler");
+        *out = lc.release();
+    });
+}
+
+void lightkv_context_free(lightkv_context * ctx) { delete ctx; }
+
+const char * lightkv_context_backend(const lightkv_context * ctx) { return ctx ? ctx->name.c_str() : ""; }
+
+const char * lightkv_last_error(const lightkv_context * ctx) {
+    return ctx ? ctx->error.c_str() : g_thread_error.c_str();
+}
+
+int32_t lightkv_context_last_n_splits(const lightkv_context * ctx) { return ctx ? ctx->last_splits : 0; }
+
+lightkv_status lightkv_merge_plan_create(lightkv_context * ctx, int64_t n, int64_t d,
+                                         const lightkv_merge_params * params, lightkv_merge_plan ** out) {
+    return guarded(ctx, [&] {
+        if (!out) LKV_INVALID("out must not be NULL");
+        *out = nullptr;
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (!params) LKV_INVALID("params must not be NULL");
+        auto plan = std::make_unique<lightkv_merge_plan>();
+        plan->ctx = ctx;
+        plan->n = n;
+        plan->d = d;
+        plan->params = *params;
+        build_plan(*plan);
+        *out = plan.release();
+    });
+}
+
+void lightkv_merge_plan_free(lightkv_merge_plan * plan) { delete plan; }
+
+int64_t lightkv_merge_plan_rows_without_threshold(const lightkv_merge_plan * plan) {
+    return plan ? plan->rows_without_threshold : 0;
+}
+
+lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x, const float * scores,
+                                      lightkv_merge_result ** out) {
+    lightkv_context * ctx = plan ? plan->ctx : nullptr;
+    return guarded(ctx, [&] {
+        if (!plan) LKV_INVALID("plan must not be NULL");
+        run_plan(*plan, x, scores, out);
+    });
+}
+
+lightkv_status lightkv_merge_run(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                 const float * scores, const lightkv_merge_params * params,
+                                 lightkv_merge_result ** out) {
+    return guarded(ctx, [&] {
+        if (!out) LKV_INVALID("out must not be NULL");
+        *out = nullptr;
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (!params) LKV_INVALID("params must not be NULL");
+        lightkv_merge_plan plan;
+        plan.ctx = ctx;
+        plan.n = n;
+        plan.d = d;
+        plan.params = *params;
+        build_plan(plan);
+        run_plan(plan, x, scores, out);
+    });
+}
+
+int64_t lightkv_merge_result_rows(const lightkv_merge_result * r)   { return r ? r->m : 0; }
+int64_t lightkv_merge_result_tokens(const lightkv_merge_result * r) { return r ? r->n : 0; }
+int64_t lightkv_merge_result_dim(const lightkv_merge_result * r)    { return r ? r->d : 0; }
+const float *   lightkv_merge_result_x(const lightkv_merge_result * r)      { return r ? r->x.data() : nullptr; }
+const int64_t * lightkv_merge_result_kept(const lightkv_merge_result * r)   { return r ? r->kept.data() : nullptr; }
+const int64_t * lightkv_merge_result_assign(const lightkv_merge_result * r) { return r ? r->assign.data() : nullptr; }
+const float *   lightkv_merge_result_weight(const lightkv_merge_result * r) { return r ? r->weight.data() : nullptr; }
+void lightkv_merge_result_free(lightkv_merge_result * r) { delete r; }
+
+lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, const float * k,
+                                       int64_t n_head, int64_t n_head_kv, int64_t n_seq, int64_t head_dim,
+                                       const int64_t * vision_idx, int64_t n_vision,
+                                       const int64_t * text_idx, int64_t n_text,
+                                       float scale, float * out_scores) {
+    return guarded(ctx, [&] {
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (n_head < 1 || n_head_kv < 1 || n_seq < 1 || head_dim < 1) {
+            LKV_INVALID("q/k shapes must be positive (n_head %lld, n_head_kv %lld, n_seq %lld, head_dim %lld)",
+                        (long long) n_head, (long long) n_head_kv, (long long) n_seq, (long long) head_dim);
+        }
+        if (n_head % n_head_kv != 0) {
+            LKV_INVALID("n_head %lld is not a multiple of n_head_kv %lld", (long long) n_head, (long long) n_head_kv);
+        }
+        if (n_seq > MAX_TOKENS) LKV_INVALID("n_seq %lld is too large", (long long) n_seq);
+        if (!q || !k) LKV_INVALID("q and k must not be NULL");
+        if (!std::isfinite(scale)) LKV_INVALID("scale must be finite");
+        const int64_t nq = checked_mul(checked_mul(n_head, n_seq, "q"), head_dim, "q");
+        const int64_t nk = checked_mul(checked_mul(n_head_kv, n_seq, "k"), head_dim, "k");
+        std::vector<char> seen;
+        check_indices(vision_idx, n_vision, n_seq, "vision", seen);
+        check_indices(text_idx, n_text, n_seq, "text", seen);
+        if (n_vision > 0 && !out_scores) LKV_INVALID("out_scores must not be NULL");
+        check_finite(q, nq, "q");
+        check_finite(k, nk, "k");
+        ctx->last_splits = 0;
+        if (n_vision == 0) return;
+        if (n_text == 0) {  // an empty sum
+            std::fill(out_scores, out_scores + n_vision, 0.0f);
+            return;
+        }
+        checked_mul(checked_mul(n_text, n_seq, "logits"), n_head, "logits");
+
+        ctx_ptr in_meta = new_meta_context(4);
+        ggml_tensor * t_q = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, head_dim, n_seq, n_head);
+        ggml_tensor * t_k = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, head_dim, n_seq, n_head_kv);
+        ggml_tensor * t_t = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_I32, n_text, n_head_kv);
+        ggml_tensor * t_v = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, n_vision);
+        buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
+        ggml_backend_tensor_set(t_q, q, 0, ggml_nbytes(t_q));
+        ggml_backend_tensor_set(t_k, k, 0, ggml_nbytes(t_k));
+        std::vector<int32_t> ti((size_t) (n_text * n_head_kv)), vi((size_t) n_vision);
+        for (int64_t h = 0; h < n_head_kv; h++) {
+            for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
+        }
+        for (int64_t i = 0; i < n_vision; i++) vi[i] = (int32_t) vision_idx[i];
+        upload(t_t, ti);
+        upload(t_v, vi);
+
+        ctx_ptr g = new_meta_context(32);
+        ggml_tensor * gs = lightkv::guidance_from_qk(g.get(), t_q, t_k, t_t, t_v, scale);
+        ggml_set_output(gs);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
+        ggml_build_forward_expand(gf, gs);
+        ctx->compute(gf);
+        ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
+        for (int64_t i = 0; i < n_vision; i++) {
+            if (!std::isfinite(out_scores[i])) {
+                fail(LIGHTKV_ERR_NUMERIC, "guidance scores are not finite (q.k overflows float32)");
+            }
+        }
+    });
+}
+
+}  // extern "C"

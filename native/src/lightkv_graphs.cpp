@@ -1,0 +1,104 @@
+// Graph builders of the LightKV merge and guidance (see lightkv_graphs.h).
+#include "lightkv_graphs.h"
+
+namespace lightkv {
+
+ggml_tensor * gather_windows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * idx,
+                             int64_t n_slot, int64_t n_win) {
+    ggml_tensor * rows = ggml_get_rows(ctx, x, idx);               // [D, n_slot * n_win]
+    return ggml_reshape_3d(ctx, rows, x->ne[0], n_slot, n_win);   // [D, n_slot, n_win]
+}
+
+ggml_tensor * row_norms(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, t)));  // [1, n, w]
+}
+
+ggml_tensor * window_cosine(ggml_context * ctx, ggml_tensor * src, ggml_tensor * dst) {
+    const int64_t n_dst = dst->ne[1];
+    const int64_t n_win = src->ne[2];
+
+    // dot[j, i, w] = dst_j . src_i, one matrix product per window (batched over ne2)
+    ggml_tensor * dot = ggml_mul_mat(ctx, dst, src);                          // [n_dst, n_src, w]
+
+    // |dst_j| |src_i| + 1e-8, the spec's denominator (not a normalise-then-dot: same
+    // formula as the reference, so tiny vectors compare the same way)
+    ggml_tensor * n_d = ggml_reshape_3d(ctx, row_norms(ctx, dst), n_dst, 1, n_win);  // [n_dst, 1, w]
+    ggml_tensor * n_s = row_norms(ctx, src);                                         // [1, n_src, w]
+    ggml_tensor * den = ggml_mul(ctx, ggml_repeat(ctx, n_d, dot), n_s);              // [n_dst, n_src, w]
+    den = ggml_scale_bias(ctx, den, 1.0f, 1e-8f);
+
+    return ggml_div(ctx, dot, den);
+}
+
+best_match best_destination(ggml_context * ctx, ggml_tensor * sim, ggml_tensor * dst_mask,
+                            ggml_tensor * ramp) {
+    const int64_t n_dst = sim->ne[0];
+    const int64_t n_src = sim->ne[1];
+    const int64_t n_win = sim->ne[2];
+    const int64_t rows  = n_src * n_win;
+
+    ggml_tensor * masked = ggml_add(ctx, sim, dst_mask);                              // padding slots -> < -2
+
+    // 1) some maximum: ggml_argmax returns *an* index of the row maximum; which one on a tie
+    //    is backend-specific (CPU: first; CUDA: warp-shuffle order), so only its value is used.
+    ggml_tensor * any_arg = ggml_argmax(ctx, ggml_reshape_2d(ctx, masked, n_dst, rows));  // I32 [rows]
+    //    the value at that index: every element is its own 1-element row, batched per
+    //    source row, so get_rows picks masked[any_arg[r], r] for every row r
+    ggml_tensor * best = ggml_get_rows(ctx,
+                                       ggml_reshape_3d(ctx, masked, 1, n_dst, rows),
+                                       ggml_reshape_2d(ctx, any_arg, 1, rows));        // [1, 1, rows]
+
+    // 2) deterministic tie rule (lower destination wins) on every backend: mark the
+    //    maxima (masked >= best, exact float compare via step), weight each mark by the
+    //    strictly decreasing ramp n_dst - j and take the argmax again: the maximum of that
+    //    product is unique, so the second argmax has no tie left to break.
+    ggml_tensor * diff    = ggml_sub(ctx, masked, ggml_reshape_3d(ctx, best, 1, n_src, n_win));  // <= 0, 0 at maxima
+    ggml_tensor * below   = ggml_step(ctx, ggml_neg(ctx, diff));                      // 1 where masked < best
+    ggml_tensor * is_max  = ggml_scale_bias(ctx, below, -1.0f, 1.0f);                  // 1 at maxima, else 0
+    ggml_tensor * keyed   = ggml_mul(ctx, is_max, ramp);                               // n_dst - j at maxima
+    ggml_tensor * first   = ggml_argmax(ctx, ggml_reshape_2d(ctx, keyed, n_dst, rows));  // I32 [rows]
+
+    return { first, ggml_reshape_1d(ctx, best, rows) };
+}
+
+ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members, ggml_tensor * weights) {
+    // merged[:, g, w] = sum_k weights[k, g, w] * members[:, k, w]: a matrix product per
+    // window contracting over the member axis, so the members go K-major first
+    ggml_tensor * members_t = ggml_cont(ctx, ggml_transpose(ctx, members));  // [K, D, w]
+    return ggml_mul_mat(ctx, members_t, weights);                             // [D, G, w]
+}
+
+ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * merged,
+                           ggml_tensor * out_idx) {
+    ggml_tensor * merged_rows = ggml_reshape_2d(ctx, merged, merged->ne[0], merged->ne[1] * merged->ne[2]);
+    ggml_tensor * table       = ggml_concat(ctx, x, merged_rows, 1);   // [D, N + G * w]
+    return ggml_get_rows(ctx, table, out_idx);                         // [D, M]
+}
+
+ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
+                               ggml_tensor * text_idx, ggml_tensor * vision_idx, float scale) {
+    const int64_t n_seq  = q->ne[1];
+    const int64_t n_head = q->ne[2];
+    const int64_t n_text = text_idx->ne[0];
+
+    // only the text-key columns of Q K^T matter (the softmax runs per key)
+    ggml_tensor * k_text = ggml_get_rows(ctx, k, text_idx);                 // [d, T, H_kv]
+
+    // logits[j, i, h] = k_j . q_i; ggml broadcasts the H_kv key heads over the H query
+    // heads exactly as repeat_interleave does (query head h -> key head h / (H / H_kv))
+    ggml_tensor * logits = ggml_mul_mat(ctx, k_text, q);                     // [T, S, H]
+
+    // softmax over the QUERY axis: put the queries on ne0 (no causal mask, f32)
+    ggml_tensor * per_key = ggml_cont(ctx, ggml_transpose(ctx, logits));    // [S, T, H]
+    ggml_tensor * p       = ggml_soft_max_ext(ctx, per_key, nullptr, scale, 0.0f);
+
+    // sum over heads and text keys: queries back on ne1, then a row sum
+    ggml_tensor * p_2d   = ggml_reshape_2d(ctx, p, n_seq, n_text * n_head);   // [S, T*H]
+    ggml_tensor * by_row = ggml_cont(ctx, ggml_transpose(ctx, p_2d));         // [T*H, S]
+    ggml_tensor * total  = ggml_sum_rows(ctx, by_row);                        // [1, S]
+
+    // keep the vision queries
+    return ggml_get_rows(ctx, total, vision_idx);                             // [1, V]
+}
+
+}  // namespace lightkv
