@@ -153,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug of ours: still one line, --verbose shows where
+        if getattr(args, "verbose", False):
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with -v for details)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

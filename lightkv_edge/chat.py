@@ -1,0 +1,118 @@
+"""The `chat` command: one answer with -p, or an interactive multi-turn chat."""
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import InputError, LightKVError
+from .images import load_image
+
+HELP = """\
+commands:
+  /image PATH   attach an image to your next message (repeatable)
+  /reset        forget the conversation and its images
+  /stats        statistics of the last answer
+  /help         this text
+  /quit         leave (also Ctrl-D); Ctrl-C stops an answer
+"""
+
+
+def _open_chat(args):
+    from .engine import VisionChat
+
+    model, mmproj = args.model, args.mmproj
+    if args.hf_repo:
+        if model or mmproj:
+            raise InputError("give either --hf-repo or --model/--mmproj, not both")
+        from .hub import resolve
+        pair = resolve(args.hf_repo, hf_file=args.hf_file)
+        model, mmproj = pair.model, pair.mmproj
+    elif args.hf_file:
+        raise InputError("--hf-file needs --hf-repo")
+    return VisionChat(model, mmproj, mode=args.mode, keep=args.keep, windows=args.windows,
+                      ctx_size=args.ctx_size, n_threads=args.threads,
+                      gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
+                      max_tokens=args.max_tokens, verbose=args.verbose)
+
+
+def _answer(chat, prompt, images, *, echo: bool) -> str:
+    pieces = []
+    for piece in chat.stream(prompt, images):
+        pieces.append(piece)
+        if echo:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if echo:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(pieces)
+
+
+def run_chat(args) -> int:
+    if args.prompt is not None and not args.prompt.strip():
+        raise InputError("empty prompt (-p)")
+    images = [load_image(p) for p in args.images]  # fail fast, before loading a model
+    chat = _open_chat(args)
+    try:
+        if args.prompt is not None:
+            answer = _answer(chat, args.prompt, images, echo=not args.json)
+            stats = chat.last_stats.as_dict()
+            if args.json:
+                print(json.dumps({"answer": answer, "stats": stats}))
+            elif args.stats:
+                print(json.dumps(stats))
+            return 0
+        return _interactive(chat, images, args)
+    finally:
+        chat.close()
+
+
+def _interactive(chat, pending, args) -> int:
+    err = sys.stderr
+    print(f"lightkv-edge chat ({args.mode} mode"
+          + (f", keep {args.keep}" if args.mode != "off" else "")
+          + f"); {len(pending)} image(s) attached. /help for commands.", file=err)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=err)
+            return 0
+        except KeyboardInterrupt:
+            print(file=err)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print(HELP, file=err, end="")
+            elif cmd == "/reset":
+                chat.reset()
+                pending = []
+                print("(conversation cleared)", file=err)
+            elif cmd == "/stats":
+                s = chat.last_stats
+                print(json.dumps(s.as_dict()) if s else "(no answer yet)", file=err)
+            elif cmd == "/image":
+                try:
+                    pending.append(load_image(rest.strip()))
+                    print(f"(image {rest.strip()} attached to your next message)", file=err)
+                except InputError as e:
+                    print(f"error: {e}", file=err)
+            else:
+                print(f"unknown command {cmd} (/help)", file=err)
+            continue
+        try:
+            _answer(chat, line, pending, echo=True)
+            pending = []
+            if args.stats:
+                print(json.dumps(chat.last_stats.as_dict()), file=err)
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=err)
+            pending = []
+        except LightKVError as e:
+            print(f"error: {e}", file=err)

@@ -1,0 +1,251 @@
+"""Loading a GGUF vision-language model (text model + mmproj) into our llama.cpp build.
+
+Owns the native objects (llama_model, llama_context, mtmd_context, sampler) and frees
+them in `close()`. Validates what it can before calling into llama.cpp, and turns
+llama.cpp's NULL returns into one-line errors that quote llama.cpp's own reason.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from . import mtmd
+from .errors import InputError, ModelError
+
+llama_cpp = mtmd.llama_cpp
+
+_GGUF_MAGIC = b"GGUF"
+
+
+# -- logging: keep llama.cpp quiet unless asked, but remember its last error -------------
+class _Log:
+    def __init__(self):
+        self.verbose = False
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level, text, user_data):
+        s = text.decode("utf-8", "replace") if text else ""
+        with self._lock:
+            self.lines.append(s)
+            del self.lines[:-200]
+        if self.verbose:
+            os.write(2, text or b"")
+
+    def last_error(self) -> str:
+        with self._lock:
+            for line in reversed(self.lines):
+                if "error" in line.lower() or "failed" in line.lower():
+                    return line.strip().split("error: ", 1)[-1]
+        return "see --verbose"
+
+
+LOG = _Log()
+llama_cpp.llama_log_set(LOG.callback, None)
+# mtmd-helper has a logger of its own; its setter also sets libmtmd's
+mtmd.lib.mtmd_helper_log_set.argtypes = [llama_cpp.llama_log_callback, ctypes.c_void_p]
+mtmd.lib.mtmd_helper_log_set(LOG.callback, None)
+llama_cpp.llama_backend_init()
+
+
+def _check_gguf(path, what: str) -> Path:
+    if path is None:
+        raise InputError(f"no {what} given")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise InputError(f"{what} is a directory: {p}")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {p}: {e.strerror}") from None
+    if magic != _GGUF_MAGIC:
+        raise InputError(f"{what} is not a GGUF file: {p}")
+    return p
+
+
+def _gguf_arch(path: Path) -> str | None:
+    """general.architecture of a GGUF, read without llama.cpp (it may abort on oddities)."""
+    from gguf import GGUFReader
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # a truncated or corrupt file
+        raise ModelError(f"cannot parse {path}: {e}") from None
+    f = r.fields.get("general.architecture")
+    return None if f is None else bytes(f.parts[f.data[0]]).decode()
+
+
+class TokenEmbeddings:
+    """Rows of the text model's input embedding table (token_embd.weight), dequantized on
+    demand: the prompt's own embeddings are what guides the merge in embed mode."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+        self._reader = GGUFReader(str(path))
+        t = next((t for t in self._reader.tensors if t.name == "token_embd.weight"), None)
+        if t is None:
+            raise ModelError(f"{path} has no token_embd.weight")
+        self._t = t
+
+    def rows(self, ids) -> np.ndarray:
+        from gguf import GGMLQuantizationType, quants
+        ids = np.asarray(ids, dtype=np.int64)
+        data = self._t.data[ids]
+        if self._t.tensor_type in (GGMLQuantizationType.F32,):
+            return np.asarray(data, dtype=np.float32)
+        if self._t.tensor_type == GGMLQuantizationType.F16:
+            return np.asarray(data, dtype=np.float16).astype(np.float32)
+        return quants.dequantize(data, self._t.tensor_type).astype(np.float32)
+
+
+class VisionModel:
+    """A text model + mmproj pair loaded into llama.cpp/libmtmd, with one context."""
+
+    def __init__(self, model_path, mmproj_path, *, ctx_size=4096, n_threads=None,
+                 gpu_layers=None, n_batch=2048, verbose=False, use_extra_bufts=False,
+                 warmup=False):
+        LOG.verbose = verbose
+        model_path = _check_gguf(model_path, "model")
+        mmproj_path = _check_gguf(mmproj_path, "mmproj")
+        if _gguf_arch(model_path) == "clip":
+            raise InputError(f"{model_path} is a vision projector (mmproj), not a text model")
+        if _gguf_arch(mmproj_path) != "clip":
+            raise InputError(f"{mmproj_path} is not a vision projector (mmproj) file")
+        self.model_path, self.mmproj_path = model_path, mmproj_path
+        self.model = self.ctx = self.mctx = None
+        n_threads = n_threads or os.cpu_count() or 1
+        try:
+            mp = llama_cpp.llama_model_default_params()
+            if gpu_layers is not None:
+                mp.n_gpu_layers = gpu_layers
+            # Safe default: ggml's extra CPU buffer types (AMX, weight repacking) are off.
+            # The pinned ggml's AMX path segfaults on Q8_0 weights for any batch of more
+            # than one token on AMX CPUs (Sapphire Rapids and later; seen on our own
+            # machines); repacking only speeds up some quant types. --extra-bufts re-enables.
+            mp.use_extra_bufts = use_extra_bufts
+            self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
+            if not self.model:
+                raise ModelError(f"llama.cpp could not load {model_path}: {LOG.last_error()}")
+            self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+            self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
+
+            cp = mtmd.context_params_default()
+            cp.use_gpu = gpu_layers != 0
+            cp.n_threads = n_threads
+            cp.print_timings = False
+            cp.warmup = warmup
+            self.mctx = mtmd.init_from_file(str(mmproj_path).encode(), self.model, cp)
+            if not self.mctx:
+                raise ModelError(f"{mmproj_path} does not fit {model_path.name}: "
+                                 f"{LOG.last_error()}")
+            if not mtmd.support_vision(self.mctx):
+                raise ModelError(f"{mmproj_path} has no vision encoder")
+            self.use_mrope = bool(mtmd.decode_use_mrope(self.mctx))
+
+            ctx_size = min(ctx_size, max(llama_cpp.llama_model_n_ctx_train(self.model), 256))
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = ctx_size
+            cparams.n_batch = n_batch
+            # non-causal image tokens (Gemma 3) must fit in one ubatch
+            cparams.n_ubatch = n_batch
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise ModelError(f"llama.cpp could not create a context: {LOG.last_error()}")
+            self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+            self.n_batch = n_batch
+            self.mem = llama_cpp.llama_get_memory(self.ctx)
+        except BaseException:
+            self.close()
+            raise
+        self._embeddings = None
+
+    # -- text ---------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special=False, parse_special=False) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, n_max,
+                                     add_special, parse_special)
+        if n < 0:
+            raise InputError("prompt could not be tokenized")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> bytes | None:
+        t = llama_cpp.llama_model_chat_template(self.model, None)
+        return t or None
+
+    def apply_template(self, messages: list[tuple[str, str]], add_assistant: bool) -> str:
+        arr = (llama_cpp.llama_chat_message * len(messages))()
+        keep = []
+        for i, (role, content) in enumerate(messages):
+            r, c = role.encode(), content.encode("utf-8")
+            keep += [r, c]
+            arr[i].role, arr[i].content = r, c
+        tmpl = self.chat_template()
+        size = 4096 + sum(len(c) for _, c in messages) * 2
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, arr, len(messages), add_assistant,
+                                                    buf, size)
+            if n < 0:
+                raise ModelError("the model's chat template is not supported by llama.cpp")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n + 1
+        raise ModelError("chat template output too long")
+
+    def token_embeddings(self, ids) -> np.ndarray:
+        if self._embeddings is None:
+            self._embeddings = TokenEmbeddings(self.model_path)
+        return self._embeddings.rows(ids)
+
+    # -- KV cache -----------------------------------------------------------------------
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.mem, True)
+
+    def kv_bytes(self, seq_id: int = 0) -> int:
+        """Bytes of KV cache the sequence holds (llama.cpp's own state-size count)."""
+        return int(llama_cpp.llama_state_seq_get_size(self.ctx, seq_id))
+
+    def close(self) -> None:
+        if getattr(self, "mctx", None):
+            mtmd.free(self.mctx)
+            self.mctx = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
