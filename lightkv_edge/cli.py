@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     except LightKVError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

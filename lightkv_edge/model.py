@@ -41,7 +41,8 @@ class _Log:
         with self._lock:
             for line in reversed(self.lines):
                 if "error" in line.lower() or "failed" in line.lower():
-                    return line.strip().split("error: ", 1)[-1]
+                    first = line.strip().splitlines()[0] if line.strip() else line
+                    return first.split("error: ", 1)[-1].strip()
         return "see --verbose"
 
 
