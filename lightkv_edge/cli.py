@@ -118,6 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true",
                      help="print the answer and statistics as one JSON object")
     out.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+
+    bench = sub.add_parser(
+        "bench", help="accuracy and cost of LightKV and the baselines on the shapes task",
+        description="Side-by-side benchmark on a held-out split of the embedded shapes "
+                    "task: off vs LightKV embed mode vs baselines at the same kept "
+                    "fractions. Needs torch (for the baselines).")
+    bench.add_argument("--quick", action="store_true",
+                       help="40 samples, one kept fraction (0.55) unless --keep is given")
+    bench.add_argument("--n", type=_positive_int, default=None,
+                       help="samples (default 400; 40 with --quick)")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--seed", type=_nonneg_int, default=0,
+                       help="draws a fresh held-out set (default 0)")
+    bench.add_argument("--methods", metavar="LIST",
+                       help="comma-separated (default: off,embed,unguided,random,fastv,"
+                            "dart,pool)")
+    bench.add_argument("--keep", metavar="LIST",
+                       help="comma-separated kept fractions (default 0.75,0.55,0.35,0.25,0.1)")
+    bench.add_argument("-m", "--model", metavar="F", help="GGUF text model")
+    bench.add_argument("--mmproj", metavar="F", help="GGUF vision projector")
+    bench.add_argument("-t", "--threads", type=_positive_int, default=None,
+                       help="CPU threads (default: all cores)")
     return ap
 
 
@@ -145,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             from .chat import run_chat
             return run_chat(args)
+        if args.command == "bench":
+            from .bench import run_bench
+            return run_bench(args)
         ap.print_help()
         return 2
     except LightKVError as e:

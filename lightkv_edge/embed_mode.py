@@ -91,3 +91,38 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
         x, kept = res.x, kept[res.kept]
         stage_grid = None
     return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3)
+
+
+# -- baselines at the same budget (for the benchmark; they need the PyTorch reference) ---
+METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool")
+
+
+def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
+                 keep: float, windows: int | None, method: str = "lightkv",
+                 seed: int = 0) -> MergedImage:
+    """Cut one image's rows to about `keep` of them with `method`:
+    lightkv (guided merge), unguided (the same merge, all weights 1, ToMe style), random
+    (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
+    pruning), pool (2x2 average pooling: its budget is fixed at about a quarter)."""
+    if method in ("lightkv", "unguided"):
+        return merge_image(embd, grid, text_embd, keep=keep, windows=windows,
+                           guided=method == "lightkv")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    from . import reference as ref
+
+    t0 = time.perf_counter()
+    n = len(embd)
+    x = np.ascontiguousarray(embd, dtype=np.float32)
+    n_keep = max(1, math.ceil(keep * n))
+    grid = grid if grid and grid[0] * grid[1] == n else None
+    if method == "random":
+        res = ref.random_drop(x, n_keep=n_keep, seed=seed)
+    elif method == "fastv":
+        res = ref.fastv_topk(x, prompt_guidance(x, text_embd), n_keep=n_keep)
+    elif method == "dart":
+        res = ref.dart_prune(x, n_keep=n_keep)
+    else:
+        res = ref.pool2x2(x, grid=grid)
+    return MergedImage(np.asarray(res.x, dtype=np.float32), np.asarray(res.kept), n,
+                       (time.perf_counter() - t0) * 1e3)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import mtmd
-from .embed_mode import merge_image
+from .embed_mode import METHODS, reduce_image
 from .errors import InputError, LightKVError, ModelError
 from .images import Image, load_image
 from .model import LOG, VisionModel, llama_cpp
@@ -94,7 +94,8 @@ class VisionChat:
                  mode: str = "embed", keep: float = 0.55, windows: int | None = None,
                  ctx_size: int = 4096, n_threads: int | None = None,
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
-                 max_tokens: int = 256, guided: bool = True, verbose: bool = False):
+                 max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
+                 verbose: bool = False):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mode == "layer":
@@ -102,6 +103,10 @@ class VisionChat:
                              "(use off or embed)")
         if not (0.0 < keep <= 1.0):
             raise InputError(f"--keep must be in (0, 1], got {keep}")
+        if method not in METHODS:
+            raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        if positions not in ("keep", "renumber"):
+            raise InputError(f"positions must be 'keep' or 'renumber', got {positions!r}")
         if windows is not None and windows < 1:
             raise InputError(f"--windows must be >= 1, got {windows}")
         if (model is None) != (mmproj is None):
@@ -110,11 +115,16 @@ class VisionChat:
         if model is None:
             from .embedded import embedded_model
             model, mmproj = embedded_model()
-        self.mode, self.keep, self.windows, self.guided = mode, keep, windows, guided
+        self.mode, self.keep, self.windows, self.method = mode, keep, windows, method
+        self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()
+        if mode == "embed" and positions == "keep" and not self.m.use_mrope:
+            # merged rows keep their original positions: the sequence jumps forward over
+            # the merged-away ones, which our patch 0001 lets llama.cpp accept
+            _set_position_gaps(self.m.ctx, True)
         self._sampler = None
         self.reset()
 
@@ -268,7 +278,7 @@ class VisionChat:
                 else:
                     if text_embd is None:
                         ids = self.m.tokenize(guidance_text)
-                        text_embd = (self.m.token_embeddings(ids) if ids and self.guided
+                        text_embd = (self.m.token_embeddings(ids) if ids
                                      else np.zeros((0, self.m.n_embd), np.float32))
                     self._eval_image_merged(chunk, text_embd, stats)
                 if last:
@@ -333,17 +343,24 @@ class VisionChat:
         img = mtmd.chunk_get_tokens_image(chunk)
         nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
         grid = (ny, nx) if nx * ny == n else None
-        merged = merge_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
-                             guided=self.guided)
+        merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
+                              method=self.method, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
-        pos_all = self._image_positions(chunk, n)
-        if self.m.use_mrope:
-            pos = pos_all[:, merged.kept]            # each row keeps its own (t, h, w)
+        if self.positions == "keep":
+            # each kept row sits at its destination's original position ((t, h, w) for
+            # M-RoPE); the image still spans its original extent
+            pos = self._image_positions(chunk, n)[:, merged.kept]
+            extent = mtmd.chunk_get_n_pos(chunk)
         else:
-            # normal RoPE: stock llama.cpp requires consecutive positions, so the kept
-            # rows are renumbered contiguously (the published code's choice)
-            pos = (self.n_past + np.arange(len(merged.kept), dtype=np.int32))[None, :]
+            # the published code's choice: renumber the kept rows contiguously
+            m_kept = len(merged.kept)
+            if self.m.use_mrope:
+                pos = np.repeat((self.n_past + np.arange(m_kept, dtype=np.int32))[None], 4, 0)
+                pos[3] = 0
+            else:
+                pos = (self.n_past + np.arange(m_kept, dtype=np.int32))[None, :]
+            extent = m_kept
         non_causal = bool(mtmd.decode_use_non_causal(self.m.mctx, chunk))
         t0 = time.perf_counter()
         if non_causal:
@@ -361,10 +378,7 @@ class VisionChat:
                 llama_cpp.llama_set_causal_attn(self.m.ctx, True)
         stats.t_prefill_ms += (time.perf_counter() - t0) * 1e3
         self.n_cells += len(merged.kept)
-        if self.m.use_mrope:
-            self.n_past += mtmd.chunk_get_n_pos(chunk)
-        else:
-            self.n_past += len(merged.kept)
+        self.n_past += extent
 
     # -- decoding -------------------------------------------------------------------------
     def _make_sampler(self):
@@ -403,6 +417,10 @@ class VisionChat:
             stats.n_decoded += 1
             yield token
 
+
+_set_position_gaps = llama_cpp.llama_cpp._lib.llama_set_position_gaps   # patch 0001
+_set_position_gaps.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+_set_position_gaps.restype = None
 
 _helper_decode_image_chunk = mtmd._fn(
     "mtmd_helper_decode_image_chunk", ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,

@@ -88,6 +88,8 @@ def sha256_tree(root: Path) -> str:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _TREE_SKIP)
         for name in filenames:
+            if name in _TREE_SKIP:  # the sdist's vendored tree has a submodule .git file
+                continue
             p = Path(dirpath) / name
             if p.is_symlink() or not p.is_file():
                 continue
@@ -216,7 +218,8 @@ def _extract_vendor(sdist: Path, dest: Path) -> None:
             if not m.name.startswith(VENDOR_PREFIX):
                 continue
             m.name = m.name[len(VENDOR_PREFIX):]
-            if m.name:
+            # the submodule's .git file would make `git apply` look for a repository
+            if m.name and m.name.split("/")[0] not in _TREE_SKIP:
                 members.append(m)
         tar.extractall(dest, members=members, filter="data")
 

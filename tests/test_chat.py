@@ -142,7 +142,7 @@ def test_embed_decoding_without_merge_is_exact(pair, images, monkeypatch):
     with _chat(pair, mode="off", max_tokens=8) as chat:
         rec_off = _Recorder(chat)
         chat.ask(prompt, [images[0], images[1]])
-    monkeypatch.setattr("lightkv_edge.engine.merge_image", keep_all)
+    monkeypatch.setattr("lightkv_edge.engine.reduce_image", keep_all)
     with _chat(pair, mode="embed", keep=0.5, max_tokens=8) as chat:
         rec_emb = _Recorder(chat)
         chat.ask(prompt, [images[0], images[1]])
@@ -298,3 +298,30 @@ def test_cli_ctrl_c_during_generation(pair, images):
             p.kill()
     assert p.returncode == 130
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+def test_cli_hf_repo_from_the_local_cache(pair, images, tmp_path):
+    """--hf-repo resolves a GGUF + mmproj pair from huggingface_hub's cache layout, offline
+    (no request is made: HF_HUB_OFFLINE=1)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-vlm-GGUF"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for src, name in ((pair[0], "tiny-vlm-Q8_0.gguf"), (pair[1], "mmproj-tiny-vlm-f16.gguf")):
+        blob = repo / "blobs" / f"blob-{name}"
+        blob.write_bytes(Path(src).read_bytes())
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "chat", str(images[0]), "-p",
+                        "What colour is the circle?", "-n", "3", "--json", "-t", "2",
+                        "--hf-repo", "someone/tiny-vlm-GGUF"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stats"]["vision_tokens_in"] > 0
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "chat", str(images[0]), "-p",
+                        "hi", "--hf-repo", "someone/not-cached"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    _one_line_error(r, "cache")

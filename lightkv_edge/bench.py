@@ -1,0 +1,111 @@
+"""`python -m lightkv_edge bench`: accuracy and cost of every method at the same budgets.
+
+Side by side, in one run, on one machine: `off` (all vision tokens, stock llama.cpp) and,
+at each kept fraction, LightKV embed mode and the baselines, on a held-out split of the
+embedded shapes task. Accuracy per question type is the quality signal; the cost columns
+are averages per sample (vision encode, merge, LLM prefill, KV bytes after prefill, decode
+tokens/s). Timings are reported, never asserted.
+
+Methods here: off, embed (LightKV, prompt-guided), unguided (the same merge with equal
+weights, ToMe style), random, fastv, dart, pool (2x2 pooling: its budget is fixed, so it
+runs only at keep 0.25). The baselines come from the PyTorch reference (needs torch).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import defaultdict
+
+from . import __version__
+
+DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
+DEFAULT_METHODS = ("off", "embed", "unguided", "random", "fastv", "dart", "pool")
+_EMBED_METHOD = {"embed": "lightkv", "unguided": "unguided", "random": "random",
+                 "fastv": "fastv", "dart": "dart", "pool": "pool"}
+
+
+def _first_word(text: str) -> str:
+    words = text.strip().lower().replace(".", " ").replace(",", " ").split()
+    return words[0] if words else ""
+
+
+def evaluate(chat, samples, image_of) -> dict:
+    """Run every sample through `chat` (reset in between); accuracy and mean costs."""
+    correct = defaultdict(int)
+    total = defaultdict(int)
+    sums = defaultdict(float)
+    for s in samples:
+        chat.reset()
+        answer = chat.ask(s.question, [image_of(s)], max_tokens=4)
+        st = chat.last_stats
+        total[s.qtype] += 1
+        correct[s.qtype] += _first_word(answer) == s.answer
+        for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
+                  "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded"):
+            sums[k] += getattr(st, k)
+    n = sum(total.values())
+    out = {"n": n, "accuracy": sum(correct.values()) / max(n, 1),
+           "per_type": {t: correct[t] / total[t] for t in sorted(total)}}
+    for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
+              "vision_tokens_in", "vision_tokens_kept"):
+        out[k] = sums[k] / max(n, 1)
+    out["decode_tps"] = sums["n_decoded"] / max(sums["t_decode_ms"] / 1e3, 1e-9)
+    return out
+
+
+def run_bench(args) -> int:
+    from .engine import VisionChat
+    from .errors import InputError
+    from .images import image_from_pil
+    from .tasks import shapes
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
+        list(DEFAULT_METHODS)
+    for m in methods:
+        if m != "off" and m not in _EMBED_METHOD:
+            raise InputError(f"unknown method {m!r} (choose from "
+                             f"{', '.join(DEFAULT_METHODS)})")
+    try:
+        keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
+    except ValueError:
+        raise InputError(f"--keep must be a comma-separated list of numbers: {args.keep}")
+    if any(not 0 < k <= 1 for k in keeps):
+        raise InputError("every --keep must be in (0, 1]")
+    n = args.n or (40 if args.quick else 400)
+    if args.quick:
+        keeps = keeps[1:2] if not args.keep else keeps
+    samples = shapes.dataset("test", n, seed=args.seed)
+    image_of = (lambda s: image_from_pil(s.image, "sample"))
+    if (args.model is None) != (args.mmproj is None):
+        raise InputError("give both --model and --mmproj (or neither)")
+
+    results = []
+    runs = [("off", 1.0)] if "off" in methods else []
+    runs += [(m, k) for k in keeps for m in methods if m != "off"
+             and not (m == "pool" and abs(k - 0.25) > 1e-9)]
+    for i, (method, keep) in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        chat = VisionChat(args.model, args.mmproj, mode="off" if method == "off" else "embed",
+                          keep=keep, method=_EMBED_METHOD.get(method, "lightkv"),
+                          seed=args.seed, max_tokens=4, n_threads=args.threads)
+        try:
+            r = evaluate(chat, samples, image_of)
+        finally:
+            chat.close()
+        r = {"method": method, "keep": keep, **r}
+        results.append(r)
+        print(f"[{i}/{len(runs)}] {method:9s} keep {keep:.2f}  acc {r['accuracy']:.3f}  "
+              + " ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
+              + f"  prefill {r['t_prefill_ms']:.1f} ms  kv {r['kv_bytes'] / 1024:.1f} KiB"
+              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    from .embedded import embedded_model
+    model = str(args.model or embedded_model()[0])
+    out = {"version": __version__, "model": model,
+           "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "seed": args.seed, "split": "test", "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
