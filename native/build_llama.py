@@ -91,7 +91,22 @@ def compiler_id(cxx: str) -> str:
     return f"{os.path.realpath(exe)} {version}"
 
 
+def cpu_id() -> str:
+    """The CPU model and feature flags: GGML_NATIVE (the default) tunes the build to this
+    CPU, so a cache shared with another CPU must not hand out these binaries."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or platform.machine()
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", info, re.M)
+    digest = hashlib.sha256((flags.group(1) if flags else "").encode()).hexdigest()[:12]
+    return f"{model.group(1).strip() if model else '?'} {digest}"
+
+
 def key_material(flags: list[str], cxx: str) -> dict:
+    native = not any(re.match(r"-DGGML_NATIVE=(OFF|0|FALSE|NO)$", f, re.I) for f in flags)
     return {
         "recipe": RECIPE_VERSION,
         "source": llama_source.read_pins()["vendor/llama.cpp"],
@@ -99,6 +114,7 @@ def key_material(flags: list[str], cxx: str) -> dict:
         "flags": sorted(flags),
         "compiler": compiler_id(cxx),
         "platform": sys.platform,
+        "cpu": cpu_id() if native else None,
     }
 
 
@@ -146,8 +162,6 @@ def _first_error(log_path: Path) -> str:
 
 def build(flags: list[str], jobs: int | None = None) -> Path:
     cc, cxx = find_compilers()
-    if shutil.which("cmake") is None:
-        raise SourceError("cmake not found (pip install cmake)")
     tree = llama_source.patched_tree()
     key = build_key(flags, cxx)
     root = llama_source.cache_root() / "build" / key
@@ -156,6 +170,8 @@ def build(flags: list[str], jobs: int | None = None) -> Path:
     if stamp.exists():
         print(f"lightkv-edge: reusing the cached llama.cpp build {key}", file=sys.stderr)
         return prefix
+    if shutil.which("cmake") is None:
+        raise SourceError("cmake not found (pip install cmake)")
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)

@@ -189,10 +189,12 @@ def obtain_sdist(local: str | None = None) -> Path:
     pins = read_pins()
     want = pins[SDIST_NAME]
     cached = cache_root() / "downloads" / SDIST_NAME
-    if local:
-        src = Path(local).expanduser()
+    src = Path(local).expanduser() if local else None
+    if src is not None and src.is_dir():
+        src = None  # an unpacked llama.cpp tree has no Python layer: cache or pip
+    if src is not None:
         if not src.is_file():
-            raise SourceError(f"local source {src} is not a file")
+            raise SourceError(f"local source {src} does not exist")
         got = sha256_file(src)
         if got != want:
             raise SourceError(f"sha256 mismatch for {src}: expected {want}, got {got} "

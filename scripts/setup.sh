@@ -28,12 +28,12 @@ say "installing Python dependencies"
 "${PIP[@]}" install -r requirements-dev.txt >>"$LOG" 2>&1 \
   || die "pip could not install requirements-dev.txt (see $LOG)"
 
-# The verified sdist of llama-cpp-python: source of llama.cpp and of its Python layer.
-SDIST=$("$PY" native/llama_source.py --print-sdist) || exit 2
+# The verified, patched llama.cpp tree (from the sdist, or $LIGHTKV_EDGE_LLAMA_SOURCE).
 TREE=$("$PY" native/llama_source.py --print-dir) || exit 2
 
 if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '0.3.36')" 2>/dev/null; then
   say "installing llama-cpp-python's Python layer (no native build: it loads ours)"
+  SDIST=$("$PY" native/llama_source.py --print-sdist) || exit 2
   CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "${PIP[@]}" install --no-deps \
     --no-build-isolation "$SDIST" >>"$LOG" 2>&1 || die "installing llama-cpp-python failed (see $LOG)"
 fi
@@ -44,7 +44,7 @@ fi
 
 say "building lightkv-edge (llama.cpp compiles once; later runs reuse the cache)"
 if ! "${PIP[@]}" install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
-  cause=$(grep -h "lightkv-edge build:" "$LOG" | tail -n 1)
+  cause=$(grep -h -m1 "lightkv-edge build:" "$LOG" | sed 's/^ *//')
   die "${cause:-building the package failed (see $LOG)}"
 fi
 "$PY" -m lightkv_edge --version >&2 || die "the package does not start (see above)"

@@ -1,0 +1,131 @@
+"""The foundation is wired: one pinned llama.cpp, built once, used by everything.
+
+- our libraries load from lightkv_edge._libs.lib_dir();
+- the recorded pin is llama-cpp-python 0.3.36, and so is the installed Python layer;
+- llama_cpp and llama_cpp.mtmd_cpp loaded OUR libllama / libmtmd (there is one llama.cpp);
+- `python -m lightkv_edge --version` reports version, pin and devices;
+- building again with unchanged inputs is a cache hit (no compile).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightkv_edge
+from lightkv_edge import _libs
+
+ROOT = Path(__file__).resolve().parents[1]
+PIN = "llama-cpp-python==0.3.36"
+
+# library -> a symbol it must export (proves it is the library we think it is)
+LIBS = {
+    "ggml-base": "ggml_init",
+    "ggml": "ggml_backend_dev_count",
+    "ggml-cpu": "ggml_backend_cpu_init",
+    "llama": "llama_model_load_from_file",
+    "mtmd": "mtmd_init_from_file",
+    "lightkv": "lightkv_api_version",
+}
+
+
+@pytest.fixture(scope="module")
+def build_info():
+    from lightkv_edge import _build_info
+    return _build_info
+
+
+@pytest.mark.parametrize("name", list(LIBS))
+def test_library_loads_from_lib_dir(name):
+    path = _libs.lib_path(name)
+    assert path.parent == _libs.lib_dir()
+    assert path.is_file(), f"{path} missing"
+    lib = ctypes.CDLL(str(path))
+    assert hasattr(lib, LIBS[name]), f"{path.name} does not export {LIBS[name]}"
+
+
+def test_pin_recorded_and_python_layer_match(build_info):
+    assert build_info.LLAMA_CPP_PIN == PIN
+    assert re.fullmatch(r"[0-9a-f]{20}", build_info.LLAMA_CPP_BUILD_KEY)
+    assert "CPU" in build_info.BACKENDS
+    llama_cpp = _libs.use_our_llama_cpp()
+    assert llama_cpp.__version__ == PIN.split("==")[1]
+
+
+def test_llama_cpp_uses_our_libraries():
+    llama_cpp = _libs.use_our_llama_cpp()
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+    d = _libs.lib_dir().resolve()
+    assert Path(llama_cpp.llama_cpp._lib._name).resolve() == d / _libs._lib_name("llama")
+    assert Path(mtmd_cpp._libmtmd._name).resolve() == d / _libs._lib_name("mtmd")
+    # ... and only ours: no libllama shipped inside the llama_cpp package (no second build)
+    pkg = Path(llama_cpp.__file__).parent
+    assert not list(pkg.glob("lib/*llama*")), list(pkg.glob("lib/*"))
+    # the process has exactly one libllama / libggml-base mapped, from our folder
+    if Path("/proc/self/maps").exists():
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        for base in ("llama", "ggml-base", "mtmd"):
+            name = _libs._lib_name(base)
+            paths = {l.split()[-1] for l in maps if l.split()[-1].endswith("/" + name)}
+            assert {Path(p).resolve() for p in paths} == {d / name}, paths
+
+
+def test_our_libraries_are_the_recorded_build(build_info):
+    """The libraries in lib_dir are byte-identical to the cached build named by the key
+    (the wheel copies the cache; it does not compile llama.cpp a second time)."""
+    sys.path.insert(0, str(ROOT / "native"))
+    import llama_source
+    prefix = llama_source.cache_root() / "build" / build_info.LLAMA_CPP_BUILD_KEY / "install"
+    if not prefix.exists():
+        pytest.skip(f"the build cache {prefix} is not on this machine (installed elsewhere)")
+    info = json.loads((prefix / "lightkv-build.json").read_text())
+    assert info["key"] == build_info.LLAMA_CPP_BUILD_KEY and info["pin"] == PIN
+    for base in ("llama", "mtmd", "ggml", "ggml-base", "ggml-cpu"):
+        name = _libs._lib_name(base)
+        assert (_libs.lib_dir() / name).read_bytes() == (prefix / "lib" / name).read_bytes()
+
+
+def test_version_command():
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "--version"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"lightkv-edge {lightkv_edge.__version__}"
+    assert any(PIN in l for l in lines), r.stdout
+    assert not any("not built" in l for l in lines), r.stdout
+    devices = [l for l in lines if l.startswith("devices:")]
+    assert len(devices) == 1 and re.search(r"\bCPU\b", devices[0]), r.stdout
+
+
+def test_rebuild_with_unchanged_inputs_is_a_cache_hit(build_info):
+    """native/build_llama.py with the installed build's flags reuses the cache: it prints
+    the prefix of the recorded key and compiles nothing."""
+    sys.path.insert(0, str(ROOT / "native"))
+    import build_llama
+    import llama_source
+    flags = [f for f in build_info.BUILD_FLAGS if build_llama.FORWARDED.match(f)]
+    _, cxx = build_llama.find_compilers()
+    key = build_llama.build_key(flags, cxx)
+    # Guard: never start a 4-minute cold compile from a test. If the key differs, the
+    # installed package does not match what a rebuild would produce now: a real failure.
+    assert key == build_info.LLAMA_CPP_BUILD_KEY, (
+        f"a rebuild now would use key {key}, the installed build is "
+        f"{build_info.LLAMA_CPP_BUILD_KEY}: inputs changed (rerun `make setup`)")
+    prefix = llama_source.cache_root() / "build" / key / "install"
+    if not (prefix / ".complete").exists():
+        pytest.skip(f"the build cache {prefix} is not on this machine")
+    env = dict(os.environ)
+    # build_llama.py looks for cmake on PATH; the venv's cmake is where setup put it
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    r = subprocess.run([sys.executable, str(ROOT / "native" / "build_llama.py"), *flags],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"reusing the cached llama.cpp build {key}" in r.stderr, r.stderr
+    assert "building llama.cpp" not in r.stderr
+    assert Path(r.stdout.strip()) == prefix
