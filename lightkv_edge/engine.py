@@ -164,7 +164,8 @@ class VisionChat:
         imgs = [im if isinstance(im, Image) else load_image(im) for im in images]
         n_markers = prompt.count(self.marker)
         if n_markers == 0 and imgs:
-            content = "".join(self.marker for _ in imgs) + "\n" + prompt
+            # as llama-mtmd-cli does: the markers go right before the text
+            content = "".join(self.marker for _ in imgs) + prompt
         elif n_markers == len(imgs):
             content = prompt
         else:
@@ -210,14 +211,15 @@ class VisionChat:
         try:
             for token in self._generate(max_tokens, stats):
                 answer += self.m.piece(token)
-                text = answer.decode("utf-8", "ignore")  # hold back a split character
+                # hold back a split character; drop the tokenizer's leading space
+                text = answer.decode("utf-8", "ignore").lstrip()
                 if len(text) > emitted:
                     yield text[emitted:]
                     emitted = len(text)
         finally:
             stats.t_decode_ms = (time.perf_counter() - t0) * 1e3
             stats.decode_tps = stats.n_decoded / max(stats.t_decode_ms / 1e3, 1e-9)
-            text = answer.decode("utf-8", "replace")
+            text = answer.decode("utf-8", "replace").lstrip()
             self.history.append(_Turn("assistant", text))
             # what the KV cache now holds: the prompt, the answer, and the end token
             self.rendered = full + text + self._eog_piece

@@ -70,7 +70,7 @@ def _stock_greedy(pair, prompt_text, image_paths, n_tokens):
     m = VisionModel(pair[0], pair[1], n_threads=2)
     try:
         marker = mtmd.default_marker().decode()
-        content = marker * len(image_paths) + "\n" + prompt_text
+        content = marker * len(image_paths) + prompt_text
         text = m.apply_template([("user", content)], True)
         imgs = [load_image(p) for p in image_paths]
         bitmaps = [mtmd.bitmap_init(i.width, i.height, i.rgb) for i in imgs]
