@@ -32,7 +32,8 @@ def _open_chat(args):
     return VisionChat(model, mmproj, mode=args.mode, keep=args.keep, windows=args.windows,
                       ctx_size=args.ctx_size, n_threads=args.threads,
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
-                      max_tokens=args.max_tokens, verbose=args.verbose)
+                      max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+                      verbose=args.verbose)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temp", type=_temperature, default=0.0,
                      help="sampling temperature; 0 = greedy (default)")
     gen.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="never stop at end-of-generation tokens (until -n or Ctrl-C)")
     gen.add_argument("-c", "--ctx-size", type=_positive_int, default=4096, metavar="N",
                      help="context size in tokens (default 4096)")
     gen.add_argument("-ngl", "--gpu-layers", type=_nonneg_int, default=None, metavar="N",

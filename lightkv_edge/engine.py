@@ -95,7 +95,7 @@ class VisionChat:
                  ctx_size: int = 4096, n_threads: int | None = None,
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
                  max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
-                 verbose: bool = False):
+                 ignore_eos: bool = False, verbose: bool = False):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         if mode == "layer":
@@ -118,6 +118,7 @@ class VisionChat:
         self.mode, self.keep, self.windows, self.method = mode, keep, windows, method
         self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens
+        self.ignore_eos = ignore_eos
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()
@@ -387,6 +388,13 @@ class VisionChat:
         if self._sampler:
             llama_cpp.llama_sampler_free(self._sampler)
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if self.ignore_eos:  # llama.cpp's --ignore-eos: end-of-generation tokens get -inf
+            n_vocab = llama_cpp.llama_vocab_n_tokens(self.m.vocab)
+            eog = [t for t in range(n_vocab) if self.m.is_eog(t)]
+            bias = (llama_cpp.llama_logit_bias * len(eog))(
+                *[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog])
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(eog), bias))
         if self.temp <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
