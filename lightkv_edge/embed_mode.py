@@ -5,13 +5,17 @@ spatial windows with the native LightKV merge, guided by the prompt, and hand th
 kept rows only, each at its destination's original position. Every layer then holds fewer
 vision entries: the KV cache and the prefill shrink by the dropped fraction.
 
-How the prompt guides here (no layer of the LLM has run yet): the published guidance is
-the attention the prompt's keys pay to each vision token, normalised over all queries
-(lightkv-method.md, "Guidance"). At the input we use the one representation that both the
-image rows and the prompt's tokens already share, the LLM input embedding space: queries
-are the RMS-normalised image rows and prompt token embeddings, keys the prompt tokens, one
-head, scale 1/sqrt(D). A vision row scores high when it matches the question's words
-better than the other rows do. Cheap (N x T x D) and model-agnostic.
+How the prompt guides here: the published guidance is the attention logits of one layer,
+softmax over the QUERY axis, vision-query x text-key block, summed over heads and text keys
+(lightkv-method.md, "Guidance"). Before the LLM has run we take the first layer's own
+attention: its input RMS norm, Q and K projections (read from the text model's GGUF) are
+applied to the image rows and to the prompt's token embeddings, and the native guidance
+graph scores them. Position-free (no RoPE): at the input the rotation would only add a
+relative-position bias, while the merge asks which image rows match the question. On the
+embedded model this ranks the asked object's tokens far above the rest (AUC 0.84 on 97
+held-out questions), where a plain similarity of input embeddings was anti-correlated
+(AUC 0.17): a model's image and word embeddings need not share directions, its first
+layer's Q/K is trained to compare them.
 """
 from __future__ import annotations
 
@@ -27,25 +31,64 @@ def default_windows(rows: int, cols: int) -> int:
     return max(1, min(8, round(min(rows, cols) / 6)))
 
 
-def _rms_normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+class FirstLayerQK:
+    """Layer 0's attention input of a llama.cpp text model (norm, Q and K projections),
+    read once from its GGUF and dequantized, for guidance before the LLM runs."""
+
+    def __init__(self, gguf_path):
+        from gguf import GGUFReader
+        r = GGUFReader(str(gguf_path))
+        tensors = {t.name: t for t in r.tensors}
+        arch = _field(r, "general.architecture")
+        self.n_head = int(_field(r, f"{arch}.attention.head_count"))
+        self.n_head_kv = int(_field(r, f"{arch}.attention.head_count_kv") or self.n_head)
+        self.eps = float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6)
+        need = ("blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight")
+        if any(n not in tensors for n in need):
+            raise ValueError(f"{gguf_path} has no separate layer-0 attn_norm/attn_q/attn_k")
+        self.norm = _dequant(tensors[need[0]])
+        self.wq, self.wk = _dequant(tensors[need[1]]), _dequant(tensors[need[2]])
+        self.bq = _dequant(tensors["blk.0.attn_q.bias"]) if "blk.0.attn_q.bias" in tensors else 0
+        self.bk = _dequant(tensors["blk.0.attn_k.bias"]) if "blk.0.attn_k.bias" in tensors else 0
+        self.head_dim = self.wq.shape[0] // self.n_head
+
+    def qk(self, x: np.ndarray):
+        """q [H, S, d], k [H_kv, S, d] of rows x [S, D]."""
+        h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.norm
+        q = (h @ self.wq.T + self.bq).reshape(len(x), self.n_head, self.head_dim)
+        k = (h @ self.wk.T + self.bk).reshape(len(x), self.n_head_kv, self.head_dim)
+        return (np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32),
+                np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
 
 
-def prompt_guidance(vision: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Guidance score of each vision row from the prompt's token embeddings.
+def _field(reader, key):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    v = f.parts[f.data[0]]
+    return bytes(v).decode() if f.types and f.types[0].name == "STRING" else v[0]
 
-    g_i = sum_j softmax_over_queries(q . k_j / sqrt(D))[i], queries = vision + text rows,
-    keys = text rows; the published normalisation with one head, accumulated in float64
-    (a few thousand rows, so the cost is nothing next to the merge)."""
+
+def _dequant(t) -> np.ndarray:
+    from gguf import GGMLQuantizationType as QT, quants
+    shape = tuple(int(n) for n in reversed(t.shape))
+    if t.tensor_type == QT.F32:
+        return np.asarray(t.data, np.float32).reshape(shape)
+    if t.tensor_type == QT.F16:
+        return np.asarray(t.data, np.float16).astype(np.float32).reshape(shape)
+    return quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+
+
+def prompt_guidance(vision: np.ndarray, text: np.ndarray, layer: FirstLayerQK) -> np.ndarray:
+    """Guidance of each vision row from the prompt's token embeddings through the first
+    layer's Q/K: queries = all rows (vision + text), keys = text rows, the published
+    normalisation (softmax over the query axis), summed over heads and text keys."""
+    from . import native
     if len(text) == 0:
         return np.ones(len(vision), dtype=np.float32)
-    q = _rms_normalise(np.concatenate([vision, text]).astype(np.float64))
-    k = _rms_normalise(text.astype(np.float64))
-    logits = q @ k.T / math.sqrt(q.shape[1])          # [N + T, T]
-    logits -= logits.max(axis=0, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=0, keepdims=True)                  # softmax over the query axis
-    return p[: len(vision)].sum(axis=1).astype(np.float32)
+    q, k = layer.qk(np.concatenate([vision, text]).astype(np.float32))
+    n = len(vision)
+    return native.guidance_scores_from_qk(q, k, np.arange(n), np.arange(n, n + len(text)))
 
 
 @dataclass
@@ -57,7 +100,8 @@ class MergedImage:
 
 
 def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
-                keep: float, windows: int | None, guided: bool = True) -> MergedImage:
+                keep: float, windows: int | None, layer: FirstLayerQK | None = None,
+                guided: bool = True) -> MergedImage:
     """Merge one image's rows down to about `keep` of them.
 
     One LightKV stage drops at most half of each window (r <= n_w // 2), so keeps below
@@ -70,7 +114,7 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
     target = max(1, math.ceil(keep * n))
     x = np.ascontiguousarray(embd, dtype=np.float32)
     kept = np.arange(n)
-    scores = prompt_guidance(x, text_embd) if guided else None
+    scores = prompt_guidance(x, text_embd, layer) if guided else None
     stage_grid = grid if grid and grid[0] * grid[1] == n else None
     w = windows
     while len(x) > target:
@@ -99,13 +143,13 @@ METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool")
 
 def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
                  keep: float, windows: int | None, method: str = "lightkv",
-                 seed: int = 0) -> MergedImage:
+                 layer: FirstLayerQK | None = None, seed: int = 0) -> MergedImage:
     """Cut one image's rows to about `keep` of them with `method`:
     lightkv (guided merge), unguided (the same merge, all weights 1, ToMe style), random
     (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
     pruning), pool (2x2 average pooling: its budget is fixed at about a quarter)."""
     if method in ("lightkv", "unguided"):
-        return merge_image(embd, grid, text_embd, keep=keep, windows=windows,
+        return merge_image(embd, grid, text_embd, keep=keep, windows=windows, layer=layer,
                            guided=method == "lightkv")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -119,7 +163,7 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.n
     if method == "random":
         res = ref.random_drop(x, n_keep=n_keep, seed=seed)
     elif method == "fastv":
-        res = ref.fastv_topk(x, prompt_guidance(x, text_embd), n_keep=n_keep)
+        res = ref.fastv_topk(x, prompt_guidance(x, text_embd, layer), n_keep=n_keep)
     elif method == "dart":
         res = ref.dart_prune(x, n_keep=n_keep)
     else:

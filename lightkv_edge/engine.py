@@ -127,6 +127,7 @@ class VisionChat:
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
         self._sampler = None
+        self._layer0 = None       # the first layer's Q/K, loaded when guidance needs it
         self.reset()
 
     # -- conversation state ---------------------------------------------------------------
@@ -346,8 +347,11 @@ class VisionChat:
         img = mtmd.chunk_get_tokens_image(chunk)
         nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
         grid = (ny, nx) if nx * ny == n else None
+        if self._layer0 is None and self.method in ("lightkv", "fastv"):
+            from .embed_mode import FirstLayerQK
+            self._layer0 = FirstLayerQK(self.m.model_path)
         merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
-                              method=self.method, seed=self.seed)
+                              method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
         if self.positions == "keep":
