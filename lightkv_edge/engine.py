@@ -127,7 +127,19 @@ class VisionChat:
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
         self._sampler = None
-        self._layer0 = None       # the first layer's Q/K, loaded when guidance needs it
+        # the merge's ggml graphs are small: they run with the LLM's thread count, so an
+        # oversubscribed machine does not make their thread barriers spin
+        from . import native
+        native.set_num_threads(n_threads or 0)
+        self._layer0 = None       # the first layer's Q/K, for the prompt's guidance
+        if mode == "embed" and method in ("lightkv", "fastv"):
+            from .embed_mode import FirstLayerQK
+            try:
+                self._layer0 = FirstLayerQK(self.m.model_path)
+            except ValueError as e:
+                self.close()
+                raise ModelError(f"embed mode cannot guide with this model: {e} "
+                                 "(use --mode off)") from None
         self.reset()
 
     # -- conversation state ---------------------------------------------------------------
@@ -347,9 +359,6 @@ class VisionChat:
         img = mtmd.chunk_get_tokens_image(chunk)
         nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
         grid = (ny, nx) if nx * ny == n else None
-        if self._layer0 is None and self.method in ("lightkv", "fastv"):
-            from .embed_mode import FirstLayerQK
-            self._layer0 = FirstLayerQK(self.m.model_path)
         merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
