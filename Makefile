@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m lightkv_edge chat lightkv_edge/models/example.png -p "What colour is the circle?" --mode embed --stats
+	$(PY) -m lightkv_edge chat lightkv_edge/models/example.png -p "what colour is the circle?" --stats
 
 test: setup
 	$(PY) -m pytest tests -q

@@ -13,7 +13,7 @@ from .errors import LightKVError
 EXAMPLES = """\
 examples:
   python -m lightkv_edge chat photo.png                    interactive chat, embedded model
-  python -m lightkv_edge chat photo.png -p "What colour is the circle?" --stats
+  python -m lightkv_edge chat photo.png -p "what colour is the circle?" --stats
   python -m lightkv_edge chat a.png b.png -p "..." --mode off     stock llama.cpp (control)
   python -m lightkv_edge chat img.jpg --model m.gguf --mmproj mmproj.gguf --keep 0.5
   python -m lightkv_edge chat img.jpg --hf-repo OWNER/REPO-GGUF --hf-file '*Q4_K_M*'
