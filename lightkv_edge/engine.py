@@ -26,7 +26,7 @@ import numpy as np
 from . import mtmd
 from .embed_mode import METHODS, reduce_image
 from .errors import InputError, LightKVError, ModelError
-from .images import Image, load_image
+from .images import Image, load_image, resized
 from .model import LOG, VisionModel, llama_cpp
 
 MODES = ("off", "embed", "layer")
@@ -112,9 +112,12 @@ class VisionChat:
         if (model is None) != (mmproj is None):
             raise InputError("give both --model and --mmproj (or neither, for the "
                              "embedded model)")
+        # the embedded model knows only its training image size: resize to it
+        self.image_size = None
         if model is None:
-            from .embedded import embedded_model
+            from .embedded import embedded_image_size, embedded_model
             model, mmproj = embedded_model()
+            self.image_size = embedded_image_size()
         self.mode, self.keep, self.windows, self.method = mode, keep, windows, method
         self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens
@@ -176,6 +179,8 @@ class VisionChat:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("empty prompt")
         imgs = [im if isinstance(im, Image) else load_image(im) for im in images]
+        if self.image_size:
+            imgs = [resized(im, self.image_size) for im in imgs]
         n_markers = prompt.count(self.marker)
         if n_markers == 0 and imgs:
             # as llama-mtmd-cli does: the markers go right before the text

@@ -57,3 +57,13 @@ def image_from_pil(im, name: str = "<image>") -> Image:
     if w * h > MAX_PIXELS:
         raise InputError(f"image too large: {w}x{h}")
     return Image(name, w, h, im.convert("RGB").tobytes())
+
+
+def resized(im: Image, size: tuple[int, int]) -> Image:
+    """`im` scaled to (width, height); the image unchanged when it already has that size."""
+    if (im.width, im.height) == tuple(size):
+        return im
+    from PIL import Image as PILImage
+    pil = PILImage.frombytes("RGB", (im.width, im.height), im.rgb)
+    pil = pil.resize(tuple(size), PILImage.Resampling.BICUBIC)
+    return Image(im.path, pil.width, pil.height, pil.tobytes())
