@@ -259,6 +259,10 @@ def test_cli_bad_inputs(pair, images, tmp_path):
     notimg = tmp_path / "notes.png"
     notimg.write_text("this is not a picture")
     _one_line_error(_cli("chat", notimg, "-p", "hi", *m), "not an image")
+    broken = tmp_path / "broken.png"              # a real PNG, cut in half
+    src = images[0].read_bytes()
+    broken.write_bytes(src[: len(src) // 2])
+    _one_line_error(_cli("chat", broken, "-p", "hi", *m), "cannot read image")
     huge = tmp_path / "huge.png"
     Image.new("1", (9000, 8000)).save(huge)     # 72 MP, a few kB on disk
     _one_line_error(_cli("chat", huge, "-p", "hi", *m), "too large")
