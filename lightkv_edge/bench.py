@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+from pathlib import Path
 import time
 from collections import defaultdict
 
@@ -108,4 +109,30 @@ def run_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(out))
+        print(f"wrote {args.markdown}")
     return 0
+
+
+def markdown_table(out: dict) -> str:
+    """The results as a markdown table, rows grouped by kept fraction."""
+    rows = sorted(out["results"], key=lambda r: (-r["keep"], r["method"] != "embed",
+                                                  r["method"]))
+    types = sorted({t for r in rows for t in r["per_type"]})
+    head = ["method", "keep", "tokens kept", "accuracy", *types, "encode ms", "merge ms",
+            "prefill ms", "KV KiB", "decode tok/s"]
+    lines = [f"Held-out `{out['split']}` split, seed {out['seed']}, n = {rows[0]['n']} per "
+             f"row; model `{Path(out['model']).name}`; device: {out['device']}; "
+             f"lightkv-edge {out['version']}. Costs are means per sample.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['keep']:.2f}",
+                 f"{r['vision_tokens_kept']:.1f} / {r['vision_tokens_in']:.0f}",
+                 f"**{r['accuracy']:.3f}**" if r["method"] == "embed" else f"{r['accuracy']:.3f}",
+                 *[f"{r['per_type'].get(t, float('nan')):.3f}" for t in types],
+                 f"{r['t_encode_ms']:.1f}", f"{r['t_merge_ms']:.2f}", f"{r['t_prefill_ms']:.1f}",
+                 f"{r['kv_bytes'] / 1024:.1f}", f"{r['decode_tps']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

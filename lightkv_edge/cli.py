@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n", type=_positive_int, default=None,
                        help="samples (default 400; 40 with --quick)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="write the results as a table")
     bench.add_argument("--seed", type=_nonneg_int, default=0,
                        help="draws a fresh held-out set (default 0)")
     bench.add_argument("--methods", metavar="LIST",
