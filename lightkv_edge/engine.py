@@ -210,10 +210,10 @@ class VisionChat:
         cells_before = self.n_cells
         chunks = self._tokenize(delta, images)
         try:
-            self._check_fits(chunks, max_tokens)
+            self._check_fits(chunks)
             self._prefill(chunks, guidance_text, stats)
         except BaseException:
-            self._rollback(cells_before)
+            self._forget_all()
             mtmd.chunks_free(chunks)
             raise
         mtmd.chunks_free(chunks)
@@ -266,7 +266,8 @@ class VisionChat:
         for i in range(mtmd.chunks_size(chunks)):
             yield mtmd.chunks_get(chunks, i)
 
-    def _check_fits(self, chunks, max_tokens: int) -> None:
+    def _check_fits(self, chunks) -> None:
+        """The prompt and at least one answer token must fit in the context."""
         need = sum(mtmd.chunk_get_n_tokens(c) for c in self._chunks(chunks))
         if self.mode == "embed":
             need = sum(mtmd.chunk_get_n_tokens(c) if mtmd.chunk_get_type(c) == mtmd.CHUNK_TEXT
@@ -277,8 +278,8 @@ class VisionChat:
                              f"{self.m.n_ctx - self.n_cells} of the context's {self.m.n_ctx} "
                              f"are free (raise -c/--ctx-size or shorten the prompt)")
 
-    def _rollback(self, cells_before: int) -> None:
-        # a failed prefill leaves partial entries: clear and let the next turn re-feed
+    def _forget_all(self) -> None:
+        # a failed prefill leaves partial entries in the KV cache: start afresh
         self.m.clear()
         self.n_past = self.n_cells = 0
         self.rendered = ""
