@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser(
         "chat", help="chat about one or more images",
         description="Answer a question about images (-p), or chat interactively. "
-                    "Without --model/--hf-repo the embedded shapes model is used.",
+                    "Without --model/--hf-repo the embedded shapes model is used (it "
+                    "answers questions about coloured shapes, and sees every image at "
+                    "its training size, 128x128).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     chat.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     chat.add_argument("-p", "--prompt", help="ask this once and exit (default: interactive)")
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--mode", choices=("off", "embed", "layer"), default="embed",
                     help="off: stock llama.cpp; embed: merge the image embeddings before "
                          "the LLM, guided by the prompt (default); layer: merge inside "
-                         "the LLM at configured layers")
+                         "the LLM at configured layers (not in this build yet)")
     lk.add_argument("--keep", type=_fraction, default=0.55, metavar="FRACTION",
                     help="fraction of vision tokens kept, in (0, 1] (default 0.55)")
     lk.add_argument("--windows", type=_positive_int, default=None, metavar="N",
