@@ -364,7 +364,9 @@ class VisionChat:
         n = len(embd)
         img = mtmd.chunk_get_tokens_image(chunk)
         nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
-        grid = (ny, nx) if nx * ny == n else None
+        # libmtmd knows the token grid only for M-RoPE models; for the others it reports
+        # nx = n, ny = 1, not a layout: let the merge square the rows (published behaviour)
+        grid = (ny, nx) if self.m.use_mrope and nx * ny == n else None
         merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms

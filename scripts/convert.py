@@ -98,6 +98,12 @@ def check_input(model_dir: Path) -> dict:
     return cfg
 
 
+def _sub_arch(cfg: dict, key: str) -> str | None:
+    sub = cfg.get(key)
+    archs = sub.get("architectures") if isinstance(sub, dict) else None
+    return archs[0] if archs else None
+
+
 def last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
@@ -140,12 +146,17 @@ def convert(model_dir: Path, outdir: Path, name: str | None = None, outtype: str
     cfg = check_input(model_dir)
     llama_dir = find_llama_cpp(llama_cpp)
     arch = cfg["architectures"][0]
+    # as the converter picks its class (get_model_architecture): an architecture named in
+    # text_config / vision_config wins, e.g. SmolVLM's text model is VLlama3ForCausalLM
+    text_arch = _sub_arch(cfg, "text_config") or arch
+    vision_arch = _sub_arch(cfg, "vision_config") or arch
     text_archs, mm_archs = registered_architectures(llama_dir)
-    if text and text_archs and arch not in text_archs:
-        raise UserError(f"{arch}: not a supported architecture of the pinned llama.cpp converter")
-    if vision and mm_archs and arch not in mm_archs:
-        raise UserError(f"{arch}: the pinned converter has no vision (mmproj) support for it "
-                        "(use --text-only)")
+    if text and text_archs and text_arch not in text_archs:
+        raise UserError(f"{text_arch}: not a supported architecture of the pinned llama.cpp "
+                        "converter")
+    if vision and mm_archs and vision_arch not in mm_archs:
+        raise UserError(f"{vision_arch}: the pinned converter has no vision (mmproj) support "
+                        "for it (use --text-only)")
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
     mmproj_outtype = mmproj_outtype or ("f32" if outtype == "f32" else "f16")
