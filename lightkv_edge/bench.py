@@ -101,7 +101,7 @@ def run_bench(args) -> int:
               + f"  prefill {r['t_prefill_ms']:.1f} ms  kv {r['kv_bytes'] / 1024:.1f} KiB"
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     from .embedded import embedded_model
-    model = str(args.model or embedded_model()[0])
+    model = Path(args.model or embedded_model()[0]).name  # no machine paths in results
     out = {"version": __version__, "model": model,
            "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "seed": args.seed, "split": "test", "results": results}

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.pinned import llama_cpp_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "lightkv_edge" / "models" / "hf"
 CONVERT = ROOT / "scripts" / "convert.py"
 QUANTIZE = ROOT / "scripts" / "quantize.py"
-
-
-def _llama_dir() -> Path:
-    r = subprocess.run([sys.executable, str(ROOT / "native" / "llama_source.py"), "--print-dir"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail("the pinned llama.cpp source is unavailable (native/llama_source.py "
-                    f"--print-dir): {r.stderr.strip()[-300:]}")
-    return Path(r.stdout.strip().splitlines()[-1])
 
 
 def _gguf_reader(llama_dir: Path):
@@ -73,7 +66,7 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(tiny_ckpt, tmp_path_factory):
-    llama_dir = _llama_dir()
+    llama_dir = llama_cpp_dir()
     out = tmp_path_factory.mktemp("gguf")
     r = subprocess.run([sys.executable, str(CONVERT), str(tiny_ckpt), "--outdir", str(out),
                         "--name", "tiny", "--outtype", "f16", "--llama-cpp", str(llama_dir)],
@@ -135,7 +128,7 @@ def test_convert_bad_inputs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooBarForCausalLM"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     r = subprocess.run([sys.executable, str(CONVERT), str(tmp_path), "--llama-cpp",
-                        str(_llama_dir())], capture_output=True, text=True)
+                        str(llama_cpp_dir())], capture_output=True, text=True)
     assert "not a supported architecture" in _one_line_error(r)
     r = subprocess.run([sys.executable, str(CONVERT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "mmproj" in r.stdout

@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.pinned import llama_cpp_dir
+
 from lightkv_edge import embed_mode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,22 +46,13 @@ PROMPT = "What colour is the circle?"
 N_TOK = 6
 
 
-def _llama_dir() -> Path:
-    r = subprocess.run([sys.executable, str(ROOT / "native" / "llama_source.py"), "--print-dir"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail("the pinned llama.cpp source is unavailable (native/llama_source.py "
-                    f"--print-dir): {r.stderr.strip()[-300:]}")
-    return Path(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """{family: (text gguf, mmproj gguf)}: every checkpoint built first, then all the
     converter runs (text and mmproj of each family) in parallel: each is mostly the
     converter's own start-up."""
     from tests.helpers.tiny_vlms import build_gemma3, build_idefics3
-    llama_dir = _llama_dir()
+    llama_dir = llama_cpp_dir()
     builders = {"idefics3": build_idefics3, "gemma3": build_gemma3}
     out = tmp_path_factory.mktemp("gguf")
     procs = []
@@ -141,7 +134,7 @@ def _n_kept(fam, n_images, keep):
 
 def test_converted_metadata(family, converted):
     fam, (text, mmproj) = family
-    sys.path.insert(0, str(_llama_dir() / "gguf-py"))
+    sys.path.insert(0, str(llama_cpp_dir() / "gguf-py"))
     try:
         from gguf import GGUFReader
     finally:
