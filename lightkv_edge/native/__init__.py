@@ -60,6 +60,10 @@ def _load():
                                             C.POINTER(_MergeParams), C.POINTER(p_res)]),
             "lightkv_merge_plan_create": (C.c_int, [p_ctx, C.c_int64, C.c_int64, C.POINTER(_MergeParams),
                                                     C.POINTER(C.c_void_p)]),
+            "lightkv_merge_run_at": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
+                                               C.POINTER(_MergeParams), i64p, C.POINTER(p_res)]),
+            "lightkv_merge_plan_create_at": (C.c_int, [p_ctx, C.c_int64, C.c_int64, C.POINTER(_MergeParams),
+                                                       i64p, C.POINTER(C.c_void_p)]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
@@ -224,7 +228,35 @@ def _scores(scores, n: int):
     return sa
 
 
-def _params(n: int, windows, ratio, grid, threshold) -> _MergeParams:
+def _positions(positions, n: int, grid) -> np.ndarray | None:
+    """positions [n, 2] int64 (row, col) on the original grid, checked: ValueError if bad."""
+    if positions is None:
+        return None
+    if grid is None:
+        raise ValueError("positions need grid=(rows, cols): the original grid they lie on")
+    a = np.asarray(positions.detach().cpu().numpy() if hasattr(positions, "detach") else positions)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"positions must be an integer array, got dtype {a.dtype}")
+    if a.shape != (n, 2):
+        raise ValueError(f"positions must have shape [{n}, 2], got {a.shape}")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise ValueError("positions are outside the grid")
+    a = np.ascontiguousarray(a.astype(np.int64))
+    rows, cols = grid
+    bad = (a[:, 0] < 0) | (a[:, 0] >= rows) | (a[:, 1] < 0) | (a[:, 1] >= cols)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"position {i} = ({a[i, 0]}, {a[i, 1]}) is outside the {rows}x{cols} grid")
+    if n > 1 and np.unique(a, axis=0).shape[0] != n:
+        raise ValueError("positions contain duplicates")
+    return a
+
+
+def _i64p(a: np.ndarray):
+    return a.ctypes.data_as(C.POINTER(C.c_int64))
+
+
+def _params(n: int, windows, ratio, grid, threshold, with_positions: bool = False) -> _MergeParams:
     p = _MergeParams()
     p.windows = _int(windows, "windows")
     if not (-2**31 <= p.windows < 2**31) or p.windows != windows:
@@ -240,7 +272,12 @@ def _params(n: int, windows, ratio, grid, threshold) -> _MergeParams:
         rows, cols = _int(rows, "grid rows"), _int(cols, "grid cols")
         if rows < 1 or cols < 1:
             raise ValueError(f"grid must be positive (rows, cols), got {grid!r}")
-        if rows * cols != n:
+        if with_positions:
+            if rows * cols < n:
+                raise ValueError(f"grid {rows}x{cols} = {rows * cols} cells holds fewer than N = {n} tokens")
+            if rows >= 2**62 or cols >= 2**62:
+                raise ValueError(f"grid {rows}x{cols} is too large")
+        elif rows * cols != n:
             raise ValueError(f"grid {rows}x{cols} = {rows * cols} tokens does not match N = {n}")
         p.grid_rows, p.grid_cols = rows, cols
     if threshold is None:
@@ -265,7 +302,7 @@ def _result(lib, res, n: int, d: int) -> MergeResult:
                        assign=assign.astype(np.int64, copy=False), weight=weight)
 
 
-def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, backend=None,
+def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, positions=None, backend=None,
                   _force_cpu_ops=None) -> MergeResult:
     """One LightKV merge stage of the N vision tokens x [N, D] (see the reference).
 
@@ -274,34 +311,49 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, backe
     or None (the published square padding). threshold: minimum best-match cosine for a
     merge, or None. backend: a name from backends() ("CPU", "CUDA0", ...), "cpu", "gpu",
     or None for the best available.
+    positions: None, or int [N, 2] (row, col) of every token on the ORIGINAL grid `grid`
+    (required; N <= rows * cols: the survivors of earlier stages, in ascending original
+    order; inside the grid, distinct): true 2D windows of the original grid for a later
+    stage of a progressive schedule (as reference.MergeState.step).
     """
     xa = _float32_array(x, "x", 2)
     n, d = xa.shape
     sa = _scores(scores, n)
-    p = _params(n, windows, ratio, grid, threshold)
+    p = _params(n, windows, ratio, grid, threshold, positions is not None)
+    pa = _positions(positions, n, grid)
 
     ctx = _context(backend, _force_cpu_ops)
     res = C.c_void_p()
     with ctx.lock:
-        st = ctx.lib.lightkv_merge_run(ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa),
-                                       C.byref(p), C.byref(res))
+        if pa is None:
+            st = ctx.lib.lightkv_merge_run(ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa),
+                                           C.byref(p), C.byref(res))
+        else:
+            st = ctx.lib.lightkv_merge_run_at(ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa),
+                                              C.byref(p), _i64p(pa), C.byref(res))
         ctx.check(st)
     return _result(ctx.lib, res, n, d)
 
 
 class MergePlan:
     """A merge fixed for N tokens of D features (window layout and budgets computed once),
-    run on many inputs: plan = MergePlan(576, 4096, windows=2, ratio=0.5); plan(x, scores)."""
+    run on many inputs: plan = MergePlan(576, 4096, windows=2, ratio=0.5); plan(x, scores).
+    positions / grid as in lightkv_merge (a later stage: true 2D windows of the original grid)."""
 
-    def __init__(self, n, d, *, windows, ratio, grid=None, threshold=None, backend=None):
+    def __init__(self, n, d, *, windows, ratio, grid=None, threshold=None, positions=None, backend=None):
         self.n, self.d = _int(n, "n"), _int(d, "d")
-        p = _params(self.n, windows, ratio, grid, threshold)
+        p = _params(self.n, windows, ratio, grid, threshold, positions is not None)
+        pa = _positions(positions, self.n, grid)
         self._ctx = _context(backend)
         lib = self._ctx.lib
         self._h = C.c_void_p()
         with self._ctx.lock:
-            self._ctx.check(lib.lightkv_merge_plan_create(self._ctx.h, self.n, self.d, C.byref(p),
-                                                          C.byref(self._h)))
+            if pa is None:
+                st = lib.lightkv_merge_plan_create(self._ctx.h, self.n, self.d, C.byref(p), C.byref(self._h))
+            else:
+                st = lib.lightkv_merge_plan_create_at(self._ctx.h, self.n, self.d, C.byref(p), _i64p(pa),
+                                                      C.byref(self._h))
+            self._ctx.check(st)
         self.rows_without_threshold = int(lib.lightkv_merge_plan_rows_without_threshold(self._h))
 
     def __call__(self, x, scores=None) -> MergeResult:

@@ -47,15 +47,20 @@ def _zero(x: np.ndarray, i: int) -> bool:
     return not bool(np.any(x[i]))
 
 
-def ambiguity(x, windows, ratio, grid=None, threshold=None, tol=None) -> str | None:
-    """None if float32 must reproduce the reference's kept/assign exactly, else the reason."""
+def ambiguity(x, windows, ratio, grid=None, threshold=None, tol=None, positions=None) -> str | None:
+    """None if float32 must reproduce the reference's kept/assign exactly, else the reason.
+    positions: None, or [N, 2] (row, col) of every token on the original grid `grid` (a
+    later stage of a progressive schedule: true 2D windows of the original grid)."""
     from lightkv_edge.reference.merge import budget, cosine, grid_layout, window_ids
 
     x = np.asarray(x, dtype=np.float32)
     n, d = x.shape
     tol = cos_tol(d) if tol is None else tol
     x64 = torch.from_numpy(x.astype(np.float64))
-    rows, cols, pos = grid_layout(n, grid)
+    if positions is None:
+        rows, cols, pos = grid_layout(n, grid)
+    else:
+        (rows, cols), pos = grid, torch.as_tensor(np.asarray(positions, dtype=np.int64))
     win = window_ids(pos, rows, cols, windows)
     for w in torch.unique(win).tolist():
         idx = torch.nonzero(win == w).flatten()

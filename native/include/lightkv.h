@@ -113,6 +113,24 @@ LIGHTKV_API lightkv_status lightkv_merge_run(lightkv_context * ctx, const float 
                                              const float * scores, const lightkv_merge_params * params,
                                              lightkv_merge_result ** out);
 
+/* Later stages of a progressive schedule: true 2D windows of the ORIGINAL grid.
+ * positions: [n][2] int64 row-major (row, col) of every token on the original grid of
+ * params->grid_rows x params->grid_cols (both required, > 0; n <= rows * cols: the
+ * survivors of earlier stages, normally in ascending original index). Positions must be
+ * inside the grid and pairwise distinct (else LIGHTKV_ERR_INVALID_ARGUMENT). Token i belongs
+ * to the window of positions[i] under the windows x windows cut of the original grid
+ * (windows <= each grid side); inside a window tokens alternate source / destination in
+ * ascending input index; budgets count the tokens present in the window. Everything else
+ * (ties, threshold, weights, output order) as lightkv_merge_plan_create / _run.
+ * positions NULL: exactly lightkv_merge_plan_create / lightkv_merge_run. */
+LIGHTKV_API lightkv_status lightkv_merge_plan_create_at(lightkv_context * ctx, int64_t n, int64_t d,
+                                                        const lightkv_merge_params * params,
+                                                        const int64_t * positions,
+                                                        lightkv_merge_plan ** out);
+LIGHTKV_API lightkv_status lightkv_merge_run_at(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                                const float * scores, const lightkv_merge_params * params,
+                                                const int64_t * positions, lightkv_merge_result ** out);
+
 LIGHTKV_API int64_t         lightkv_merge_result_rows(const lightkv_merge_result * r);   /* M */
 LIGHTKV_API int64_t         lightkv_merge_result_tokens(const lightkv_merge_result * r); /* N */
 LIGHTKV_API int64_t         lightkv_merge_result_dim(const lightkv_merge_result * r);    /* D */

@@ -234,7 +234,8 @@ struct lightkv_merge_result {
 
 namespace {
 
-void validate_params(int64_t n, int64_t d, const lightkv_merge_params * p, int64_t * rows, int64_t * cols) {
+void validate_params(int64_t n, int64_t d, const lightkv_merge_params * p, bool has_positions,
+                     int64_t * rows, int64_t * cols) {
     if (!p) LKV_INVALID("params must not be NULL");
     if (n <= 0) LKV_INVALID("x must hold at least one token (N == %lld)", (long long) n);
     if (d <= 0) LKV_INVALID("x must have at least one feature (D == %lld)", (long long) d);
@@ -243,7 +244,23 @@ void validate_params(int64_t n, int64_t d, const lightkv_merge_params * p, int64
     if (p->windows < 1) LKV_INVALID("windows must be >= 1, got %d", (int) p->windows);
     if (!(p->ratio >= 0.0 && p->ratio < 1.0)) LKV_INVALID("ratio must be in [0, 1), got %g", p->ratio);
     if (p->use_threshold && !std::isfinite(p->threshold)) LKV_INVALID("threshold must be finite, got %g", p->threshold);
-    if (p->grid_rows == 0 && p->grid_cols == 0) {
+    if (has_positions) {
+        // survivors of earlier stages on the ORIGINAL grid: the grid is required and may
+        // hold more cells than there are tokens
+        if (p->grid_rows <= 0 || p->grid_cols <= 0) {
+            LKV_INVALID("positions need the original grid (rows, cols > 0), got (%lld, %lld)",
+                        (long long) p->grid_rows, (long long) p->grid_cols);
+        }
+        if (p->grid_rows > MAX_TOKENS || p->grid_cols > MAX_TOKENS) {
+            LKV_INVALID("grid %lldx%lld is too large", (long long) p->grid_rows, (long long) p->grid_cols);
+        }
+        if (p->grid_rows * p->grid_cols < n) {
+            LKV_INVALID("grid %lldx%lld has fewer cells than N = %lld tokens",
+                        (long long) p->grid_rows, (long long) p->grid_cols, (long long) n);
+        }
+        *rows = p->grid_rows;
+        *cols = p->grid_cols;
+    } else if (p->grid_rows == 0 && p->grid_cols == 0) {
         int64_t s = (int64_t) std::sqrt((double) n);
         while (s * s < n) s++;
         while (s > 1 && (s - 1) * (s - 1) >= n) s--;
@@ -270,17 +287,47 @@ int64_t budget(int64_t n_window, double ratio) {
     return std::min(r, n_window / 2);
 }
 
-void build_plan(lightkv_merge_plan & plan) {
+// positions [n][2] (row, col): inside the rows x cols grid and pairwise distinct
+void validate_positions(const int64_t * pos, int64_t n, int64_t rows, int64_t cols) {
+    std::vector<int64_t> cell((size_t) n);
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = pos[2 * i], c = pos[2 * i + 1];
+        if (r < 0 || r >= rows || c < 0 || c >= cols) {
+            LKV_INVALID("position %lld = (%lld, %lld) is outside the %lldx%lld grid", (long long) i,
+                        (long long) r, (long long) c, (long long) rows, (long long) cols);
+        }
+        cell[i] = r * cols + c;  // < 2^60: rows, cols <= MAX_TOKENS
+    }
+    std::sort(cell.begin(), cell.end());
+    for (int64_t i = 1; i < n; i++) {
+        if (cell[i] == cell[i - 1]) {
+            LKV_INVALID("positions contain a duplicate (%lld, %lld)", (long long) (cell[i] / cols),
+                        (long long) (cell[i] % cols));
+        }
+    }
+}
+
+// positions: NULL (token i at (i / cols, i % cols) of the grid), or [n][2] (row, col) of
+// every token on the original grid (later stages: true 2D windows of the original grid)
+void build_plan(lightkv_merge_plan & plan, const int64_t * positions = nullptr) {
     int64_t rows = 0, cols = 0;
-    validate_params(plan.n, plan.d, &plan.params, &rows, &cols);
+    validate_params(plan.n, plan.d, &plan.params, positions != nullptr, &rows, &cols);
+    if (positions) validate_positions(positions, plan.n, rows, cols);
     const int64_t W = plan.params.windows;
     const auto part_r = cut_axis(rows, W);
     const auto part_c = cut_axis(cols, W);
 
     std::vector<window> all((size_t) (W * W));
-    for (int64_t i = 0; i < plan.n; i++) {
-        const int64_t id = part_r[i / cols] * W + part_c[i % cols];
-        all[id].tokens.push_back(i);  // ascending, since i ascends
+    if (positions) {
+        for (int64_t i = 0; i < plan.n; i++) {
+            const int64_t id = part_r[positions[2 * i]] * W + part_c[positions[2 * i + 1]];
+            all[id].tokens.push_back(i);  // ascending input index
+        }
+    } else {
+        for (int64_t i = 0; i < plan.n; i++) {
+            const int64_t id = part_r[i / cols] * W + part_c[i % cols];
+            all[id].tokens.push_back(i);  // ascending, since i ascends
+        }
     }
     plan.rows_without_threshold = plan.n;
     for (auto & w : all) {
@@ -720,6 +767,12 @@ int32_t lightkv_context_last_n_splits(const lightkv_context * ctx) { return ctx 
 
 lightkv_status lightkv_merge_plan_create(lightkv_context * ctx, int64_t n, int64_t d,
                                          const lightkv_merge_params * params, lightkv_merge_plan ** out) {
+    return lightkv_merge_plan_create_at(ctx, n, d, params, nullptr, out);
+}
+
+lightkv_status lightkv_merge_plan_create_at(lightkv_context * ctx, int64_t n, int64_t d,
+                                            const lightkv_merge_params * params, const int64_t * positions,
+                                            lightkv_merge_plan ** out) {
     return guarded(ctx, [&] {
         if (!out) LKV_INVALID("out must not be NULL");
         *out = nullptr;
@@ -730,7 +783,7 @@ lightkv_status lightkv_merge_plan_create(lightkv_context * ctx, int64_t n, int64
         plan->n = n;
         plan->d = d;
         plan->params = *params;
-        build_plan(*plan);
+        build_plan(*plan, positions);
         *out = plan.release();
     });
 }
@@ -753,6 +806,12 @@ lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x
 lightkv_status lightkv_merge_run(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
                                  const float * scores, const lightkv_merge_params * params,
                                  lightkv_merge_result ** out) {
+    return lightkv_merge_run_at(ctx, x, n, d, scores, params, nullptr, out);
+}
+
+lightkv_status lightkv_merge_run_at(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                    const float * scores, const lightkv_merge_params * params,
+                                    const int64_t * positions, lightkv_merge_result ** out) {
     return guarded(ctx, [&] {
         if (!out) LKV_INVALID("out must not be NULL");
         *out = nullptr;
@@ -763,7 +822,7 @@ lightkv_status lightkv_merge_run(lightkv_context * ctx, const float * x, int64_t
         plan.n = n;
         plan.d = d;
         plan.params = *params;
-        build_plan(plan);
+        build_plan(plan, positions);
         run_plan(plan, x, scores, out);
     });
 }
