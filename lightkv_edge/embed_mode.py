@@ -105,8 +105,9 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
     """Merge one image's rows down to about `keep` of them.
 
     One LightKV stage drops at most half of each window (r <= n_w // 2), so keeps below
-    0.5 run further stages on what is left, as the paper's progressive schedule does;
-    the later stages re-square the survivors (grid=None), the published behaviour."""
+    0.5 run further stages on what is left, as the paper's progressive schedule does.
+    Unlike the published code (which re-squares the shortened sequence), every stage cuts
+    true 2D windows of the original grid."""
     from . import native
 
     t0 = time.perf_counter()
@@ -115,14 +116,20 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
     x = np.ascontiguousarray(embd, dtype=np.float32)
     kept = np.arange(n)
     scores = prompt_guidance(x, text_embd, layer) if guided else None
-    stage_grid = grid if grid and grid[0] * grid[1] == n else None
+    # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
+    # sequence): the survivors keep their original (row, col)
+    if grid and grid[0] * grid[1] == n:
+        rows, cols = grid
+    else:
+        rows = cols = math.isqrt(n - 1) + 1     # the published square padding
     w = windows
     while len(x) > target:
-        rows, cols = stage_grid or (math.isqrt(len(x) - 1) + 1,) * 2
         w = min(w or default_windows(rows, cols), rows, cols)
         # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
         ratio = min((len(x) - target) / len(x) + 1e-9, 0.5)
-        res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=stage_grid)
+        positions = np.stack([kept // cols, kept % cols], axis=1)
+        res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=(rows, cols),
+                                   positions=positions)
         if len(res.kept) == len(x):
             if w == 1:
                 break  # nothing left to merge
@@ -133,7 +140,6 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
             scores = np.bincount(res.assign, weights=scores, minlength=len(res.kept))
             scores = scores.astype(np.float32)
         x, kept = res.x, kept[res.kept]
-        stage_grid = None
     return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3)
 
 
