@@ -36,20 +36,20 @@ class FirstLayerQK:
     read once from its GGUF and dequantized, for guidance before the LLM runs."""
 
     def __init__(self, gguf_path):
-        from gguf import GGUFReader
-        r = GGUFReader(str(gguf_path))
-        tensors = {t.name: t for t in r.tensors}
-        arch = _field(r, "general.architecture")
-        self.n_head = int(_field(r, f"{arch}.attention.head_count"))
-        self.n_head_kv = int(_field(r, f"{arch}.attention.head_count_kv") or self.n_head)
-        self.eps = float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6)
+        from .gguf_file import field, has_tensor, tensor_rows
+        arch = field(gguf_path, "general.architecture")
+        self.n_head = int(field(gguf_path, f"{arch}.attention.head_count"))
+        self.n_head_kv = int(field(gguf_path, f"{arch}.attention.head_count_kv")
+                             or self.n_head)
+        self.eps = float(field(gguf_path, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6)
         need = ("blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight")
-        if any(n not in tensors for n in need):
+        if not all(has_tensor(gguf_path, n) for n in need):
             raise ValueError(f"{gguf_path} has no separate layer-0 attn_norm/attn_q/attn_k")
-        self.norm = _dequant(tensors[need[0]])
-        self.wq, self.wk = _dequant(tensors[need[1]]), _dequant(tensors[need[2]])
-        self.bq = _dequant(tensors["blk.0.attn_q.bias"]) if "blk.0.attn_q.bias" in tensors else 0
-        self.bk = _dequant(tensors["blk.0.attn_k.bias"]) if "blk.0.attn_k.bias" in tensors else 0
+        self.norm = tensor_rows(gguf_path, need[0]).reshape(-1)
+        self.wq, self.wk = tensor_rows(gguf_path, need[1]), tensor_rows(gguf_path, need[2])
+        bias = {n: tensor_rows(gguf_path, f"blk.0.attn_{n}.bias").reshape(-1)
+                if has_tensor(gguf_path, f"blk.0.attn_{n}.bias") else 0 for n in "qk"}
+        self.bq, self.bk = bias["q"], bias["k"]
         self.head_dim = self.wq.shape[0] // self.n_head
 
     def qk(self, x: np.ndarray):
@@ -59,24 +59,6 @@ class FirstLayerQK:
         k = (h @ self.wk.T + self.bk).reshape(len(x), self.n_head_kv, self.head_dim)
         return (np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32),
                 np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
-
-
-def _field(reader, key):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    v = f.parts[f.data[0]]
-    return bytes(v).decode() if f.types and f.types[0].name == "STRING" else v[0]
-
-
-def _dequant(t) -> np.ndarray:
-    from gguf import GGMLQuantizationType as QT, quants
-    shape = tuple(int(n) for n in reversed(t.shape))
-    if t.tensor_type == QT.F32:
-        return np.asarray(t.data, np.float32).reshape(shape)
-    if t.tensor_type == QT.F16:
-        return np.asarray(t.data, np.float16).astype(np.float32).reshape(shape)
-    return quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
 
 
 def prompt_guidance(vision: np.ndarray, text: np.ndarray, layer: FirstLayerQK) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import mtmd
+from . import gguf_file, mtmd
 from .errors import InputError, ModelError
 
 llama_cpp = mtmd.llama_cpp
@@ -72,40 +72,6 @@ def _check_gguf(path, what: str) -> Path:
     return p
 
 
-def _gguf_arch(path: Path) -> str | None:
-    """general.architecture of a GGUF, read without llama.cpp (it may abort on oddities)."""
-    from gguf import GGUFReader
-    try:
-        r = GGUFReader(str(path))
-    except Exception as e:  # a truncated or corrupt file
-        raise ModelError(f"cannot parse {path}: {e}") from None
-    f = r.fields.get("general.architecture")
-    return None if f is None else bytes(f.parts[f.data[0]]).decode()
-
-
-class TokenEmbeddings:
-    """Rows of the text model's input embedding table (token_embd.weight), dequantized on
-    demand: the prompt's own embeddings are what guides the merge in embed mode."""
-
-    def __init__(self, path: Path):
-        from gguf import GGUFReader
-        self._reader = GGUFReader(str(path))
-        t = next((t for t in self._reader.tensors if t.name == "token_embd.weight"), None)
-        if t is None:
-            raise ModelError(f"{path} has no token_embd.weight")
-        self._t = t
-
-    def rows(self, ids) -> np.ndarray:
-        from gguf import GGMLQuantizationType, quants
-        ids = np.asarray(ids, dtype=np.int64)
-        data = self._t.data[ids]
-        if self._t.tensor_type in (GGMLQuantizationType.F32,):
-            return np.asarray(data, dtype=np.float32)
-        if self._t.tensor_type == GGMLQuantizationType.F16:
-            return np.asarray(data, dtype=np.float16).astype(np.float32)
-        return quants.dequantize(data, self._t.tensor_type).astype(np.float32)
-
-
 class VisionModel:
     """A text model + mmproj pair loaded into llama.cpp/libmtmd, with one context."""
 
@@ -115,9 +81,9 @@ class VisionModel:
         LOG.verbose = verbose
         model_path = _check_gguf(model_path, "model")
         mmproj_path = _check_gguf(mmproj_path, "mmproj")
-        if _gguf_arch(model_path) == "clip":
+        if gguf_file.field(model_path, "general.architecture") == "clip":
             raise InputError(f"{model_path} is a vision projector (mmproj), not a text model")
-        if _gguf_arch(mmproj_path) != "clip":
+        if gguf_file.field(mmproj_path, "general.architecture") != "clip":
             raise InputError(f"{mmproj_path} is not a vision projector (mmproj) file")
         self.model_path, self.mmproj_path = model_path, mmproj_path
         self.model = self.ctx = self.mctx = None
@@ -167,7 +133,6 @@ class VisionModel:
         except BaseException:
             self.close()
             raise
-        self._embeddings = None
 
     # -- text ---------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special=False, parse_special=False) -> list[int]:
@@ -216,9 +181,8 @@ class VisionModel:
         raise ModelError("chat template output too long")
 
     def token_embeddings(self, ids) -> np.ndarray:
-        if self._embeddings is None:
-            self._embeddings = TokenEmbeddings(self.model_path)
-        return self._embeddings.rows(ids)
+        """Rows of the input embedding table (what guides the merge in embed mode)."""
+        return gguf_file.tensor_rows(self.model_path, "token_embd.weight", ids)
 
     # -- KV cache -----------------------------------------------------------------------
     def clear(self) -> None:
