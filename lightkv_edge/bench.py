@@ -73,6 +73,11 @@ def run_bench(args) -> int:
         raise InputError(f"--keep must be a comma-separated list of numbers: {args.keep}")
     if any(not 0 < k <= 1 for k in keeps):
         raise InputError("every --keep must be in (0, 1]")
+    if any(m not in ("off", "embed", "unguided") for m in methods):
+        # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
+        # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
+        import torch
+        torch.set_num_threads(1)
     n = args.n or (40 if args.quick else 400)
     if args.quick:
         keeps = keeps[1:2] if not args.keep else keeps

@@ -54,9 +54,13 @@ class FirstLayerQK:
 
     def qk(self, x: np.ndarray):
         """q [H, S, d], k [H_kv, S, d] of rows x [S, D]."""
+        from threadpoolctl import threadpool_limits
         h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.norm
-        q = (h @ self.wq.T + self.bq).reshape(len(x), self.n_head, self.head_dim)
-        k = (h @ self.wk.T + self.bk).reshape(len(x), self.n_head_kv, self.head_dim)
+        # numpy's BLAS threads would fight llama.cpp's and the merge's spinning ggml
+        # threads for the same cores (measured: merges stalled 2-3x): one BLAS thread
+        with threadpool_limits(limits=1, user_api="blas"):
+            q = (h @ self.wq.T + self.bq).reshape(len(x), self.n_head, self.head_dim)
+            k = (h @ self.wk.T + self.bk).reshape(len(x), self.n_head_kv, self.head_dim)
         return (np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32),
                 np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
 
