@@ -267,7 +267,11 @@ class VisionChat:
             yield mtmd.chunks_get(chunks, i)
 
     def _check_fits(self, chunks) -> None:
-        """The prompt and at least one answer token must fit in the context."""
+        """The prompt ends with text (the logits to sample from) and, with at least one
+        answer token, fits in the context."""
+        kinds = [mtmd.chunk_get_type(c) for c in self._chunks(chunks)]
+        if not kinds or kinds[-1] != mtmd.CHUNK_TEXT:
+            raise InputError("the prompt must end with text after the last image")
         need = sum(mtmd.chunk_get_n_tokens(c) for c in self._chunks(chunks))
         if self.mode == "embed":
             need = sum(mtmd.chunk_get_n_tokens(c) if mtmd.chunk_get_type(c) == mtmd.CHUNK_TEXT
@@ -303,8 +307,6 @@ class VisionChat:
                         text_embd = (self.m.token_embeddings(ids) if ids
                                      else np.zeros((0, self.m.n_embd), np.float32))
                     self._eval_image_merged(chunk, text_embd, stats)
-                if last:
-                    raise InputError("the prompt must end with text after the last image")
             else:
                 raise InputError("audio input is not supported")
 
