@@ -76,3 +76,34 @@ def test_guidance_finds_the_asked_object(layer):
         chat.close()
     assert len(aucs) >= 20
     assert np.mean(aucs) > 0.7, np.mean(aucs)
+
+
+def test_first_layer_guidance_matches_transformers(layer):
+    """Embed mode's guidance (layer-0 norm + Q/K read from the Q8_0 GGUF, native guidance
+    graph) against the PyTorch reference on the shipped HF checkpoint's own layer 0
+    (f32 weights, reference.guidance_scores_from_qk, no RoPE on either side)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+    from lightkv_edge import reference
+    from lightkv_edge.embedded import MODELS_DIR
+
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(MODELS_DIR / "hf")
+    l0 = hf.model.language_model.layers[0]
+    cfg = hf.model.language_model.config
+    rng = np.random.default_rng(4)
+    d = cfg.hidden_size
+    x = rng.standard_normal((40, d)).astype(np.float32)     # 32 "vision" + 8 "text" rows
+    vision, text = np.arange(32), np.arange(32, 40)
+    with torch.no_grad():
+        h = l0.input_layernorm(torch.from_numpy(x))
+        hd = d // cfg.num_attention_heads
+        q = l0.self_attn.q_proj(h).reshape(40, cfg.num_attention_heads, hd).transpose(0, 1)
+        k = l0.self_attn.k_proj(h).reshape(40, cfg.num_key_value_heads, hd).transpose(0, 1)
+    want = reference.guidance_scores_from_qk(q.double(), k.double(), vision, text).numpy()
+    got = embed_mode.prompt_guidance(x[:32], x[32:], layer)
+    # Q8_0 weights (8-bit blocks) perturb q.k slightly: measured 0.33 % worst relative
+    # error on these scores; 3 % leaves 10x room and still catches a wrong norm (40 %),
+    # head split or axis. (A missing Q bias would not show: it adds the same amount to
+    # every query of a key, which the softmax over queries removes.)
+    assert np.allclose(got, want, rtol=3e-2, atol=1e-3), np.max(np.abs(got / want - 1))
+    assert np.array_equal(np.argsort(-got)[:5], np.argsort(-want)[:5])
