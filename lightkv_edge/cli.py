@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="store_true",
                     help="print our version, the pinned llama.cpp and the backends")
+    ap.add_argument("--lib-dir", action="store_true",
+                    help="print the folder of our llama.cpp libraries (for "
+                         "LLAMA_CPP_LIB_PATH / MTMD_CPP_LIB when using llama_cpp directly)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     chat = sub.add_parser(
@@ -168,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.version:
             print_version()
+            return 0
+        if args.lib_dir:
+            from . import _libs
+            print(_libs.lib_dir())
             return 0
         if args.command == "chat":
             from .chat import run_chat

@@ -129,3 +129,15 @@ def test_rebuild_with_unchanged_inputs_is_a_cache_hit(build_info):
     assert f"reusing the cached llama.cpp build {key}" in r.stderr, r.stderr
     assert "building llama.cpp" not in r.stderr
     assert Path(r.stdout.strip()) == prefix
+
+
+def test_lib_dir_serves_plain_llama_cpp():
+    """`python -m lightkv_edge --lib-dir` names the folder that makes a plain
+    `import llama_cpp` (no lightkv_edge) load our build."""
+    d = subprocess.run([sys.executable, "-m", "lightkv_edge", "--lib-dir"],
+                       capture_output=True, text=True, check=True).stdout.strip()
+    env = dict(os.environ, LLAMA_CPP_LIB_PATH=d, MTMD_CPP_LIB=d)
+    out = subprocess.run([sys.executable, "-c", "import llama_cpp, llama_cpp.mtmd_cpp as m; "
+                          "print(llama_cpp.llama_cpp._lib._name); print(m._libmtmd._name)"],
+                         capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == [str(Path(d) / "libllama.so"), str(Path(d) / "libmtmd.so")]
