@@ -211,7 +211,6 @@ class Vision:
         self.cos, self.sin = emb.cos(), emb.sin()
 
     def __call__(self, px):
-        import torch
         import torch.nn.functional as F
         from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
         v = self.v

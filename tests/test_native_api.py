@@ -86,7 +86,7 @@ def test_good_input_after_bad_input_still_works():
 # ------------------------------------------------------------------ the C API directly
 def _lib():
     lib = _load()
-    f32p, i64p = C.POINTER(C.c_float), C.POINTER(C.c_int64)
+    f32p = C.POINTER(C.c_float)
     lib.lightkv_context_create.argtypes = [C.c_char_p, C.POINTER(C.c_void_p)]
     lib.lightkv_context_create.restype = C.c_int
     lib.lightkv_merge_plan_create.argtypes = [C.c_void_p, C.c_int64, C.c_int64,
