@@ -205,12 +205,54 @@ def build(flags: list[str], jobs: int | None = None) -> Path:
     return prefix
 
 
+def build_tool(flags: list[str], target: str, jobs: int | None = None) -> Path:
+    """One of llama.cpp's own programs (e.g. llama-mtmd-cli), built statically from the
+    same patched tree with the same flags, cached beside the libraries: the stock
+    reference that tests compare our `off` mode with."""
+    cc, cxx = find_compilers()
+    tree = llama_source.patched_tree()
+    root = llama_source.cache_root() / "build" / build_key(flags, cxx)
+    exe = root / "tools" / target
+    if exe.exists():
+        return exe
+    if shutil.which("cmake") is None:
+        raise SourceError("cmake not found (pip install cmake)")
+    work = root / "tool-build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log_path = root / f"{target}.log"
+    args = [a for a in BASE_ARGS if not a.startswith(("-DBUILD_SHARED_LIBS", "-DLLAMA_BUILD_COMMON",
+                                                       "-DLLAMA_BUILD_TOOLS", "-DLLAMA_BUILD_MTMD"))]
+    configure = ["cmake", "-S", str(tree), "-B", str(work),
+                 *(["-G", "Ninja"] if shutil.which("ninja") else []), *args,
+                 "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON",
+                 f"-DCMAKE_C_COMPILER={cc}", f"-DCMAKE_CXX_COMPILER={cxx}", *flags]
+    print(f"lightkv-edge: building llama.cpp's {target} (once), log: {log_path}",
+          file=sys.stderr)
+    with open(log_path, "w") as log:
+        if _run_logged(configure, log, f"configure {target}") != 0:
+            raise SourceError(f"configuring {target} failed: {_first_error(log_path)}")
+        if _run_logged(["cmake", "--build", str(work), "--target", target, "-j",
+                        str(jobs or os.cpu_count() or 2)], log, f"compile {target}") != 0:
+            raise SourceError(f"compiling {target} failed: {_first_error(log_path)}")
+    built = next(work.rglob(target), None)
+    if built is None:
+        raise SourceError(f"{target} was not produced (log: {log_path})")
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(built, exe)
+    shutil.rmtree(work, ignore_errors=True)
+    return exe
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--error-file", help="write the one-line cause of a failure here")
     ap.add_argument("--check-toolchain", action="store_true",
                     help="only check that compilers, cmake and git are there")
     ap.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: cores)")
+    ap.add_argument("--tool", metavar="TARGET",
+                    help="build one of llama.cpp's programs (e.g. llama-mtmd-cli) statically "
+                         "and print its path")
     args, rest = ap.parse_known_args(argv)
     flags = [f for f in rest if FORWARDED.match(f) and not f.startswith("-DLLAMA_PREFIX=")]
     try:
@@ -219,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             if shutil.which("git") is None:
                 raise SourceError("git is needed to apply native/patches (install git)")
             return 0
-        print(build(flags, args.jobs))
+        print(build_tool(flags, args.tool, args.jobs) if args.tool else build(flags, args.jobs))
     except SourceError as e:
         return fail(str(e), args.error_file)
     except KeyboardInterrupt:
