@@ -45,9 +45,9 @@ class FirstLayerQK:
         need = ("blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight")
         if not all(has_tensor(gguf_path, n) for n in need):
             raise ValueError(f"{gguf_path} has no separate layer-0 attn_norm/attn_q/attn_k")
-        self.norm = tensor_rows(gguf_path, need[0]).reshape(-1)
+        self.norm = tensor_rows(gguf_path, need[0])
         self.wq, self.wk = tensor_rows(gguf_path, need[1]), tensor_rows(gguf_path, need[2])
-        bias = {n: tensor_rows(gguf_path, f"blk.0.attn_{n}.bias").reshape(-1)
+        bias = {n: tensor_rows(gguf_path, f"blk.0.attn_{n}.bias")
                 if has_tensor(gguf_path, f"blk.0.attn_{n}.bias") else 0 for n in "qk"}
         self.bq, self.bk = bias["q"], bias["k"]
         self.head_dim = self.wq.shape[0] // self.n_head
@@ -86,9 +86,10 @@ class MergedImage:
 
 
 def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
-                keep: float, windows: int | None, layer: FirstLayerQK | None = None,
-                guided: bool = True) -> MergedImage:
-    """Merge one image's rows down to about `keep` of them.
+                keep: float, windows: int | None,
+                layer: FirstLayerQK | None = None) -> MergedImage:
+    """Merge one image's rows down to about `keep` of them, guided by the prompt through
+    `layer` (None: unguided, all weights 1).
 
     One LightKV stage drops at most half of each window (r <= n_w // 2), so keeps below
     0.5 run further stages on what is left, as the paper's progressive schedule does.
@@ -101,7 +102,7 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
     target = max(1, math.ceil(keep * n))
     x = np.ascontiguousarray(embd, dtype=np.float32)
     kept = np.arange(n)
-    scores = prompt_guidance(x, text_embd, layer) if guided else None
+    scores = None if layer is None else prompt_guidance(x, text_embd, layer)
     # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
     # sequence): the survivors keep their original (row, col)
     if grid and grid[0] * grid[1] == n:
@@ -141,8 +142,8 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.n
     (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
     pruning), pool (2x2 average pooling: its budget is fixed at about a quarter)."""
     if method in ("lightkv", "unguided"):
-        return merge_image(embd, grid, text_embd, keep=keep, windows=windows, layer=layer,
-                           guided=method == "lightkv")
+        return merge_image(embd, grid, text_embd, keep=keep, windows=windows,
+                           layer=layer if method == "lightkv" else None)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     from . import reference as ref

@@ -269,14 +269,13 @@ class VisionChat:
     def _check_fits(self, chunks) -> None:
         """The prompt ends with text (the logits to sample from) and, with at least one
         answer token, fits in the context."""
-        kinds = [mtmd.chunk_get_type(c) for c in self._chunks(chunks)]
-        if not kinds or kinds[-1] != mtmd.CHUNK_TEXT:
+        sizes = [(mtmd.chunk_get_type(c), mtmd.chunk_get_n_tokens(c))
+                 for c in self._chunks(chunks)]
+        if not sizes or sizes[-1][0] != mtmd.CHUNK_TEXT:
             raise InputError("the prompt must end with text after the last image")
-        need = sum(mtmd.chunk_get_n_tokens(c) for c in self._chunks(chunks))
-        if self.mode == "embed":
-            need = sum(mtmd.chunk_get_n_tokens(c) if mtmd.chunk_get_type(c) == mtmd.CHUNK_TEXT
-                       else int(np.ceil(self.keep * mtmd.chunk_get_n_tokens(c)))
-                       for c in self._chunks(chunks))
+        keep = self.keep if self.mode == "embed" else 1.0   # embed keeps ceil(keep * n)
+        need = sum(n if kind == mtmd.CHUNK_TEXT else int(np.ceil(keep * n))
+                   for kind, n in sizes)
         if self.n_cells + need + 1 > self.m.n_ctx:
             raise InputError(f"the prompt needs {need} tokens but only "
                              f"{self.m.n_ctx - self.n_cells} of the context's {self.m.n_ctx} "

@@ -29,7 +29,8 @@ def field(path, key: str):
 
 
 def tensor_rows(path, name: str, rows=None) -> np.ndarray:
-    """Tensor `name` as float32 [n_rows, n_cols] (ggml's ne reversed), or only `rows`."""
+    """Tensor `name` as float32: [n_rows, n_cols] (ggml's ne reversed), or only `rows`
+    of it; a 1-D tensor (a norm, a bias) as [n]."""
     from gguf import GGMLQuantizationType as QT, quants
     t = next((t for t in reader(str(path)).tensors if t.name == name), None)
     if t is None:
@@ -42,7 +43,7 @@ def tensor_rows(path, name: str, rows=None) -> np.ndarray:
         out = np.asarray(data, np.float16).astype(np.float32)
     else:
         out = quants.dequantize(data, t.tensor_type).astype(np.float32)
-    return out.reshape(-1, n_cols) if out.ndim > 1 or len(t.shape) > 1 else out
+    return out.reshape(-1, n_cols) if len(t.shape) > 1 else out.reshape(-1)
 
 
 def has_tensor(path, name: str) -> bool:

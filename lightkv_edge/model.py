@@ -93,9 +93,9 @@ class VisionModel:
             if gpu_layers is not None:
                 mp.n_gpu_layers = gpu_layers
             # Safe default: ggml's extra CPU buffer types (AMX, weight repacking) are off.
-            # The pinned ggml's AMX path segfaults on Q8_0 weights for any batch of more
-            # than one token on AMX CPUs (Sapphire Rapids and later; seen on our own
-            # machines); repacking only speeds up some quant types. --extra-bufts re-enables.
+            # The pinned ggml's AMX path segfaulted on Q8_0 weights for any batch of more
+            # than one token on an AMX CPU (pinned-llama-cpp-notes.md); repacking only
+            # speeds up some quant types on CPU. use_extra_bufts=True turns them back on.
             mp.use_extra_bufts = use_extra_bufts
             self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
             if not self.model:

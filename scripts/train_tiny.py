@@ -403,6 +403,15 @@ class Batcher:
         return out
 
 
+def optimizer_step(loss, opt, params) -> None:
+    """One update, the same in every stage: gradients clipped to norm 1."""
+    import torch
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def codes_for(codebook, labels):
     """labels [B, N, 5] -> sum of the code vectors of each attribute [B, N, D]."""
     out = 0
@@ -544,10 +553,7 @@ def stage_lm(args, run, tok, model, cb):
             gr["lr"] = lr_at(step, args, args.lm_steps)
         model.train()
         loss, pred, parts = lm_step(model, lmf, b, img, args)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(loss, opt, params)
         step += 1
         if step % 25 == 0:
             acc = (pred == b["ans"]).float().mean().item()
@@ -604,10 +610,7 @@ def stage_vision(args, run, tok, model, cb):
             ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab[..., gi].reshape(-1),
                                  reduction="none")
             loss = loss + (ce * wt.reshape(-1)).sum() / wt.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(loss, opt, params)
         step += 1
         if step % 25 == 0:
             log(f"[vision] step {step} loss {loss.item():.3f} {(time.time() - t0) / 60:.1f} min")
@@ -717,10 +720,7 @@ def stage_joint(args, run, tok, model, cb, tag="joint"):
                 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.j_steps))))
         model.train()
         loss, pred, parts = lm_step(model, lmf, b, img, args)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(loss, opt, params)
         step += 1
         if step % 25 == 0:
             acc = (pred == b["ans"]).float().mean().item()

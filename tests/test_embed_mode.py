@@ -18,7 +18,7 @@ def test_kept_count_is_ceil_keep_n(keep, grid):
     n = grid[0] * grid[1]
     x = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
     m = embed_mode.merge_image(x, grid, np.zeros((0, 32), np.float32), keep=keep,
-                               windows=None, guided=False)
+                               windows=None, layer=None)
     assert len(m.kept) == max(1, math.ceil(keep * n))
     assert np.all(np.diff(m.kept) > 0)        # ascending original indices
     assert m.embd.shape == (len(m.kept), 32)

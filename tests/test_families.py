@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers.images import two_images
 from tests.helpers.pinned import llama_cpp_dir
 
 from lightkv_edge import embed_mode
@@ -77,15 +77,7 @@ def family(request, converted):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("img")
-    a = Image.new("RGB", (64, 64), (255, 255, 255))
-    a.paste((220, 30, 30), (8, 8, 30, 30))
-    a.paste((30, 30, 220), (36, 36, 60, 60))
-    b = Image.new("RGB", (128, 48), (250, 250, 250))
-    b.paste((30, 200, 30), (60, 10, 90, 40))
-    a.save(d / "a.png")
-    b.save(d / "b.png")
-    return d / "a.png", d / "b.png"
+    return two_images(tmp_path_factory.mktemp("img"), (128, 48))
 
 
 def _chat(pair, **kw):
