@@ -130,6 +130,7 @@ class VisionChat:
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
         self._sampler = None
+        self._eog_tokens = None
         # the merge's ggml graphs are small: they run with the LLM's thread count, so an
         # oversubscribed machine does not make their thread barriers spin
         from . import native
@@ -412,7 +413,9 @@ class VisionChat:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if self.ignore_eos:  # llama.cpp's --ignore-eos: end-of-generation tokens get -inf
             n_vocab = llama_cpp.llama_vocab_n_tokens(self.m.vocab)
-            eog = [t for t in range(n_vocab) if self.m.is_eog(t)]
+            if self._eog_tokens is None:   # a scan of the vocabulary: once per chat
+                self._eog_tokens = [t for t in range(n_vocab) if self.m.is_eog(t)]
+            eog = self._eog_tokens
             bias = (llama_cpp.llama_logit_bias * len(eog))(
                 *[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog])
             llama_cpp.llama_sampler_chain_add(
