@@ -7,7 +7,7 @@ vision entries: the KV cache and the prefill shrink by the dropped fraction.
 
 How the prompt guides here: the published guidance is the attention logits of one layer,
 softmax over the QUERY axis, vision-query x text-key block, summed over heads and text keys
-(lightkv-method.md, "Guidance"). Before the LLM has run we take the first layer's own
+(docs/method.md, "Guidance"). Before the LLM has run we take the first layer's own
 attention: its input RMS norm, Q and K projections (read from the text model's GGUF) are
 applied to the image rows and to the prompt's token embeddings, and the native guidance
 graph scores them. Position-free (no RoPE): at the input the rotation would only add a

@@ -10,7 +10,7 @@ from its KV cache, and quantizes, and that the results are numerically right:
   greedily decoded token.
 - Q8_0 model (quantized by llama_model_quantize): loaded with the project's safe
   default `use_extra_bufts=False` and fed its 24-token prompt in ONE llama_decode, the exact
-  case that segfaulted in the pinned ggml's AMX path (shared/docs/pinned-llama-cpp-notes.md).
+  case that segfaulted in the pinned ggml's AMX path (docs/llama-cpp-notes.md).
   Its logits must stay close to the F32 model's.
 
 The unsafe setting (use_extra_bufts=True) is never run in this process: on an AMX CPU it

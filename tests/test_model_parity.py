@@ -58,7 +58,7 @@ class Runner:
         self.llama_cpp, self.mtmd = llama_cpp, mtmd = _llama()
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        mp.use_extra_bufts = False  # AMX path crashes on Q8_0 batches (see docs/notes)
+        mp.use_extra_bufts = False  # AMX path crashes on Q8_0 batches (docs/llama-cpp-notes.md)
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
         assert self.model, f"cannot load {model_path}"
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -1,6 +1,6 @@
 """One LightKV merge stage: windowed, guided bipartite token merging (the ground truth).
 
-Semantics (docs/lightkv-method.md, "One merge stage"), in the order the code applies them:
+Semantics (docs/method.md, "One merge stage"), in the order the code applies them:
 
 1. Layout. Token i sits at (i // C, i % C). With grid=(R, C) that is the true grid; with
    grid=None it is the published square padding: S = ceil(sqrt(N)), R = C = S, and the

@@ -1,7 +1,7 @@
 /*
  * lightkv.h - the LightKV token merge and its prompt guidance, as ggml graphs.
  *
- * One merge stage (docs/lightkv-method.md, "One merge stage"): the N vision tokens x [N, D]
+ * One merge stage (docs/method.md, "One merge stage"): the N vision tokens x [N, D]
  * of one image are cut into W x W spatial windows; inside each window the tokens alternate
  * source / destination, each source finds its most cosine-similar destination, and the
  * r = min(floor(ratio * n_w), n_w / 2) best-matching sources of the window are merged into

@@ -10,7 +10,7 @@ The vocabulary is SentencePiece-style (tokenizer.ggml.model = "llama"):
   lowercase letters, digits, punctuation and a few merges ("he", "ll", ...).
 With the byte tokens present llama.cpp can tokenize any text: a character outside the
 vocabulary becomes its UTF-8 bytes (without them llama.cpp throws inside llama_tokenize
-and the process aborts; see shared/docs/pinned-llama-cpp-notes.md).
+and the process aborts; see docs/llama-cpp-notes.md).
 
 Weights are drawn N(0, 1/fan_in) so every matmul roughly keeps the scale of its input
 and the logits have a standard deviation of about 1: differences between two builds or
