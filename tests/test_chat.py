@@ -122,6 +122,7 @@ def test_off_mode_is_the_stock_path(pair, images):
     with _chat(pair, mode="off", max_tokens=8) as chat:
         rec = _Recorder(chat)
         chat.ask(prompt, [images[0]])
+    assert len(want) >= 1, "the stock path generated nothing: equality would prove nothing"
     assert rec.tokens == want
 
 
@@ -139,6 +140,7 @@ def test_embed_decoding_without_merge_is_exact(pair, images, monkeypatch):
         rec_emb = _Recorder(chat)
         chat.ask(prompt, [images[0], images[1]])
         assert chat.last_stats.vision_tokens_kept == chat.last_stats.vision_tokens_in
+    assert len(rec_off.tokens) >= 1, "off mode generated nothing: equality would prove nothing"
     assert rec_emb.tokens == rec_off.tokens
 
 

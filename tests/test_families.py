@@ -171,6 +171,7 @@ def test_embed_without_merge_is_exact(family, images, monkeypatch):
                                             with_logits=True)
     assert st_emb.vision_tokens_kept == st_emb.vision_tokens_in == _n_in(fam, 2)
     assert (st_emb.kv_cells, pos_emb) == (st_off.kv_cells, pos_off)
+    assert len(tok_off) == N_TOK, tok_off  # both sides generated: equality proves something
     assert tok_emb == tok_off
     # the greedy tokens of a tiny random model say little (they often repeat one token):
     # the prompt's last logits must match too

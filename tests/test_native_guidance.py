@@ -12,11 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-try:
-    from lightkv_edge import native
-    native.backends()
-except Exception as e:  # library not built in this checkout
-    pytest.skip(f"liblightkv is not available: {e}", allow_module_level=True)
+from lightkv_edge import native
+
+pytestmark = pytest.mark.usefixtures("liblightkv")  # fails (never skips) without the library
 
 from lightkv_edge.reference import guidance_scores, guidance_scores_from_qk
 

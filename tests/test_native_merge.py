@@ -1,11 +1,13 @@
 """Parity of the native (ggml) LightKV merge with the PyTorch reference.
 
-kept/assign must be identical and values within the bound stated in
-lightkv_edge/native/parity.py (unmerged rows bit-exact, merged rows within the float32
-rounding bound of their weighted sum). Random cases with a float64 near tie that float32
-may decide the other way are excluded by parity.ambiguity (rule in its docstring), never by
-loosening the assertion; exact ties from duplicate or zero tokens stay in and must follow
-the tie rule.
+Rules in tests/helpers/parity.py: every merge decision whose float64 margin exceeds the
+float32 cosine error bound must be the reference's; a near tie (within the bound) may go
+either way, but only to a side within the bound; values are compared with the float64
+aggregation of the decisions taken (unmerged rows bit-exact, merged rows within the float32
+rounding bound of their weighted sum). No case is skipped: every test counts the decisions
+it checked strictly and fails below a floor, so the near-tie allowance cannot grow into a
+way of checking nothing. Exact ties from duplicate or zero tokens are checked strictly and
+must follow the tie rule.
 """
 from __future__ import annotations
 
@@ -14,18 +16,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from lightkv_edge import native
-    from lightkv_edge.native import parity
-    native.backends()
-except Exception as e:  # library not built in this checkout
-    pytest.skip(f"liblightkv is not available: {e}", allow_module_level=True)
-
+from lightkv_edge import native
 from lightkv_edge.reference import lightkv_budget
 from lightkv_edge.reference import lightkv_merge as ref_merge
+from tests.helpers import parity
+
+pytestmark = pytest.mark.usefixtures("liblightkv")  # fails (never skips) without the library
 
 torch.set_num_threads(1)
 native.set_num_threads(1)  # the CI machine is shared; one thread is also the fastest there
@@ -75,58 +74,92 @@ def merge_cases(draw):
     return dict(x=x, scores=scores, windows=windows, ratio=ratio, grid=grid, threshold=threshold)
 
 
-@settings(max_examples=250, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.data_too_large])
+def check(x, scores, **kw) -> parity.Report:
+    """Native merge checked against the reference decision by decision (see the module doc)."""
+    nat = native.lightkv_merge(x, scores, **kw)
+    rep = parity.check_merge(nat, x, scores, **kw)
+    assert rep.ok, rep.errors[:3]
+    return rep
+
+
+RANDOM_CASES = 250
+_random_seen = {"cases": 0, "checked": 0, "tolerated": 0}
+
+
+@settings(max_examples=RANDOM_CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(merge_cases())
-def test_parity_random(case):
+def _random_parity(case):
     kw = {k: case[k] for k in ("windows", "ratio", "grid", "threshold")}
-    assume(parity.ambiguity(case["x"], **kw) is None)
-    nat, ref = assert_parity(case["x"], case["scores"], **kw)
-    assert nat.x.shape[0] == nat.kept.shape[0]
-    if case["threshold"] is None:
-        assert nat.x.shape[0] == lightkv_budget(case["x"].shape[0], windows=kw["windows"],
-                                                ratio=kw["ratio"], grid=kw["grid"])
+    rep = check(case["x"], case["scores"], **kw)
+    _random_seen["cases"] += 1
+    _random_seen["checked"] += rep.checked
+    _random_seen["tolerated"] += rep.tolerated
+
+
+def test_parity_random():
+    """Random shapes and parameters; no draw is filtered out, and the run must really have
+    checked its cases and most of their decisions strictly."""
+    _random_seen.update(cases=0, checked=0, tolerated=0)
+    _random_parity()
+    seen = _random_seen
+    assert seen["cases"] >= RANDOM_CASES, seen
+    # Most decisions are checked exactly (measured: 102103 of 128353 over these 250
+    # derandomized draws). The near ties are mostly draws with D = 1, where every cosine
+    # is +-1 up to the 1e-8 of the denominator, and large D (cos_tol grows with D).
+    assert seen["checked"] >= 50000, seen
+    assert seen["checked"] >= 0.7 * (seen["checked"] + seen["tolerated"]), seen
 
 
 def test_parity_sweep_is_not_vacuous():
-    """The near-tie exclusion must leave most cases in, and none may fail."""
+    """The wider random generator of scripts/parity_native.py: no case may fail, and the
+    near-tie allowance must leave most decisions strictly checked."""
     rng = np.random.default_rng(1234)
-    counts = {"pass": 0, "skip": 0, "fail": 0}
+    checked = tolerated = 0
     for _ in range(40):
         case = parity.random_case(rng, max_n=1024, max_d=512, max_work=3e6)
-        status, detail = parity.check_case(case)
-        counts[status] += 1
-        assert status != "fail", detail
-    assert counts["pass"] >= 24, counts
+        rep = parity.check_case(case)
+        assert rep.ok, rep.errors[:3]
+        checked, tolerated = checked + rep.checked, tolerated + rep.tolerated
+    assert checked >= 2000 and tolerated <= 0.1 * checked, (checked, tolerated)
 
 
-@pytest.mark.parametrize("n,d,windows,grid", [
-    (4096, 3, 8, (64, 64)),      # largest N, many windows
-    (4096, 2, 1, None),          # largest N in one window (2048 x 2048 similarities)
-    (40, 4096, 1, (5, 8)),       # largest D
-    (4095, 8, 7, None),          # square padding with an incomplete last row
+@pytest.mark.parametrize("n,d,windows,grid,min_checked", [
+    (4096, 3, 8, (64, 64), 4000),   # largest N, many windows
+    # largest N in one window (2048 x 2048 similarities). In 2-D, 2048 destinations lie
+    # so close in angle that about a quarter of the best/second-best gaps are below
+    # cos_tol(2) = 2.4e-6 (measured: 2995 of 4096 decisions checked exactly)
+    (4096, 2, 1, None, 2800),
+    (40, 4096, 1, (5, 8), 35),      # largest D
+    (4095, 8, 7, None, 4000),       # square padding with an incomplete last row
 ])
-def test_extreme_shapes(n, d, windows, grid):
+def test_extreme_shapes(n, d, windows, grid, min_checked):
     rng = np.random.default_rng(n + d)
     x = rng.standard_normal((n, d)).astype(np.float32)
     s = rng.random(n).astype(np.float32)
-    nat = native.lightkv_merge(x, s, windows=windows, ratio=0.5, grid=grid)
-    assert nat.x.shape == (lightkv_budget(n, windows=windows, ratio=0.5, grid=grid), d)
-    if parity.ambiguity(x, windows=windows, ratio=0.5, grid=grid) is None:
-        assert_parity(x, s, windows=windows, ratio=0.5, grid=grid)
+    kw = dict(windows=windows, ratio=0.5, grid=grid)
+    rep = check(x, s, **kw)
+    assert native.lightkv_merge(x, s, **kw).x.shape == (lightkv_budget(n, **kw), d)
+    # ratio 0.5: r = n_w // 2, so each window has ceil(n_w / 2) merge-or-not decisions and
+    # n_w // 2 destinations: n decisions in all
+    assert rep.checked + rep.tolerated == n, (rep.checked, rep.tolerated)
+    assert rep.checked >= min_checked, (rep.checked, rep.tolerated)
 
 
 def test_real_shape_576x4096():
-    """LLaVA-1.5 shape: 24 x 24 tokens at D = 4096, guided, windows 2."""
+    """LLaVA-1.5 shape: 24 x 24 tokens at D = 4096, guided, windows 2. Random data at this D
+    has cosines ~ N(0, 1/64), so a few best/second-best gaps fall within cos_tol(4096) ~ 1e-3:
+    those are allowed either way, all others are checked."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((576, 4096)).astype(np.float32)
     s = rng.random(576).astype(np.float32)
     kw = dict(windows=2, ratio=0.5, grid=(24, 24))
-    if parity.ambiguity(x, **kw) is None:
-        assert_parity(x, s, **kw)
-    nat = native.lightkv_merge(x, s, **kw)
-    assert nat.x.shape == (288, 4096)
+    rep = check(x, s, **kw)
+    # 288 sources: 288 merge-or-not decisions (r = 72 = all sources of each window: strict)
+    # and 288 destinations
+    assert rep.checked + rep.tolerated == 576, (rep.checked, rep.tolerated)
+    assert rep.checked >= 288 + 200, (rep.checked, rep.tolerated)
+    assert native.lightkv_merge(x, s, **kw).x.shape == (288, 4096)
 
 
 # ------------------------------------------------------------------ ties and special values
@@ -201,8 +234,11 @@ def test_extreme_magnitudes(scale):
     assert np.isfinite(x).all()
     nat = native.lightkv_merge(x, None, windows=2, ratio=0.5)
     assert np.isfinite(nat.x).all()
-    if parity.ambiguity(x, windows=2, ratio=0.5) is None and scale >= 1e-12:
-        assert_parity(x, None, windows=2, ratio=0.5)
+    rep = check(x, None, windows=2, ratio=0.5)
+    # r = 8 = every source of each window of 16: the 32 merge decisions are always exact;
+    # at 1e-12 and below |a||b| << 1e-8, every cosine is ~0 and the 32 destination choices
+    # are near ties (any destination passes); above, they are checked too
+    assert rep.checked >= (32 if scale <= 1e-12 else 64), (rep.checked, rep.tolerated)
 
 
 def test_input_dtypes_and_layouts():

@@ -2,9 +2,11 @@
 positions (lightkv_merge(..., grid=(rows, cols), positions=[N, 2]) and the C functions
 lightkv_merge_plan_create_at / lightkv_merge_run_at).
 
-Parity is against the reference's MergeState.step on the same stage (kept/assign identical,
-values within lightkv_edge/native/parity.py's bound; float64 near ties excluded by
-parity.ambiguity, never by loosening the assertion).
+Parity is against the reference's MergeState.step on the same stage, under the rules of
+tests/helpers/parity.py: every decision with a float64 margin beyond the float32 bound is
+the reference's, near ties may go either way (to a side within the bound), values within
+the float32 bound of the float64 aggregation. Nothing is skipped; each test asserts how
+many decisions it checked strictly.
 """
 from __future__ import annotations
 
@@ -13,18 +15,15 @@ import ctypes as C
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    from lightkv_edge import native
-    from lightkv_edge.native import parity
-    native.backends()
-except Exception as e:  # library not built in this checkout
-    pytest.skip(f"liblightkv is not available: {e}", allow_module_level=True)
-
+from lightkv_edge import native
 from lightkv_edge.native import _MergeParams, _load
 from lightkv_edge.reference.schedule import MergeState
+from tests.helpers import parity
+
+pytestmark = pytest.mark.usefixtures("liblightkv")  # fails (never skips) without the library
 
 torch.set_num_threads(1)
 native.set_num_threads(1)
@@ -52,12 +51,14 @@ def _first_stage(rng, rows, cols, d, windows, ratio):
     return state
 
 
-def _stage_parity(state, x, s, rows, cols, **kw):
+def _stage_parity(state, x, s, rows, cols, **kw) -> parity.Report:
+    """Run one later stage natively and in the reference state; check the native result."""
     pos = state.pos.numpy().copy()
-    amb = parity.ambiguity(x, grid=(rows, cols), positions=pos, **kw)
     nat = native.lightkv_merge(x, s, grid=(rows, cols), positions=pos, **kw)
-    ref = state.step(x, s, **kw)
-    return amb, nat, ref
+    state.step(x, s, **kw)  # advance the reference (its own result is the float64 one)
+    rep = parity.check_merge(nat, x, s, grid=(rows, cols), positions=pos, **kw)
+    assert rep.ok, rep.errors[:3]
+    return rep
 
 
 @st.composite
@@ -75,40 +76,55 @@ def later_stage_cases(draw):
                 scale=draw(st.sampled_from([1e-3, 1.0, 1e3])), seed=draw(st.integers(0, 2 ** 32 - 1)))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+LATER_CASES = 200
+_later_seen = {"cases": 0, "checked": 0, "tolerated": 0}
+
+
+@settings(max_examples=LATER_CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(later_stage_cases())
-def test_parity_with_merge_state_later_stage(c):
+def _later_stage_parity(c):
     rng = np.random.default_rng(c["seed"])
     rows, cols = c["rows"], c["cols"]
     state = _first_stage(rng, rows, cols, c["d"], c["w1"], c["r1"])
     x, s = _data(rng, state.m, c["d"], c["scale"], c["dup"], c["guided"])
     kw = dict(windows=c["w2"], ratio=c["r2"], threshold=c["threshold"])
-    amb, nat, ref = _stage_parity(state, x, s, rows, cols, **kw)
-    assume(amb is None)
-    errs = parity.compare(nat, ref, x)
-    assert not errs, errs
+    rep = _stage_parity(state, x, s, rows, cols, **kw)
+    _later_seen["cases"] += 1
+    _later_seen["checked"] += rep.checked
+    _later_seen["tolerated"] += rep.tolerated
+
+
+def test_parity_with_merge_state_later_stage():
+    """No draw is filtered out; the run must have checked every case and most decisions
+    strictly (small D makes near ties rarer, not more frequent)."""
+    _later_seen.update(cases=0, checked=0, tolerated=0)
+    _later_stage_parity()
+    seen = _later_seen
+    assert seen["cases"] >= LATER_CASES, seen
+    # measured: 21629 decisions checked exactly, 767 near ties, over these 200 draws
+    assert seen["checked"] >= 5000 and seen["tolerated"] <= 0.1 * seen["checked"], seen
 
 
 def test_parity_three_stages_is_not_vacuous():
-    """A 4-2-1 schedule on 24 x 24 (LLaVA-like grid): every later stage matches, and the
-    near-tie exclusion leaves most of them in."""
+    """A 4-2-1 schedule on 24 x 24 (LLaVA-like grid): every later stage matches, decision by
+    decision."""
     rng = np.random.default_rng(11)
-    checked = 0
+    stages = checked = tolerated = 0
     for trial in range(6):
         state = MergeState(576, (24, 24))
         for windows in (4, 2, 1):
             x, s = _data(rng, state.m, 32, dup=trial % 2 == 1)
             kw = dict(windows=windows, ratio=0.5)
             if state.stages:
-                amb, nat, ref = _stage_parity(state, x, s, 24, 24, **kw)
-                if amb is None:
-                    errs = parity.compare(nat, ref, x)
-                    assert not errs, errs
-                    checked += 1
+                rep = _stage_parity(state, x, s, 24, 24, **kw)
+                stages += 1
+                checked, tolerated = checked + rep.checked, tolerated + rep.tolerated
             else:
                 state.step(x, s, **kw)
-    assert checked >= 8, checked
+    assert stages == 12
+    # stage 2 sees 288 rows, stage 3 144: 432 decisions per trial, 2592 in all
+    assert checked + tolerated == 2592 and checked >= 0.95 * 2592, (checked, tolerated)
 
 
 def test_windows_are_true_2d_windows_of_the_original_grid():

@@ -47,4 +47,5 @@ def test_off_mode_answers_like_llama_mtmd_cli(mtmd_cli, tmp_path):
             s.image.save(path)
             chat.reset()
             ours = chat.ask(s.question, [path]).strip()
+            assert ours, f"no answer to {s.question!r}: equality would prove nothing"
             assert ours == _stock_answer(mtmd_cli, model, mmproj, path, s.question), s.question
