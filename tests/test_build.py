@@ -4,7 +4,8 @@
 - the recorded pin is llama-cpp-python 0.3.36, and so is the installed Python layer;
 - llama_cpp and llama_cpp.mtmd_cpp loaded OUR libllama / libmtmd (there is one llama.cpp);
 - `python -m lightkv_edge --version` reports version, pin and devices;
-- building again with unchanged inputs is a cache hit (no compile).
+- building again with unchanged inputs is a cache hit (no compile);
+- the production path (an embed-mode chat) never imports torch.
 """
 from __future__ import annotations
 
@@ -141,3 +142,46 @@ def test_lib_dir_serves_plain_llama_cpp():
                           "print(llama_cpp.llama_cpp._lib._name); print(m._libmtmd._name)"],
                          capture_output=True, text=True, env=env, check=True).stdout.split()
     assert out == [str(Path(d) / "libllama.so"), str(Path(d) / "libmtmd.so")]
+
+
+def _clean_env() -> dict:
+    """The environment of a fresh shell: none of the variables that point llama_cpp or
+    lightkv_edge at a library folder."""
+    drop = ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB", "LIGHTKV_EDGE_LIB_DIR")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+_NO_TORCH_CHAT = """
+import importlib.abc, runpy, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    tried = []
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            NoTorch.tried.append(name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = ["lightkv_edge", "chat", "lightkv_edge/models/example.png",
+            "-p", "what colour is the circle?"]
+try:
+    runpy.run_module("lightkv_edge", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    if e.code not in (None, 0):
+        raise
+sys.stdout.flush()
+print()
+print("TORCH-IMPORTS:", NoTorch.tried, "torch" in sys.modules)
+"""
+
+
+def test_embed_mode_chat_never_imports_torch():
+    """`python -m lightkv_edge chat lightkv_edge/models/example.png -p ...` with the default
+    mode (embed, on the embedded model): torch is never even looked for. The baselines that
+    need the PyTorch reference are benchmark-only and import it lazily."""
+    r = subprocess.run([sys.executable, "-c", _NO_TORCH_CHAT], capture_output=True, text=True,
+                       env=_clean_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    answer, _, verdict = r.stdout.rpartition("TORCH-IMPORTS:")
+    assert verdict.strip() == "[] False", (verdict, r.stderr[-800:])
+    assert answer.strip(), "the chat produced no answer"
