@@ -7,8 +7,11 @@ liblightkv) sits in one folder. Lookup order:
    or an editable install, whose generated module lives beside the installed libraries).
 
 llama-cpp-python's Python layer reads LLAMA_CPP_LIB_PATH and MTMD_CPP_LIB once, at its
-first import; `use_our_llama_cpp()` sets both to this folder before that import, so
-`import llama_cpp` and `llama_cpp.mtmd_cpp` run exactly the llama.cpp we built.
+first import (it ships no libllama of its own: `make setup` installs it without a native
+build). `point_llama_cpp_here()` sets both to this folder; `import lightkv_edge` calls it,
+so a later `import llama_cpp` (and `llama_cpp.mtmd_cpp`) runs exactly the llama.cpp we
+built. `use_our_llama_cpp()` does the same and imports it, checking that nobody imported
+llama_cpp from another build first.
 """
 from __future__ import annotations
 
@@ -56,6 +59,21 @@ def lib_path(base: str) -> Path:
     return lib_dir() / _lib_name(base)
 
 
+def point_llama_cpp_here() -> bool:
+    """Point a not yet imported llama_cpp at our libraries (its two environment variables).
+    Quiet and cheap (no library is loaded): False when llama_cpp is already imported or
+    our build is missing, in which case use_our_llama_cpp() reports the problem."""
+    if "llama_cpp" in sys.modules:
+        return False
+    try:
+        d = str(lib_dir())
+    except NativeLibraryError:
+        return False
+    os.environ["LLAMA_CPP_LIB_PATH"] = d
+    os.environ["MTMD_CPP_LIB"] = d
+    return True
+
+
 def use_our_llama_cpp():
     """Import llama_cpp bound to our build (sets its library paths first)."""
     d = str(lib_dir())
@@ -72,5 +90,6 @@ def use_our_llama_cpp():
         import llama_cpp.mtmd_cpp  # noqa: F401
     except ImportError as e:
         raise NativeLibraryError(
-            f"llama-cpp-python's Python layer is missing ({e}); run `make setup`") from None
+            f"llama-cpp-python's Python layer is not installed ({e}): set up with `make "
+            "setup` (README), which installs it without compiling llama.cpp again") from None
     return llama_cpp

@@ -5,6 +5,7 @@
 - llama_cpp and llama_cpp.mtmd_cpp loaded OUR libllama / libmtmd (there is one llama.cpp);
 - `python -m lightkv_edge --version` reports version, pin and devices;
 - building again with unchanged inputs is a cache hit (no compile);
+- `import lightkv_edge; import llama_cpp` loads our build in a clean environment (README);
 - the production path (an embed-mode chat) never imports torch.
 """
 from __future__ import annotations
@@ -149,6 +150,29 @@ def _clean_env() -> dict:
     lightkv_edge at a library folder."""
     drop = ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB", "LIGHTKV_EDGE_LIB_DIR")
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def test_import_lightkv_edge_then_llama_cpp_uses_our_build():
+    """The README's promise, exactly: `import lightkv_edge` and then `import llama_cpp`, in
+    a clean environment, loads our libllama and libmtmd."""
+    code = ("import lightkv_edge\nimport llama_cpp\nimport llama_cpp.mtmd_cpp as m\n"
+            "print(llama_cpp.llama_cpp._lib._name)\nprint(m._libmtmd._name)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=_clean_env(), cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-600:]
+    d = _libs.lib_dir().resolve()
+    got = [Path(p).resolve() for p in r.stdout.split()]
+    assert got == [d / _libs._lib_name("llama"), d / _libs._lib_name("mtmd")], r.stdout
+
+
+def test_plain_llama_cpp_alone_finds_no_library():
+    """The control of the test above: llama-cpp-python carries no libllama of its own, so
+    without lightkv_edge (and without the variables) `import llama_cpp` cannot load one.
+    This is what makes the promise above necessary, and that test not vacuous."""
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True,
+                       text=True, env=_clean_env(), cwd=ROOT, timeout=120)
+    assert r.returncode != 0
+    assert "Shared library with base name 'llama' not found" in r.stderr, r.stderr[-600:]
 
 
 _NO_TORCH_CHAT = """
