@@ -53,11 +53,29 @@ BASE_ARGS = [
     "-DCMAKE_PLATFORM_NO_VERSIONED_SONAME=ON",
 ]
 
-# Which of the user's CMake cache variables change the llama.cpp binaries. LLAMA_PREFIX is
-# our own cache variable (the result of this script): forwarding it would change the key
-# on every configure and recompile llama.cpp each time.
-FORWARDED = re.compile(r"^-D(?!LLAMA_PREFIX[:=])(GGML_|LLAMA_|CMAKE_CUDA_|CMAKE_C_COMPILER|CMAKE_CXX_COMPILER|"
-                       r"CMAKE_OSX_|CMAKE_BUILD_TYPE|BLAS_|CUDAToolkit_)")
+# THE rule for which CMake cache variables reach the llama.cpp build (and its cache key).
+# The top-level CMakeLists.txt hands every user-settable cache variable to this script
+# (--cache-vars) and forwards nothing on its own, so this is the only place that decides.
+# Forwarded: llama.cpp's and ggml's own options and the toolkit/architecture variables of
+# their backends. Not forwarded:
+#   - LLAMA_PREFIX, our own cache variable (the result of this script): forwarding it would
+#     change the key on every configure and recompile llama.cpp each time;
+#   - CMAKE_BUILD_TYPE (always Release, BASE_ARGS) and CMAKE_C/CXX_COMPILER (taken from
+#     CC/CXX, like the top-level project's, and part of the key through compiler_id):
+#     CMake and scikit-build set them on every configure, so forwarding them would give
+#     the default build a different key from a hand-run one.
+FORWARDED = re.compile(r"^-D(?!LLAMA_PREFIX[:=])(GGML_|LLAMA_|BLAS_|CUDAToolkit_|CMAKE_CUDA_|"
+                       r"CMAKE_OSX_ARCHITECTURES[:=]|CMAKE_OSX_DEPLOYMENT_TARGET[:=])")
+
+
+def forwarded(candidates: list[str]) -> list[str]:
+    """The -DNAME[:TYPE]=VALUE flags among `candidates` that reach the llama.cpp build."""
+    return [f for f in candidates if FORWARDED.match(f)]
+
+
+def read_cache_vars(path: str) -> list[str]:
+    """-DNAME=VALUE lines written by CMakeLists.txt, one cache variable a line."""
+    return [line for line in Path(path).read_text().splitlines() if line.startswith("-D")]
 
 
 def fail(msg: str, error_file: str | None) -> int:
@@ -253,8 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tool", metavar="TARGET",
                     help="build one of llama.cpp's programs (e.g. llama-mtmd-cli) statically "
                          "and print its path")
+    ap.add_argument("--cache-vars", metavar="FILE",
+                    help="candidate -DNAME=VALUE lines (from CMakeLists.txt), filtered by "
+                         "FORWARDED like the command-line flags")
+    ap.add_argument("--flags-out", metavar="FILE",
+                    help="write the forwarded flags here, as comma-separated Python strings")
     args, rest = ap.parse_known_args(argv)
-    flags = [f for f in rest if FORWARDED.match(f) and not f.startswith("-DLLAMA_PREFIX=")]
+    try:
+        candidates = rest + (read_cache_vars(args.cache_vars) if args.cache_vars else [])
+    except OSError as e:
+        return fail(f"cannot read {args.cache_vars}: {e.strerror}", args.error_file)
+    flags = forwarded(candidates)
+    if args.flags_out:
+        Path(args.flags_out).write_text(", ".join(json.dumps(f) for f in flags))
     try:
         if args.check_toolchain:
             find_compilers()

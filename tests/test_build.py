@@ -1,7 +1,7 @@
 """The foundation is wired: one pinned llama.cpp, built once, used by everything.
 
 - our libraries load from lightkv_edge._libs.lib_dir();
-- the recorded pin is llama-cpp-python 0.3.36, and so is the installed Python layer;
+- the recorded pin is native/llama_source.py's, and so is the installed Python layer;
 - llama_cpp and llama_cpp.mtmd_cpp loaded OUR libllama / libmtmd (there is one llama.cpp);
 - `python -m lightkv_edge --version` reports version, pin and devices;
 - building again with unchanged inputs is a cache hit (no compile);
@@ -24,7 +24,10 @@ import lightkv_edge
 from lightkv_edge import _libs
 
 ROOT = Path(__file__).resolve().parents[1]
-PIN = "llama-cpp-python==0.3.36"
+sys.path.insert(0, str(ROOT / "native"))
+import llama_source  # noqa: E402
+
+PIN = f"{llama_source.PIN_PACKAGE}=={llama_source.PIN_VERSION}"  # the pin's one home
 
 # library -> a symbol it must export (proves it is the library we think it is)
 LIBS = {

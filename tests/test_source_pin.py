@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -21,7 +23,7 @@ NATIVE = ROOT / "native"
 sys.path.insert(0, str(NATIVE))
 import llama_source  # noqa: E402
 
-PIN = "llama-cpp-python==0.3.36"
+PIN = f"{llama_source.PIN_PACKAGE}=={llama_source.PIN_VERSION}"  # the pin's one home
 
 
 def run(script: str, *args: str, env_extra: dict | None = None, cache: Path | None = None,
@@ -125,13 +127,13 @@ def test_print_version_prints_the_pin():
 
 def test_pin_file_names_the_sdist_and_the_tree():
     pins = llama_source.read_pins()
-    assert set(pins) >= {"llama_cpp_python-0.3.36.tar.gz", "vendor/llama.cpp"}
+    assert set(pins) >= {llama_source.SDIST_NAME, "vendor/llama.cpp"}
     assert all(len(v) == 64 and int(v, 16) >= 0 for v in pins.values())
 
 
 def test_local_sdist_with_wrong_sha256_is_refused(tmp_path):
-    bogus = make_tgz(tmp_path / "llama_cpp_python-0.3.36.tar.gz",
-                     {"llama_cpp_python-0.3.36/vendor/llama.cpp/CMakeLists.txt": b"evil\n"})
+    bogus = make_tgz(tmp_path / llama_source.SDIST_NAME,
+                     {llama_source.VENDOR_PREFIX + "CMakeLists.txt": b"evil\n"})
     cache = tmp_path / "cache"
     r = run("llama_source.py", "--source", str(bogus), "--print-dir", cache=cache)
     err = assert_one_line_failure(r, "sha256 mismatch", str(bogus))
@@ -238,7 +240,7 @@ def test_bad_patch_stops_with_its_name(tmp_path, patches):
         llama_source.apply_patches(t)
     msg = str(e.value)
     assert "bad.patch" in msg and "does not apply" in msg and "\n" not in msg
-    assert "0.3.36" in msg
+    assert llama_source.PIN_VERSION in msg
 
 
 def test_series_naming_a_missing_patch_is_an_error(patches):
@@ -297,3 +299,148 @@ def test_toolchain_check_passes_here():
     r = run("build_llama.py", "--check-toolchain")
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------
+# one source of truth each: the llama-cpp-python pin, the runtime dependencies (numpy's
+# minimum, gguf), the forwarded CMake flags
+# ---------------------------------------------------------------------------------------
+def _toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    return tomllib.loads(path.read_text())
+
+
+def _runtime_deps() -> dict[str, str]:
+    """pyproject's [project].dependencies as {name: specifier}."""
+    out = {}
+    for dep in _toml(ROOT / "pyproject.toml")["project"]["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", dep)
+        out[m.group(1).lower().replace("_", "-")] = m.group(2).strip()
+    return out
+
+
+def _tracked_texts() -> dict[str, str]:
+    r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+    out = {}
+    for name in filter(None, r.stdout.split("\0")):
+        try:
+            out[name] = (ROOT / name).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            pass
+    return out
+
+
+def test_llama_cpp_python_pin_has_one_home():
+    """native/llama_source.py holds the version; setup.sh asks it, pyproject does not name
+    it, and every mention elsewhere (docs, hash file) agrees with it."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "native/llama_source.py --print-version" in setup
+    assert llama_source.PIN_VERSION not in setup
+    assert llama_source.PIN_VERSION not in (ROOT / "pyproject.toml").read_text()
+    mention = re.compile(r"llama[-_]cpp[-_]python(?:==|-| `?)(\d+\.\d+\.\d+)")
+    seen = 0
+    for name, text in _tracked_texts().items():
+        for m in mention.finditer(text):
+            seen += 1
+            assert m.group(1) == llama_source.PIN_VERSION, f"{name}: {m.group(0)}"
+    assert seen >= 5, seen
+
+
+def test_pip_install_does_not_compile_llama_cpp_twice():
+    """The metadata pip resolves names no llama-cpp-python (whose sdist would compile its own
+    llama.cpp); the package says how to get its Python layer instead."""
+    meta = _toml(ROOT / "pyproject.toml")["project"]
+    every = list(meta["dependencies"]) + [d for ds in meta.get("optional-dependencies", {}).values()
+                                          for d in ds]
+    assert not [d for d in every if d.lower().replace("_", "-").startswith("llama-cpp-python")]
+    req = (ROOT / "requirements-dev.txt").read_text().lower().replace("_", "-")
+    assert "\nllama-cpp-python" not in "\n" + req
+
+
+def test_missing_python_layer_is_a_one_line_instruction(tmp_path):
+    """Without llama-cpp-python (a plain `pip install .`), the first use of llama.cpp stops
+    with one line that names the set-up command; nothing crashes."""
+    shadow = tmp_path / "llama_cpp"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named llama_cpp')\n")
+    code = ("from lightkv_edge import _libs\n"
+            "try:\n    _libs.use_our_llama_cpp()\n"
+            "except _libs.NativeLibraryError as e:\n    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and "make setup" in lines[0], r.stdout
+
+
+def test_runtime_dependencies_have_one_list():
+    """pyproject.toml lists the runtime dependencies; requirements-dev.txt repeats none of
+    them (setup installs pyproject's list), so numpy's minimum has one value."""
+    deps = _runtime_deps()
+    assert {"numpy", "pillow", "threadpoolctl", "gguf"} <= set(deps), deps
+    req = [l.split("#")[0].strip() for l in (ROOT / "requirements-dev.txt").read_text().splitlines()]
+    names = {re.split(r"[<>=!~ \[]", l)[0].lower().replace("_", "-") for l in req if l}
+    assert not names & set(deps), names & set(deps)
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert '["project"]["dependencies"]' in setup  # setup installs pyproject's list
+
+
+def test_gguf_and_numpy_pins_match_the_pinned_gguf_py():
+    """gguf is the gguf-py of the pinned tree: pyproject requires exactly its version, and
+    numpy's minimum is gguf-py's own (ours cannot be lower than what gguf needs)."""
+    from tests.helpers.pinned import llama_cpp_dir
+    gguf = _toml(llama_cpp_dir() / "gguf-py" / "pyproject.toml")["project"]
+    deps = _runtime_deps()
+    assert deps["gguf"] == f"=={gguf['version']}", deps["gguf"]
+    numpy_min = next(re.search(r">=\s*([\d.]+)", d).group(1) for d in gguf["dependencies"]
+                     if d.startswith("numpy"))
+    assert deps["numpy"] == f">={numpy_min}", deps["numpy"]
+
+
+FORWARD_CASES = {
+    "-DGGML_CUDA=ON": True,
+    "-DGGML_NATIVE:BOOL=OFF": True,
+    "-DLLAMA_CURL=OFF": True,
+    "-DCMAKE_CUDA_ARCHITECTURES=80;87": True,
+    "-DCUDAToolkit_ROOT=/opt/cuda": True,
+    "-DBLAS_LIBRARIES=/usr/lib/libopenblas.so": True,
+    "-DCMAKE_OSX_ARCHITECTURES=arm64": True,
+    "-DLLAMA_PREFIX=/cache/build/abc/install": False,   # our own result
+    "-DCMAKE_BUILD_TYPE=Release": False,                # set by scikit-build on every build
+    "-DCMAKE_C_COMPILER=/usr/bin/cc": False,            # set by project(); CC decides
+    "-DCMAKE_CXX_COMPILER=/usr/bin/c++": False,
+    "-DCMAKE_C_COMPILER_AR=/usr/bin/gcc-ar": False,
+    "-DCMAKE_INSTALL_PREFIX=/tmp/x": False,
+    "-DPython_EXECUTABLE=/usr/bin/python3": False,
+    "-DSKBUILD_PLATLIB_DIR=/tmp/x": False,
+}
+
+
+def test_forwarded_cmake_flags_have_one_rule(tmp_path):
+    """CMakeLists.txt hands every cache variable to build_llama.py, whose FORWARDED rule
+    alone filters them (no second regex in CMake); checked through the same file handshake
+    CMake uses, without building anything."""
+    import build_llama
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "--cache-vars" in cmake and "MATCHES" not in cmake
+    cand = tmp_path / "vars.txt"
+    cand.write_text("".join(f + "\n" for f in FORWARD_CASES))
+    out = tmp_path / "flags.txt"
+    r = run("build_llama.py", "--check-toolchain", "--cache-vars", str(cand), "--flags-out", str(out))
+    assert r.returncode == 0, r.stderr
+    want = [f for f, fwd in FORWARD_CASES.items() if fwd]
+    assert json.loads("[" + out.read_text() + "]") == want
+    assert build_llama.forwarded(list(FORWARD_CASES)) == want
+
+
+def test_default_build_forwards_nothing(tmp_path):
+    """What CMake hands over in a default CPU build (compilers, build type, install paths,
+    our LLAMA_PREFIX) forwards no flag: the default build's cache key is the hand-run key."""
+    import build_llama
+    defaults = [f for f, fwd in FORWARD_CASES.items() if not fwd]
+    assert build_llama.forwarded(defaults) == []
