@@ -212,3 +212,18 @@ def test_embed_mode_chat_never_imports_torch():
     answer, _, verdict = r.stdout.rpartition("TORCH-IMPORTS:")
     assert verdict.strip() == "[] False", (verdict, r.stderr[-800:])
     assert answer.strip(), "the chat produced no answer"
+
+
+def test_native_suites_fail_without_the_library(tmp_path):
+    """A build whose liblightkv does not load turns the native parity suites red (errors),
+    never into skips that leave CI green. Only the GPU-only test may skip (no device)."""
+    env = dict(_clean_env(), LIGHTKV_EDGE_LIB_DIR=str(tmp_path))  # a folder with no library
+    mods = [f"tests/test_native_{m}.py" for m in ("api", "guidance", "merge", "positions")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *mods],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    summary = r.stdout.strip().splitlines()[-1]
+    assert r.returncode == 1, r.stdout[-800:]
+    assert re.search(r"\d{2,} errors", summary) and "passed" not in summary, summary
+    skipped = re.search(r"(\d+) skipped", summary)
+    assert skipped is None or int(skipped.group(1)) <= 1, summary
+    assert "liblightkv does not load" in r.stdout
