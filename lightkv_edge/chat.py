@@ -5,6 +5,7 @@ import json
 import sys
 
 from .errors import InputError, LightKVError
+from .cli import user_message
 from .images import load_image
 
 HELP = """\
@@ -29,6 +30,9 @@ def _open_chat(args):
         model, mmproj = pair.model, pair.mmproj
     elif args.hf_file:
         raise InputError("--hf-file needs --hf-repo")
+    elif (model is None) != (mmproj is None):
+        raise InputError("give both --model and --mmproj (or neither, for the embedded "
+                         "model)")
     return VisionChat(model, mmproj, mode=args.mode, keep=args.keep, windows=args.windows,
                       ctx_size=args.ctx_size, n_threads=args.threads,
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
@@ -103,17 +107,32 @@ def _interactive(chat, pending, args) -> int:
                     pending.append(load_image(rest.strip()))
                     print(f"(image {rest.strip()} attached to your next message)", file=err)
                 except InputError as e:
-                    print(f"error: {e}", file=err)
+                    print(f"error: {user_message(e)}", file=err)
             else:
                 print(f"unknown command {cmd} (/help)", file=err)
             continue
+        # a message is sent with the images attached so far; whatever happens, they are
+        # not attached again to the next one
+        sending, pending = pending, []
+        turns = len(chat.history)
         try:
-            _answer(chat, line, pending, echo=True)
-            pending = []
+            _answer(chat, line, sending, echo=True)
             if args.stats:
                 print(json.dumps(chat.last_stats.as_dict()), file=err)
         except KeyboardInterrupt:
-            print("\n(stopped)", file=err)
-            pending = []
+            if len(chat.history) > turns:
+                print("\n(stopped; the answer so far stays in the conversation)", file=err)
+            else:
+                print("\n(stopped before the answer; the message was not sent"
+                      + _dropped(sending) + ")", file=err)
         except LightKVError as e:
-            print(f"error: {e}", file=err)
+            print(f"error: {user_message(e)}", file=err)
+            if sending:
+                print(f"({_dropped(sending).lstrip('; ')})", file=err)
+
+
+def _dropped(images) -> str:
+    if not images:
+        return ""
+    return (f"; its {len(images)} image(s) were not kept: attach them again with /image"
+            if len(images) > 1 else "; its image was not kept: attach it again with /image")

@@ -5,6 +5,7 @@ Every user mistake ends in one line on stderr and exit code 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from . import __version__
@@ -18,6 +19,20 @@ examples:
   python -m lightkv_edge chat img.jpg --model m.gguf --mmproj mmproj.gguf --keep 0.5
   python -m lightkv_edge chat img.jpg --hf-repo OWNER/REPO-GGUF --hf-file '*Q4_K_M*'
 """
+
+
+# the library names its parameters in errors (InputError.param); here they are flags
+FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size",
+           "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
+           "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers"}
+
+
+def user_message(e: Exception) -> str:
+    """A library error as one line, its parameter names replaced by the flags."""
+    text = " ".join(str(e).split())
+    for param, flag in FLAG_OF.items():
+        text = re.sub(rf"(?<![\w-]){param}\b", flag, text)
+    return text
 
 
 def _fraction(text: str) -> float:
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     except LightKVError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        print("error: " + user_message(e), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

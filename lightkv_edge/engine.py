@@ -10,6 +10,12 @@ own chat template, libmtmd splits it into text and image chunks, the chunks are 
 under the mode (below), then tokens are sampled and streamed until end-of-generation.
 The KV cache keeps the whole conversation, so the images stay in context across turns.
 
+A turn is all or nothing until its answer starts: a message that does not fit, an error,
+or Ctrl-C during its prefill leaves the conversation and the KV cache as they were. Ctrl-C
+while answering keeps the answer so far. One VisionChat serves one call at a time: calls
+from other threads wait for the current one; a second stream from the thread that is still
+consuming one is refused.
+
 Modes:
 - off:   libmtmd's own helpers evaluate every chunk, exactly as llama-mtmd-cli does.
 - embed: each image's embeddings are merged (embed_mode.py) and only the kept rows are
@@ -18,15 +24,18 @@ Modes:
 from __future__ import annotations
 
 import ctypes
+import math
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import mtmd
+from . import interrupts, mtmd
 from .embed_mode import METHODS, reduce_image
-from .errors import InputError, LightKVError, ModelError
-from .images import Image, load_image, resized
+from .errors import ClosedError, InputError, LightKVError, ModelError
+from .images import Image, as_image, resized
 from .model import LOG, VisionModel, llama_cpp
 
 MODES = ("off", "embed", "layer")
@@ -47,6 +56,8 @@ class Stats:
     t_decode_ms: float = 0.0
     n_decoded: int = 0
     decode_tps: float = 0.0
+    stop: str = ""                  # why the answer ended: eog, max_tokens, context_full,
+                                    # interrupted
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -96,22 +107,15 @@ class VisionChat:
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
                  max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
                  ignore_eos: bool = False, verbose: bool = False):
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        if mode == "layer":
-            raise InputError("--mode layer is not available in this build yet "
-                             "(use off or embed)")
-        if not (0.0 < keep <= 1.0):
-            raise InputError(f"--keep must be in (0, 1], got {keep}")
-        if method not in METHODS:
-            raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-        if positions not in ("keep", "renumber"):
-            raise InputError(f"positions must be 'keep' or 'renumber', got {positions!r}")
-        if windows is not None and windows < 1:
-            raise InputError(f"--windows must be >= 1, got {windows}")
+        _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
+                        n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
+                        max_tokens=max_tokens, method=method, positions=positions)
         if (model is None) != (mmproj is None):
-            raise InputError("give both --model and --mmproj (or neither, for the "
-                             "embedded model)")
+            raise InputError("give both model and mmproj (or neither, for the "
+                             "embedded model)", param="model")
+        self.m = None
+        self._lock = threading.Lock()   # one call at a time (see the module's docstring)
+        self._owner = None              # the thread whose call holds the lock
         # the embedded model knows only its training image size: resize to it
         self.image_size = None
         if model is None:
@@ -143,24 +147,52 @@ class VisionChat:
             except ValueError as e:
                 self.close()
                 raise ModelError(f"embed mode cannot guide with this model: {e} "
-                                 "(use --mode off)") from None
-        self.reset()
+                                 "(use mode off)", param="mode") from None
+        self._forget()
+
+    # -- one call at a time ---------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self):
+        if self._owner == threading.get_ident():
+            raise InputError("this VisionChat is still streaming an answer: finish or "
+                             "close that stream first")
+        with self._lock:
+            if self.m is None:
+                raise ClosedError("this VisionChat is closed")
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # -- conversation state ---------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation (and its KV cache)."""
-        self.m.clear()
+        with self._exclusive():
+            self._forget()
+
+    def _forget(self) -> None:
         self.history: list[_Turn] = []
+        self.last_stats: Stats | None = None
+        self._clear_kv()
+
+    def _clear_kv(self) -> None:
+        """Empty the KV cache; the next turn prefills the whole history again."""
+        self.m.clear()
         self.n_past = 0           # next position (M-RoPE images advance it by their extent)
         self.n_cells = 0          # KV cells in use
         self.rendered = ""        # the conversation text the KV cache holds
-        self.last_stats: Stats | None = None
 
     def close(self) -> None:
-        if self._sampler:
-            llama_cpp.llama_sampler_free(self._sampler)
-            self._sampler = None
-        self.m.close()
+        """Free the model; later calls raise ClosedError. Closing twice is harmless."""
+        if self.m is None:
+            return
+        with self._exclusive():
+            if self._sampler:
+                llama_cpp.llama_sampler_free(self._sampler)
+                self._sampler = None
+            self.m.close()
+            self.m = None
 
     def __enter__(self):
         return self
@@ -174,12 +206,29 @@ class VisionChat:
         return "".join(self.stream(prompt, images, **kw))
 
     def stream(self, prompt: str, images=(), *, max_tokens: int | None = None):
-        """Yield the answer piece by piece. `images`: paths or lightkv_edge.images.Image.
+        """Yield the answer piece by piece. `images`: file paths, lightkv_edge.images.Image
+        or PIL images (one path alone is taken as a list of one).
         Markers: the prompt may place images itself with the media marker
-        (lightkv_edge.mtmd default "<__media__>"); otherwise they go before the text."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("empty prompt")
-        imgs = [im if isinstance(im, Image) else load_image(im) for im in images]
+        (lightkv_edge.mtmd default "<__media__>"); otherwise they go before the text.
+        Everything is checked here, before the first piece is asked for."""
+        if self.m is None:
+            raise ClosedError("this VisionChat is closed")
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a str, got {type(prompt).__name__}",
+                             param="prompt")
+        if not prompt.strip():
+            raise InputError("empty prompt", param="prompt")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:   # lone surrogates: undecodable bytes from argv
+            raise InputError(f"the prompt is not valid UTF-8 text (at character "
+                             f"{e.start})", param="prompt") from None
+        if max_tokens is None:
+            max_tokens = self.max_tokens
+        _check_settings(max_tokens=max_tokens)
+        if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+            images = [images]
+        imgs = [as_image(im) for im in images]
         if self.image_size:
             imgs = [resized(im, self.image_size) for im in imgs]
         n_markers = prompt.count(self.marker)
@@ -189,36 +238,43 @@ class VisionChat:
         elif n_markers == len(imgs):
             content = prompt
         else:
-            raise InputError(f"the prompt has {n_markers} image markers for {len(imgs)} images")
+            raise InputError(f"the prompt has {n_markers} image markers for {len(imgs)} "
+                             "images", param="prompt")
         turn = _Turn("user", content, imgs)
         text_for_guidance = prompt.replace(self.marker, " ")
-        yield from self._run_turn(turn, text_for_guidance, max_tokens or self.max_tokens)
+        return self._stream(turn, text_for_guidance, max_tokens)
+
+    def _stream(self, turn: _Turn, guidance_text: str, max_tokens: int):
+        with self._exclusive():
+            yield from self._run_turn(turn, guidance_text, max_tokens)
 
     def _render(self, turns: list[_Turn], add_assistant: bool) -> str:
         return self.m.apply_template([(t.role, t.content) for t in turns], add_assistant)
 
     def _run_turn(self, turn: _Turn, guidance_text: str, max_tokens: int):
         full = self._render(self.history + [turn], add_assistant=True)
+        before = (self.n_past, self.n_cells, self.rendered)
         if not full.startswith(self.rendered):
             # the template rewrote earlier turns: start over from the whole conversation
-            self.m.clear()
-            self.n_past = self.n_cells = 0
-            self.rendered = ""
+            self._clear_kv()
+        cells_start = self.n_cells
         delta = full[len(self.rendered):]
         images = [im for t in (self.history + [turn]) for im in t.images] \
             if not self.rendered else list(turn.images)
         stats = Stats(self.mode, self.keep if self.mode != "off" else 1.0)
-        cells_before = self.n_cells
-        chunks = self._tokenize(delta, images)
         try:
-            self._check_fits(chunks)
-            self._prefill(chunks, guidance_text, stats)
+            chunks = self._tokenize(delta, images)
+            try:
+                # Ctrl-C waits for the native step under way, then undoes the turn
+                with interrupts.deferred():
+                    self._check_fits(chunks)
+                    self._prefill(chunks, guidance_text, stats)
+            finally:
+                mtmd.chunks_free(chunks)
         except BaseException:
-            self._forget_all()
-            mtmd.chunks_free(chunks)
+            self._undo_prefill(*before)
             raise
-        mtmd.chunks_free(chunks)
-        stats.prompt_tokens = self.n_cells - cells_before
+        stats.prompt_tokens = self.n_cells - cells_start
         stats.kv_cells = self.n_cells
         stats.kv_bytes = self.m.kv_bytes()
         self.history.append(turn)
@@ -226,11 +282,12 @@ class VisionChat:
         self.last_stats = stats
 
         answer = bytearray()
+        self._eog_piece = ""
         emitted = 0
         t0 = time.perf_counter()
+        stats.stop = "interrupted"    # unless _generate says otherwise
         try:
-            for token in self._generate(max_tokens, stats):
-                answer += self.m.piece(token)
+            for _ in self._generate(max_tokens, stats, answer):
                 # hold back a split character; drop the tokenizer's leading space
                 text = answer.decode("utf-8", "ignore").lstrip()
                 if len(text) > emitted:
@@ -269,25 +326,41 @@ class VisionChat:
 
     def _check_fits(self, chunks) -> None:
         """The prompt ends with text (the logits to sample from) and, with at least one
-        answer token, fits in the context."""
-        sizes = [(mtmd.chunk_get_type(c), mtmd.chunk_get_n_tokens(c))
-                 for c in self._chunks(chunks)]
-        if not sizes or sizes[-1][0] != mtmd.CHUNK_TEXT:
-            raise InputError("the prompt must end with text after the last image")
+        answer token, fits in the context; an image that must be decoded in one batch
+        (non-causal attention) fits in one."""
+        chunk_list = list(self._chunks(chunks))
+        if not chunk_list or mtmd.chunk_get_type(chunk_list[-1]) != mtmd.CHUNK_TEXT:
+            raise InputError("the prompt must end with text after the last image",
+                             param="prompt")
         keep = self.keep if self.mode == "embed" else 1.0   # embed keeps ceil(keep * n)
-        need = sum(n if kind == mtmd.CHUNK_TEXT else int(np.ceil(keep * n))
-                   for kind, n in sizes)
+        need = 0
+        for c in chunk_list:
+            n = mtmd.chunk_get_n_tokens(c)
+            if mtmd.chunk_get_type(c) != mtmd.CHUNK_TEXT:
+                n = math.ceil(keep * n)
+                if mtmd.decode_use_non_causal(self.m.mctx, c) and n > self.m.n_ubatch:
+                    raise InputError(
+                        f"an image of {n} tokens attends to itself both ways and must be "
+                        f"decoded in one batch, but this context takes {self.m.n_ubatch} "
+                        "(raise ctx_size); the conversation is unchanged", param="ctx_size")
+            need += n
         if self.n_cells + need + 1 > self.m.n_ctx:
-            raise InputError(f"the prompt needs {need} tokens but only "
+            raise InputError(f"this message needs {need} tokens but only "
                              f"{self.m.n_ctx - self.n_cells} of the context's {self.m.n_ctx} "
-                             f"are free (raise -c/--ctx-size or shorten the prompt)")
+                             "are free (raise ctx_size, shorten the message, or reset); "
+                             "the conversation is unchanged", param="ctx_size")
 
-    def _forget_all(self) -> None:
-        # a failed prefill leaves partial entries in the KV cache: start afresh
-        self.m.clear()
-        self.n_past = self.n_cells = 0
-        self.rendered = ""
-        self.history = []
+    def _undo_prefill(self, n_past: int, n_cells: int, rendered: str) -> None:
+        """Return the KV cache to where a turn began, after its prefill failed or was
+        interrupted; the turn never reached the history."""
+        if self.rendered != rendered:
+            # the turn had started over from the whole conversation: the old cache is
+            # gone, and the next turn prefills the history again
+            self._clear_kv()
+        elif not llama_cpp.llama_memory_seq_rm(self.m.mem, 0, n_past, -1):
+            self._clear_kv()
+        else:
+            self.n_past, self.n_cells = n_past, n_cells
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self, chunks, guidance_text: str, stats: Stats) -> None:
@@ -364,11 +437,11 @@ class VisionChat:
     def _eval_image_merged(self, chunk, text_embd: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
         n = len(embd)
-        img = mtmd.chunk_get_tokens_image(chunk)
-        nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
-        # libmtmd knows the token grid only for M-RoPE models; for the others it reports
-        # nx = n, ny = 1, not a layout: let the merge square the rows (published behaviour)
-        grid = (ny, nx) if self.m.use_mrope and nx * ny == n else None
+        all_pos = self._image_positions(chunk, n)
+        # M-RoPE decoder positions lay the rows out on the image's token grid; for the
+        # other models libmtmd keeps no layout: let the merge square the rows (published
+        # behaviour)
+        grid = _grid_of(all_pos) if self.m.use_mrope else None
         merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
@@ -376,7 +449,7 @@ class VisionChat:
         if self.positions == "keep":
             # each kept row sits at its destination's original position ((t, h, w) for
             # M-RoPE); the image still spans its original extent
-            pos = self._image_positions(chunk, n)[:, merged.kept]
+            pos = all_pos[:, merged.kept]
             extent = mtmd.chunk_get_n_pos(chunk)
         else:
             # the published code's choice: renumber the kept rows contiguously
@@ -428,29 +501,80 @@ class VisionChat:
         self._sampler = chain
         return chain
 
-    def _generate(self, max_tokens: int, stats: Stats):
+    def _generate(self, max_tokens: int, stats: Stats, answer: bytearray):
+        """Sample, decode and append to `answer` one token at a time; yields after each.
+        A token's decode and its bookkeeping happen together or not at all (Ctrl-C is
+        held until both are done), so the KV cache, the positions and the answer text
+        always agree."""
         sampler = self._make_sampler()
         self._eog_piece = ""
         token_arr = (llama_cpp.llama_token * 1)()
+        pos = np.zeros(1, dtype=np.int32)
         for _ in range(max_tokens):
-            token = llama_cpp.llama_sampler_sample(sampler, self.m.ctx, -1)
-            # the token goes into the KV cache even when it ends the turn, so the cache
-            # holds the conversation exactly as the template renders it
-            if self.n_cells + 1 > self.m.n_ctx:
-                raise InputError("the context is full (raise -c/--ctx-size)")
-            token_arr[0] = token
-            batch = llama_cpp.llama_batch_get_one(token_arr, 1)
-            pos = np.array([self.n_past], dtype=np.int32)
-            batch.pos = pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
-            if llama_cpp.llama_decode(self.m.ctx, batch) != 0:
-                raise ModelError(f"llama.cpp failed to decode: {LOG.last_error()}")
-            self.n_past += 1
-            self.n_cells += 1
-            if self.m.is_eog(token):
-                self._eog_piece = self.m.piece(token).decode("utf-8", "replace")
-                return
-            stats.n_decoded += 1
+            with interrupts.deferred():
+                # the token goes into the KV cache even when it ends the turn, so the
+                # cache holds the conversation exactly as the template renders it
+                if self.n_cells + 1 > self.m.n_ctx:
+                    stats.stop = "context_full"
+                    return
+                token = llama_cpp.llama_sampler_sample(sampler, self.m.ctx, -1)
+                token_arr[0] = token
+                batch = llama_cpp.llama_batch_get_one(token_arr, 1)
+                pos[0] = self.n_past
+                batch.pos = pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+                if llama_cpp.llama_decode(self.m.ctx, batch) != 0:
+                    raise ModelError(f"llama.cpp failed to decode: {LOG.last_error()}")
+                self.n_past += 1
+                self.n_cells += 1
+                if self.m.is_eog(token):
+                    self._eog_piece = self.m.piece(token).decode("utf-8", "replace")
+                    stats.stop = "eog"
+                    return
+                answer += self.m.piece(token)
+                stats.n_decoded += 1
             yield token
+        stats.stop = "max_tokens"
+
+
+def _grid_of(pos: np.ndarray) -> tuple[int, int]:
+    """(rows, cols) of an image's M-RoPE decoder positions [4, n] (t, y, x, z)."""
+    return (int(pos[1].max() - pos[1].min()) + 1, int(pos[2].max() - pos[2].min()) + 1)
+
+
+def _check_settings(**given) -> None:
+    """Validate VisionChat's settings (those given), naming the parameter at fault."""
+    def fail(name, why):
+        raise InputError(f"{name} {why}, got {given[name]!r}", param=name)
+
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and \
+            not isinstance(v, bool) and math.isfinite(v)
+
+    for name, v in given.items():
+        if name == "mode" and v not in MODES:
+            fail(name, f"must be one of {', '.join(MODES)}")
+        if name == "mode" and v == "layer":
+            raise InputError("mode 'layer' is not available in this build yet (use off or "
+                             "embed)", param="mode")
+        if name == "keep" and not (is_real(v) and 0.0 < v <= 1.0):
+            fail(name, "must be a number in (0, 1]")
+        if name == "temp" and not (is_real(v) and v >= 0.0):
+            fail(name, "must be a finite number >= 0")
+        if name in ("max_tokens", "ctx_size") and not (is_int(v) and v >= 1):
+            fail(name, "must be an integer >= 1")
+        if name in ("windows", "n_threads") and v is not None and not (is_int(v) and v >= 1):
+            fail(name, "must be None or an integer >= 1")
+        if name == "gpu_layers" and v is not None and not (is_int(v) and v >= -1):
+            fail(name, "must be None, -1 (all) or an integer >= 0")
+        if name == "seed" and not (is_int(v) and 0 <= v < 2**32):
+            fail(name, "must be an integer in [0, 2**32)")
+        if name == "method" and v not in METHODS:
+            fail(name, f"must be one of {', '.join(METHODS)}")
+        if name == "positions" and v not in ("keep", "renumber"):
+            fail(name, "must be 'keep' or 'renumber'")
 
 
 _set_position_gaps = llama_cpp.llama_cpp._lib.llama_set_position_gaps   # patch 0001

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +15,42 @@ MAX_PIXELS = 64_000_000
 
 @dataclass(frozen=True)
 class Image:
-    """An RGB image ready for libmtmd: width x height x 3 bytes, row-major."""
+    """An RGB image ready for libmtmd: width x height x 3 bytes, row-major.
+    Checked on creation: libmtmd reads exactly width * height * 3 bytes from `rgb`."""
     path: str
     width: int
     height: int
     rgb: bytes
+
+    def __post_init__(self):
+        for side in ("width", "height"):
+            v = getattr(self, side)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"Image {side} must be a positive integer, got {v!r}")
+        if self.width * self.height > MAX_PIXELS:
+            raise InputError(f"image too large: {self.width}x{self.height} "
+                             f"(more than {MAX_PIXELS // 1_000_000} MP)")
+        if not isinstance(self.rgb, (bytes, bytearray)):
+            raise InputError(f"Image rgb must be bytes, got {type(self.rgb).__name__}")
+        need = self.width * self.height * 3
+        if len(self.rgb) != need:
+            raise InputError(f"Image rgb holds {len(self.rgb)} bytes, but {self.width}x"
+                             f"{self.height} RGB needs {need}")
+        if isinstance(self.rgb, bytearray):   # frozen: keep a copy nobody else can change
+            object.__setattr__(self, "rgb", bytes(self.rgb))
+
+
+def as_image(item) -> Image:
+    """What the Python API accepts as an image: a file path (str, bytes, os.PathLike), an
+    Image, or a PIL image."""
+    if isinstance(item, Image):
+        return item
+    if isinstance(item, (str, bytes, os.PathLike)):
+        return load_image(os.fsdecode(item))
+    if hasattr(item, "convert") and hasattr(item, "size") and hasattr(item, "mode"):
+        return image_from_pil(item)
+    raise InputError(f"expected an image file path, a lightkv_edge.images.Image or a PIL "
+                     f"image, got {type(item).__name__}")
 
 
 def load_image(path: str | os.PathLike) -> Image:
@@ -32,7 +64,12 @@ def load_image(path: str | os.PathLike) -> Image:
     if not os.access(p, os.R_OK):
         raise InputError(f"image is not readable: {p}")
     try:
-        with PILImage.open(p) as im:
+        # PIL warns about huge images before we can look at their size: the check
+        # below is ours, with one line instead of PIL's warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            im = PILImage.open(p)
+        with im:
             w, h = im.size  # read from the header, before any pixel is decoded
             if w * h > MAX_PIXELS:
                 raise InputError(f"image too large: {p} is {w}x{h} "
@@ -56,7 +93,11 @@ def image_from_pil(im, name: str = "<image>") -> Image:
     w, h = im.size
     if w * h > MAX_PIXELS:
         raise InputError(f"image too large: {w}x{h}")
-    return Image(name, w, h, im.convert("RGB").tobytes())
+    try:
+        rgb = im.convert("RGB").tobytes()
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read image {name}: {e}") from None
+    return Image(name, w, h, rgb)
 
 
 def resized(im: Image, size: tuple[int, int]) -> Image:

@@ -13,12 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gguf_file, mtmd
+from . import gguf_file, interrupts, mtmd
 from .errors import InputError, ModelError
 
 llama_cpp = mtmd.llama_cpp
 
 _GGUF_MAGIC = b"GGUF"
+# llama.cpp sizes the KV cache in whole multiples of this many cells
+KV_CELL_PAD = 256
+
+
+def _keep_loading(progress, user_data) -> bool:
+    # llama.cpp's loaders stop (and return NULL) when this says False: Ctrl-C during a
+    # load ends the load instead of being swallowed inside this callback
+    return not interrupts.requested()
+
+
+_KEEP_LOADING = llama_cpp.llama_progress_callback(_keep_loading)
+_KEEP_LOADING_MTMD = mtmd.progress_callback(_keep_loading)
 
 
 # -- logging: keep llama.cpp quiet unless asked, but remember its last error -------------
@@ -89,50 +101,69 @@ class VisionModel:
         self.model = self.ctx = self.mctx = None
         n_threads = n_threads or os.cpu_count() or 1
         try:
-            mp = llama_cpp.llama_model_default_params()
-            if gpu_layers is not None:
-                mp.n_gpu_layers = gpu_layers
-            # Safe default: ggml's extra CPU buffer types (AMX, weight repacking) are off.
-            # The pinned ggml's AMX path segfaulted on Q8_0 weights for any batch of more
-            # than one token on an AMX CPU (pinned-llama-cpp-notes.md); repacking only
-            # speeds up some quant types on CPU. use_extra_bufts=True turns them back on.
-            mp.use_extra_bufts = use_extra_bufts
-            self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
-            if not self.model:
-                raise ModelError(f"llama.cpp could not load {model_path}: {LOG.last_error()}")
-            self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-            self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
-
-            cp = mtmd.context_params_default()
-            cp.use_gpu = gpu_layers != 0
-            cp.n_threads = n_threads
-            cp.print_timings = False
-            cp.warmup = warmup
-            self.mctx = mtmd.init_from_file(str(mmproj_path).encode(), self.model, cp)
-            if not self.mctx:
-                raise ModelError(f"{mmproj_path} does not fit {model_path.name}: "
-                                 f"{LOG.last_error()}")
-            if not mtmd.support_vision(self.mctx):
-                raise ModelError(f"{mmproj_path} has no vision encoder")
-            self.use_mrope = bool(mtmd.decode_use_mrope(self.mctx))
-
-            ctx_size = min(ctx_size, max(llama_cpp.llama_model_n_ctx_train(self.model), 256))
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = ctx_size
-            cparams.n_batch = n_batch
-            # non-causal image tokens (Gemma 3) must fit in one ubatch
-            cparams.n_ubatch = n_batch
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
-            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-            if not self.ctx:
-                raise ModelError(f"llama.cpp could not create a context: {LOG.last_error()}")
-            self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-            self.n_batch = n_batch
-            self.mem = llama_cpp.llama_get_memory(self.ctx)
+            with interrupts.deferred():
+                self._load(model_path, mmproj_path, ctx_size=ctx_size, n_threads=n_threads,
+                           gpu_layers=gpu_layers, n_batch=n_batch,
+                           use_extra_bufts=use_extra_bufts, warmup=warmup)
         except BaseException:
             self.close()
             raise
+
+    def _load(self, model_path, mmproj_path, *, ctx_size, n_threads, gpu_layers, n_batch,
+              use_extra_bufts, warmup):
+        mp = llama_cpp.llama_model_default_params()
+        if gpu_layers is not None:
+            mp.n_gpu_layers = gpu_layers
+        # Safe default: ggml's extra CPU buffer types (AMX, weight repacking) are off.
+        # The pinned ggml's AMX path segfaulted on Q8_0 weights for any batch of more
+        # than one token on an AMX CPU (docs/llama-cpp-notes.md); repacking only
+        # speeds up some quant types on CPU. use_extra_bufts=True turns them back on.
+        mp.use_extra_bufts = use_extra_bufts
+        mp.progress_callback = _KEEP_LOADING
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
+        if not self.model:
+            if interrupts.requested():
+                return                      # deferred() raises KeyboardInterrupt
+            raise ModelError(f"llama.cpp could not load {model_path}: {LOG.last_error()}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
+
+        cp = mtmd.context_params_default()
+        cp.use_gpu = gpu_layers != 0
+        cp.n_threads = n_threads
+        cp.print_timings = False
+        cp.warmup = warmup
+        cp.progress_callback = _KEEP_LOADING_MTMD
+        self.mctx = mtmd.init_from_file(str(mmproj_path).encode(), self.model, cp)
+        if not self.mctx:
+            if interrupts.requested():
+                return
+            raise ModelError(f"{mmproj_path} does not fit {model_path.name}: "
+                             f"{LOG.last_error()}")
+        if not mtmd.support_vision(self.mctx):
+            raise ModelError(f"{mmproj_path} has no vision encoder")
+        self.use_mrope = bool(mtmd.decode_use_mrope(self.mctx))
+
+        # llama.cpp rounds the context up to whole KV_CELL_PAD cells but cuts the batch
+        # to the size asked for: ask for the rounded size, so that a small context still
+        # takes batches of KV_CELL_PAD tokens (-c 16 means a 256-cell cache either way)
+        ctx_size = min(ctx_size, max(llama_cpp.llama_model_n_ctx_train(self.model), 256))
+        ctx_size = -(-ctx_size // KV_CELL_PAD) * KV_CELL_PAD
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = ctx_size
+        cparams.n_batch = n_batch
+        # non-causal image tokens (Gemma 3) must fit in one ubatch
+        cparams.n_ubatch = n_batch
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise ModelError(f"llama.cpp could not create a context: {LOG.last_error()}")
+        # what the context really holds and takes per call (llama.cpp may adjust both)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self.ctx)
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
 
     # -- text ---------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special=False, parse_special=False) -> list[int]:

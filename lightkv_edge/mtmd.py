@@ -20,6 +20,7 @@ lib = _m._libmtmd
 CHUNK_TEXT, CHUNK_IMAGE, CHUNK_AUDIO = 0, 1, 2
 
 context_params = _m.mtmd_context_params
+progress_callback = _m.mtmd_progress_callback
 
 
 class input_text(ctypes.Structure):
@@ -62,8 +63,6 @@ chunk_get_tokens_image = _fn("mtmd_input_chunk_get_tokens_image", c_void_p, c_vo
 chunk_get_n_tokens = _fn("mtmd_input_chunk_get_n_tokens", c_size_t, c_void_p)
 chunk_get_n_pos = _fn("mtmd_input_chunk_get_n_pos", c_int32, c_void_p)
 image_tokens_get_n_tokens = _fn("mtmd_image_tokens_get_n_tokens", c_size_t, c_void_p)
-image_tokens_get_nx = _fn("mtmd_image_tokens_get_nx", c_size_t, c_void_p)
-image_tokens_get_ny = _fn("mtmd_image_tokens_get_ny", c_size_t, c_void_p)
 image_tokens_get_decoder_pos = _fn("mtmd_image_tokens_get_decoder_pos", decoder_pos,
                                    c_void_p, c_int32, c_size_t)
 

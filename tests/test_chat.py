@@ -109,8 +109,8 @@ class _Recorder:
         self.tokens = []
         orig = chat._generate
 
-        def gen(max_tokens, stats):
-            for t in orig(max_tokens, stats):
+        def gen(max_tokens, stats, answer):
+            for t in orig(max_tokens, stats, answer):
                 self.tokens.append(t)
                 yield t
         chat._generate = gen

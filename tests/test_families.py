@@ -96,11 +96,11 @@ def _run(pair, imgs, with_logits=False, **kw):
         tokens, logits = [], []
         orig = chat._generate
 
-        def gen(max_tokens, stats):
+        def gen(max_tokens, stats, answer):
             n_vocab = llama_cpp.llama_vocab_n_tokens(chat.m.vocab)
             logits.append(np.ctypeslib.as_array(
                 llama_cpp.llama_get_logits_ith(chat.m.ctx, -1), shape=(n_vocab,)).copy())
-            for t in orig(max_tokens, stats):
+            for t in orig(max_tokens, stats, answer):
                 tokens.append(t)
                 yield t
         chat._generate = gen
