@@ -30,14 +30,16 @@ def _open_chat(args):
         model, mmproj = pair.model, pair.mmproj
     elif args.hf_file:
         raise InputError("--hf-file needs --hf-repo")
-    elif (model is None) != (mmproj is None):
+    if args.model_name and (model or mmproj):
+        raise InputError("give either --model-name or --model/--mmproj, not both")
+    if (model is None) != (mmproj is None):
         raise InputError("give both --model and --mmproj (or neither, for the embedded "
                          "model)")
     return VisionChat(model, mmproj, mode=args.mode, keep=args.keep, windows=args.windows,
                       ctx_size=args.ctx_size, n_threads=args.threads,
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
                       max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                      verbose=args.verbose)
+                      verbose=args.verbose, model_name=args.model_name)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

@@ -9,6 +9,7 @@ import re
 import sys
 
 from . import __version__
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .errors import LightKVError
 
 EXAMPLES = """\
@@ -24,7 +25,8 @@ examples:
 # the library names its parameters in errors (InputError.param); here they are flags
 FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size",
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
-           "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers"}
+           "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
+           "model_name": "--model-name"}
 
 
 def user_message(e: Exception) -> str:
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     chat.add_argument("-p", "--prompt", help="ask this once and exit (default: interactive)")
     src = chat.add_argument_group("model (default: the embedded model, no download)")
+    src.add_argument("--model-name", metavar="NAME", choices=EMBEDDED_MODELS,
+                     help="which embedded model: " + ", ".join(EMBEDDED_MODELS)
+                          + f" (default {DEFAULT_MODEL}; the 16x16 one has 256 image "
+                          "tokens, several merge windows per side)")
     src.add_argument("-m", "--model", metavar="F", help="GGUF text model")
     src.add_argument("--mmproj", metavar="F", help="GGUF vision projector matching --model")
     src.add_argument("--hf-repo", metavar="REPO",

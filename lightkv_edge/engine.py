@@ -106,22 +106,26 @@ class VisionChat:
                  ctx_size: int = 4096, n_threads: int | None = None,
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
                  max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
-                 ignore_eos: bool = False, verbose: bool = False):
+                 ignore_eos: bool = False, verbose: bool = False,
+                 model_name: str | None = None):
         _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
                         n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
                         max_tokens=max_tokens, method=method, positions=positions)
         if (model is None) != (mmproj is None):
-            raise InputError("give both model and mmproj (or neither, for the "
+            raise InputError("give both model and mmproj (or neither, for an "
                              "embedded model)", param="model")
+        if model is not None and model_name is not None:
+            raise InputError("give either model files or an embedded model_name, not both",
+                             param="model_name")
         self.m = None
         self._lock = threading.Lock()   # one call at a time (see the module's docstring)
         self._owner = None              # the thread whose call holds the lock
         # the embedded model knows only its training image size: resize to it
         self.image_size = None
         if model is None:
-            from .embedded import embedded_image_size, embedded_model
-            model, mmproj = embedded_model()
-            self.image_size = embedded_image_size()
+            from .embedded import DEFAULT_MODEL, embedded_image_size, embedded_model
+            model, mmproj = embedded_model(model_name or DEFAULT_MODEL)
+            self.image_size = embedded_image_size(model_name or DEFAULT_MODEL)
         self.mode, self.keep, self.windows, self.method = mode, keep, windows, method
         self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens

@@ -49,12 +49,30 @@ class _Log:
         if self.verbose:
             os.write(2, text or b"")
 
-    def last_error(self) -> str:
+    def clear(self) -> None:
+        """Forget earlier lines (before a call whose failure we may have to explain)."""
         with self._lock:
-            for line in reversed(self.lines):
+            self.lines.clear()
+
+    def first_error(self) -> str:
+        """The first line since clear() that states an error or a failure: a loader logs
+        the root cause first, then the failures it causes on the way out."""
+        with self._lock:
+            for line in self.lines:
                 if "error" in line.lower() or "failed" in line.lower():
-                    first = line.strip().splitlines()[0] if line.strip() else line
+                    first = line.strip().splitlines()[0]
                     return first.split("error: ", 1)[-1].strip()
+        return "see --verbose"
+
+    def last_error(self) -> str:
+        """The latest line that states an error; else the latest that says something
+        failed (llama.cpp logs the reason first, then "failed to load model")."""
+        with self._lock:
+            for word in ("error", "failed"):
+                for line in reversed(self.lines):
+                    if word in line.lower():
+                        first = line.strip().splitlines()[0] if line.strip() else line
+                        return first.split("error: ", 1)[-1].strip()
         return "see --verbose"
 
 
@@ -120,11 +138,12 @@ class VisionModel:
         # speeds up some quant types on CPU. use_extra_bufts=True turns them back on.
         mp.use_extra_bufts = use_extra_bufts
         mp.progress_callback = _KEEP_LOADING
+        LOG.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mp)
         if not self.model:
             if interrupts.requested():
                 return                      # deferred() raises KeyboardInterrupt
-            raise ModelError(f"llama.cpp could not load {model_path}: {LOG.last_error()}")
+            raise ModelError(f"llama.cpp could not load {model_path}: {LOG.first_error()}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_embd = llama_cpp.llama_model_n_embd_inp(self.model)
 
@@ -134,12 +153,13 @@ class VisionModel:
         cp.print_timings = False
         cp.warmup = warmup
         cp.progress_callback = _KEEP_LOADING_MTMD
+        LOG.clear()
         self.mctx = mtmd.init_from_file(str(mmproj_path).encode(), self.model, cp)
         if not self.mctx:
             if interrupts.requested():
                 return
-            raise ModelError(f"{mmproj_path} does not fit {model_path.name}: "
-                             f"{LOG.last_error()}")
+            raise ModelError(f"cannot use the mmproj {mmproj_path} with {model_path.name}: "
+                             f"{LOG.first_error()}")
         if not mtmd.support_vision(self.mctx):
             raise ModelError(f"{mmproj_path} has no vision encoder")
         self.use_mrope = bool(mtmd.decode_use_mrope(self.mctx))

@@ -281,7 +281,7 @@ def test_cli_mmproj_that_does_not_match(pair, images, tmp_path):
     other = tmp_path / "other.gguf"
     write_tiny_llama(other, n_embd=64)   # the embedded model's LLM is wider
     _one_line_error(_cli("chat", images[0], "-p", "hi", "--model", other,
-                         "--mmproj", pair[1]), "does not fit")
+                         "--mmproj", pair[1]), "cannot use the mmproj", "mismatch")
 
 
 def test_cli_ctrl_c_during_generation(pair, images):
