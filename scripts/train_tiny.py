@@ -26,7 +26,24 @@ Recipe (what worked on a 2-core CPU; see lightkv_edge/models/model_card.json):
              favoured) and 30% of questions capitalised ("What colour ...").
   stage ship  Test-split accuracy with transformers, export (safetensors, config,
              tokenizer, chat template, preprocessor config), scripts/convert.py (f16 text +
-             f16 mmproj), scripts/quantize.py (Q8_0), files into lightkv_edge/models/.
+             f16 mmproj), scripts/quantize.py (Q8_0), files into lightkv_edge/models/
+             (--grid 8: shapes-vlm-*, hf/, model_card.json; --grid 16: shapes16-vlm-*,
+             hf16/, model_card_16.json; each grid replaces only its own files).
+
+16x16 grid (the second embedded model, shapes16-vlm; 128 px, patch 4, 1024 patches): the
+vision tower's full attention over 1024 patches with head dim 16 is what made it cost seconds
+per step on CPU (about 75% of a tower step is attention, and it grows with the square of the
+patches), and the language side sees 281 instead of 89 tokens.  So it is not trained from
+scratch: --init-from starts it from the trained 8x8 model (the language side as it is; the
+tower's patch-8 embedding folded to patch 4, which makes the new tower on a 128 px image
+compute what the old one computes on it upscaled to 256 px: colour/shape/side of object
+tokens 1.00/0.83/0.66 before any step), the vision stage fine-tunes the tower on whole images
+(batch 8), and the joint stage asks --j-questions questions about each cached image, whose
+image tokens then run through the language model once per image (LM.shared; causal
+attention makes their states independent of the question).  --v-crop trains the tower on
+crops instead; it learns colour and shape cheaply but not the left/right/top/bottom
+attributes: a crop hides where the image's edges are, and the tower has only relative
+(rotary) positions.  Exact commands: lightkv_edge/models/model_card_16.json ("recipe").
 
 Every stage is resumable (--resume picks up the newest checkpoint of that stage in
 --run-dir), seeded (--seed), and prints progress and held-out accuracy per question type.
@@ -210,7 +227,21 @@ class Vision:
         emb = torch.cat((rot, rot), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def __call__(self, px):
+    def crop_rows(self, r0: int, c0: int, side: int):
+        """Rows of the full image's patch sequence (merge order) that a crop of side x side
+        patches at patch offset (r0, c0) covers, in the crop's own merge order: the crop keeps
+        its absolute 2D rotary positions, so the tower sees a window of the real image."""
+        import torch
+        r = torch.arange(side).view(-1, 1).expand(side, side)
+        c = torch.arange(side).view(1, -1).expand(side, side)
+        # crop coords in the crop's merge order (the order patchify gives the cropped pixels)
+        r = r.reshape(side // 2, 2, side // 2, 2).permute(0, 2, 1, 3).reshape(-1) + r0
+        c = c.reshape(side // 2, 2, side // 2, 2).permute(0, 2, 1, 3).reshape(-1) + c0
+        return ((r // 2) * (self.gp // 2) + c // 2) * 4 + (r % 2) * 2 + c % 2
+
+    def __call__(self, px, rows=None):
+        """px [B, N, 3*2*p*p] -> merged tokens [B, N/4, D].  rows [B, N] (optional): which
+        rows of the full image's patch sequence each patch is (crops, see crop_rows)."""
         import torch.nn.functional as F
         from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
         v = self.v
@@ -219,7 +250,10 @@ class Vision:
         x = F.linear(px, w.reshape(w.shape[0], -1))
         E = x.shape[-1]
         hd = E // self.heads
-        cos, sin = self.cos[None, :, None, :], self.sin[None, :, None, :]
+        if rows is None:
+            cos, sin = self.cos[None, :, None, :], self.sin[None, :, None, :]
+        else:
+            cos, sin = self.cos[rows][:, :, None, :], self.sin[rows][:, :, None, :]
         for blk in v.blocks:
             h = blk.norm1(x)
             q, k, vv = blk.attn.qkv(h).reshape(B, N, 3, self.heads, hd).unbind(2)
@@ -277,6 +311,48 @@ class LM:
             o = (p @ v).transpose(1, 2).reshape(B, Sq, D)
             x = x + at.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm.norm(x), probs
+
+    def shared(self, emb, pos, last, share: int, prefix: int):
+        """The same as __call__ for a batch whose rows come in groups of ``share`` that hold
+        one image each (several questions about it): the first ``prefix`` positions (the
+        text before the image and the image tokens) are identical within a group, and as
+        attention is causal their states do not depend on the question, so they are
+        computed once per group and only the question rows run per batch row.  This is what
+        makes the 16x16 grid (256 image tokens, about 25 question tokens) affordable."""
+        import torch
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_multimodal_rotary_pos_emb
+        B, Sq, D = emb.shape
+        P, G = prefix, B // share
+        cos, sin = self.lm.rotary_emb(emb, pos)                    # [3, B, S, hd]
+        cos_i, sin_i = cos[:, ::share, :P], sin[:, ::share, :P]     # [3, G, P, hd]
+        cos_q, sin_q = cos[:, :, P:], sin[:, :, P:]                 # [3, B, S-P, hd]
+        mask = torch.full((Sq, Sq), float("-inf")).triu(1)
+        xi, xq = emb[::share, :P], emb[:, P:]                       # [G, P, D], [B, S-P, D]
+        probs = []
+        ar = torch.arange(B)
+
+        def heads(at, h, n, rows):
+            return (at.q_proj(h).view(rows, n, self.heads, self.hd).transpose(1, 2),
+                    at.k_proj(h).view(rows, n, self.kv, self.hd).transpose(1, 2),
+                    at.v_proj(h).view(rows, n, self.kv, self.hd).transpose(1, 2))
+
+        for layer in self.lm.layers:
+            at = layer.self_attn
+            qi, ki, vi = heads(at, layer.input_layernorm(xi), P, G)           # [G, H, P, hd]
+            qq, kq, vq = heads(at, layer.input_layernorm(xq), Sq - P, B)      # [B, H, S-P, hd]
+            qi, ki = apply_multimodal_rotary_pos_emb(qi, ki, cos_i, sin_i, self.sec)
+            qq, kq = apply_multimodal_rotary_pos_emb(qq, kq, cos_q, sin_q, self.sec)
+            pi = ((qi @ ki.transpose(-1, -2)) * (self.hd ** -0.5) + mask[:P, :P]).softmax(-1)
+            k_all = torch.cat([ki.repeat_interleave(share, 0), kq], 2)       # [B, H, S, hd]
+            v_all = torch.cat([vi.repeat_interleave(share, 0), vq], 2)
+            pq = ((qq @ k_all.transpose(-1, -2)) * (self.hd ** -0.5) + mask[P:]).softmax(-1)
+            probs.append(pq[ar, :, last - P, :])                              # [B, H, S]
+            xi = xi + at.o_proj((pi @ vi).transpose(1, 2).reshape(G, P, D))
+            xq = xq + at.o_proj((pq @ v_all).transpose(1, 2).reshape(B, Sq - P, D))
+            xi = xi + layer.mlp(layer.post_attention_layernorm(xi))
+            xq = xq + layer.mlp(layer.post_attention_layernorm(xq))
+        x = torch.cat([xi.repeat_interleave(share, 0), xq], 1)
         return self.lm.norm(x), probs
 
 
@@ -428,7 +504,13 @@ def lm_step(model, lmf, batch, img_emb, args, train=True):
     emb = model.model.language_model.embed_tokens(ids)
     emb = torch.cat([emb[:, :k], img_emb.to(emb.dtype), emb[:, k + g2:]], 1)
     lmf.img = (k, g2) if args.self_w > 0 else None
-    hid, probs = lmf(emb, batch["pos"], batch["last"])
+    share = batch.get("share", 1)
+    if share > 1:
+        if args.self_w > 0:
+            raise SystemExit("--self-w needs unshared batches (--j-questions 1)")
+        hid, probs = lmf.shared(emb, batch["pos"], batch["last"], share, k + g2)
+    else:
+        hid, probs = lmf(emb, batch["pos"], batch["last"])
     B = ids.shape[0]
     ar = torch.arange(B)
     la = model.lm_head(hid[ar, batch["last"]])
@@ -504,6 +586,38 @@ def load_ckpt(path: Path, model, opt=None):
     if opt is not None and st.get("opt"):
         opt.load_state_dict(st["opt"])
     return st["step"], st.get("extra", {})
+
+
+def load_init_weights(model, hf_dir: Path):
+    """Copy every weight of a saved checkpoint (safetensors names as save_pretrained writes
+    them: model.layers..., visual..., lm_head...) into ``model``.  A vision patch embedding
+    whose patch is twice this model's is folded (each 2x2 block of its pixel weights
+    summed): the new tower on an image then computes exactly what the old one computes on
+    that image upscaled 2x (nearest), the same 32x32 patch grid and rotary positions."""
+    from safetensors.torch import load_file
+    sd = model.state_dict()
+    n = 0
+    for k, v in load_file(str(hf_dir / "model.safetensors")).items():
+        if k.startswith("visual."):
+            name = "model." + k
+        elif k.startswith("model."):
+            name = "model.language_model." + k[len("model."):]
+        else:
+            name = k
+        if name not in sd:
+            raise SystemExit(f"--init-from: {k} has no place in this model")
+        if k == "visual.patch_embed.proj.weight" and v.shape != sd[name].shape:
+            o, c, t, p, _ = v.shape
+            if p != 2 * sd[name].shape[-1] or p % 2:
+                raise SystemExit(f"--init-from: patch {p} does not fold into {sd[name].shape}")
+            v = v.reshape(o, c, t, p // 2, 2, p // 2, 2).sum((4, 6))
+        if sd[name].shape != v.shape:
+            raise SystemExit(f"--init-from: {k} {tuple(v.shape)} does not fit this model")
+        sd[name] = v
+        n += 1
+    if n != len(sd):
+        raise SystemExit(f"--init-from: {n} of {len(sd)} tensors in {hf_dir}")
+    model.load_state_dict(sd)
 
 
 def lr_at(step, args, total):
@@ -591,20 +705,33 @@ def stage_vision(args, run, tok, model, cb):
     vlab = torch.from_numpy(np.stack([token_labels(s.objects, args.grid)[0] for s in val]))
     vpx = patchify(np.stack([np.asarray(s.image) for s in val]), vis.patch)
     names = list(GROUPS)
+    total = args.v_steps + args.v_full_steps
+    rng = np.random.default_rng(args.seed + 13)
     t0 = time.time()
-    while step < args.v_steps:
+    while step < total:
+        crop = args.v_crop > 0 and step < args.v_steps
+        bs = args.vbs if step < args.v_steps else args.v_full_bs
         smp = [S.make_sample(S.sample_rng("train", args.seed * 1000 + 9, step * args.vbs + i),
-                             None) for i in range(args.vbs)]
+                             None) for i in range(bs)]
         lab = torch.from_numpy(np.stack([token_labels(s.objects, args.grid)[0] for s in smp]))
-        px = patchify(np.stack([np.asarray(s.image) for s in smp]), vis.patch)
+        if crop:
+            px, lab, rows, keep = crop_batch(smp, lab, vis, args.v_crop, args.grid, rng)
+        else:
+            px, rows = patchify(np.stack([np.asarray(s.image) for s in smp]), vis.patch), None
         for gr in opt.param_groups:
             gr["lr"] = args.vlr * min(1.0, (step + 1) / 100) * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.v_steps))))
-        out = vis(px)
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+        out = vis(px, rows)
         tgt = codes_for(cb, lab)
-        loss = F.mse_loss(out, tgt) * out.shape[-1]
         fg = (lab[..., 0] > 0).float()
         wt = 1.0 + 4.0 * fg  # object tokens matter more than background
+        if crop:
+            # tokens of an object the crop cuts carry no loss: their labels (shape, side,
+            # centre) describe the whole object, which the crop may not show
+            wt = wt * keep
+            loss = ((out - tgt) ** 2 * keep[..., None]).sum() / keep.sum().clamp(min=1)
+        else:
+            loss = F.mse_loss(out, tgt) * out.shape[-1]
         for gi, n in enumerate(names):
             lg = out @ cb[n].T * 8.0
             ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lab[..., gi].reshape(-1),
@@ -613,8 +740,9 @@ def stage_vision(args, run, tok, model, cb):
         optimizer_step(loss, opt, params)
         step += 1
         if step % 25 == 0:
-            log(f"[vision] step {step} loss {loss.item():.3f} {(time.time() - t0) / 60:.1f} min")
-        if step % args.v_eval_every == 0 or step == args.v_steps:
+            log(f"[vision] step {step} loss {loss.item():.3f} {'crop' if crop else 'full'} "
+                f"{(time.time() - t0) / 60:.1f} min")
+        if step % args.v_eval_every == 0 or step == total:
             with torch.no_grad():
                 out = vis(vpx)
             fgm = vlab[..., 0] > 0
@@ -627,6 +755,34 @@ def stage_vision(args, run, tok, model, cb):
             save_ckpt(ck, model, opt, step)
     save_ckpt(ck, model, opt, step)
     return model
+
+
+def crop_batch(smp, lab, vis, side: int, grid: int, rng):
+    """Random side x side-patch crops (token-aligned) of the samples' images: patches,
+    token labels, the crop's rows of the full patch sequence (rotary positions), and a 0/1
+    mask of the tokens whose object the crop shows whole (background tokens always 1)."""
+    import torch
+    p, nt = vis.patch, side // 2
+    pxs, labs, rows, keeps = [], [], [], []
+    for s, lb in zip(smp, lab):
+        t0, u0 = (int(v) for v in rng.integers(0, grid - nt + 1, size=2))
+        y0, x0 = 2 * t0 * p, 2 * u0 * p
+        img = np.asarray(s.image)[y0:y0 + side * p, x0:x0 + side * p]
+        pxs.append(img)
+        labs.append(lb.view(grid, grid, -1)[t0:t0 + nt, u0:u0 + nt].reshape(nt * nt, -1))
+        rows.append(vis.crop_rows(2 * t0, 2 * u0, side))
+        om = S.object_map(s.objects)
+        inside = np.zeros(len(s.objects) + 1, dtype=np.float32)
+        inside[0] = 1.0
+        for i in range(len(s.objects)):
+            ys, xs = np.nonzero(om == i)
+            inside[i + 1] = float(ys.min() >= y0 and ys.max() < y0 + side * p
+                                  and xs.min() >= x0 and xs.max() < x0 + side * p)
+        _, owner = token_labels(s.objects, grid)
+        own = owner.reshape(grid, grid)[t0:t0 + nt, u0:u0 + nt].reshape(-1)
+        keeps.append(inside[own + 1])
+    return (patchify(np.stack(pxs), p), torch.stack(labs), torch.stack(rows),
+            torch.from_numpy(np.stack(keeps)))
 
 
 def cache_features(args, run, model, n, tag):
@@ -651,8 +807,9 @@ def cache_features(args, run, model, n, tag):
     return f
 
 
-def eval_full(args, model, tok, samples, bs=128):
-    """Accuracy with the real vision tower (HF-equivalent batched forward)."""
+def eval_full(args, model, tok, samples, bs=128, feats=None):
+    """Accuracy with the real vision tower (HF-equivalent batched forward); ``feats``: the
+    tower's outputs for ``samples`` computed before (the joint stages freeze the tower)."""
     import torch
     vis, lmf, bt = Vision(model), LM(model), Batcher(tok, args.grid)
     preds = []
@@ -660,11 +817,57 @@ def eval_full(args, model, tok, samples, bs=128):
     with torch.no_grad():
         for i in range(0, len(samples), bs):
             ch = samples[i:i + bs]
-            b = bt.build(ch, with_images=True)
-            img = vis(patchify(b["images"], vis.patch))
+            b = bt.build(ch, with_images=feats is None)
+            img = feats[i:i + bs] if feats is not None else vis(patchify(b["images"], vis.patch))
             _, p, _ = lm_step(model, lmf, b, img, args, train=False)
             preds += p.tolist()
     return accuracy(samples, preds, tok)
+
+
+def question_about(objects, rng) -> S.Sample:
+    """A new question (uniform type) about an existing image, worded and balanced like the
+    generator's: colour of a shape that appears once, how many of a colour (2-3 favoured),
+    is there (present or absent 50/50), where (an object clearly off-centre on the axis)."""
+    for _ in range(20):
+        qt = S.QTYPES[int(rng.integers(4))]
+        if qt == "colour":
+            once = [i for i, o in enumerate(objects)
+                    if sum(p.shape == o.shape for p in objects) == 1]
+            if once:
+                i = once[int(rng.integers(len(once)))]
+                return S.Sample(None, f"what colour is the {objects[i].shape}?",
+                                objects[i].colour, qt, objects, i)
+        elif qt == "count":
+            cnt = {c: sum(o.colour == c for o in objects) for c in S.COLOUR_NAMES}
+            w = np.array([(1.0, 1.0, 3.0, 3.0)[min(cnt[c], 3)] for c in S.COLOUR_NAMES])
+            c = S.COLOUR_NAMES[int(rng.choice(4, p=w / w.sum()))]
+            return S.Sample(None, f"how many {c} shapes are there?", S.COUNT_WORDS[cnt[c]],
+                            qt, objects, None)
+        elif qt == "exists":
+            pairs = [(o.colour, o.shape) for o in objects]
+            if rng.integers(2):
+                i = int(rng.integers(len(objects)))
+                c, sh, ans, tgt = objects[i].colour, objects[i].shape, "yes", i
+            else:
+                absent = [(c, sh) for c in S.COLOUR_NAMES for sh in S.SHAPES
+                          if (c, sh) not in pairs]
+                c, sh = absent[int(rng.integers(len(absent)))]
+                ans, tgt = "no", None
+            return S.Sample(None, f"is there a {c} {sh}?", ans, qt, objects, tgt)
+        else:
+            x = bool(rng.integers(2))
+            half = S.IMAGE_SIZE / 2.0
+            cand = [i for i, o in enumerate(objects)
+                    if abs((o.cx if x else o.cy) - half) >= S.WHERE_MARGIN * S.IMAGE_SIZE]
+            if cand:
+                i = cand[int(rng.integers(len(cand)))]
+                o = objects[i]
+                if x:
+                    return S.Sample(None, f"is the {o.colour} {o.shape} on the left or the "
+                                    "right?", "left" if o.cx < half else "right", qt, objects, i)
+                return S.Sample(None, f"is the {o.colour} {o.shape} at the top or the bottom?",
+                                "top" if o.cy < half else "bottom", qt, objects, i)
+    raise RuntimeError("no question fits this image")  # every image has an exists question
 
 
 def stage_joint(args, run, tok, model, cb, tag="joint"):
@@ -687,16 +890,28 @@ def stage_joint(args, run, tok, model, cb, tag="joint"):
         log(f"[joint] weights from {args.init_ckpt}")
     bt = Batcher(tok, args.grid)
     val = S.dataset("val", args.j_n_val, seed=args.seed)
+    with torch.no_grad():  # the tower is frozen: its outputs on the validation images once
+        vis = Vision(model)
+        vfeat = torch.cat([vis(patchify(np.stack([np.asarray(s.image) for s in val[i:i + 64]]),
+                                        vis.patch)) for i in range(0, len(val), 64)])
     best = -1.0
     if (run / "best.pt").exists():
         best = torch.load(run / "best.pt", weights_only=False)["extra"].get("acc", -1.0)
     n = feats.shape[0]
     rng = np.random.default_rng(args.seed + 5)
     t0 = time.time()
+    nq = args.j_questions
+    if args.bs % nq:
+        raise SystemExit(f"--bs {args.bs} must be a multiple of --j-questions {nq}")
     while step < args.j_steps:
-        idx = rng.integers(0, n, size=args.bs)
+        idx = rng.integers(0, n, size=args.bs // nq)
         smp = [S.make_sample(S.sample_rng("train", args.seed * 1000 + 11, int(i)), S.QTYPES[i % 4])
                for i in idx]
+        if nq > 1:
+            # nq questions per cached image in consecutive rows: its own, then new ones
+            smp = [q for s in smp for q in [s] + [question_about(s.objects, rng)
+                                                  for _ in range(nq - 1)]]
+            idx = np.repeat(idx, nq)
         if args.count_frac > 0:
             # extra "how many" questions about any cached image (its features are cached,
             # so a new question costs nothing); colours with 2-3 objects are favoured
@@ -714,6 +929,7 @@ def stage_joint(args, run, tok, model, cb, tag="joint"):
                     smp[j] = S.Sample(None, s.question[:1].upper() + s.question[1:], s.answer,
                                       s.qtype, s.objects, s.target)
         b = bt.build(smp)
+        b["share"] = nq
         img = feats[torch.from_numpy(idx)].float()
         for gr in opt.param_groups:
             gr["lr"] = args.jlr * min(1.0, (step + 1) / 50) * (
@@ -727,7 +943,7 @@ def stage_joint(args, run, tok, model, cb, tag="joint"):
             log(f"[joint] step {step} loss {loss.item():.3f} ans {parts['ans']:.3f} "
                 f"attr {parts['r']:.3f} train_acc {acc:.2f} {(time.time() - t0) / 60:.1f} min")
         if step % args.j_eval_every == 0 or step == args.j_steps:
-            ov, per = eval_full(args, model, tok, val)
+            ov, per = eval_full(args, model, tok, val, feats=vfeat)
             log(f"[joint] EVAL step {step} (real tower) {fmt_acc(ov, per)}")
             save_ckpt(ck, model, opt, step, {"acc": ov, "per": per})
             if ov > best:
@@ -771,14 +987,24 @@ def export(args, run, tok, model, out: Path, ckpt: Path | None = None):
     log(f"[export] wrote {out}")
 
 
+def ship_names(grid: int) -> tuple[str, str, str]:
+    """(file name stem, HF checkpoint folder, model card) in lightkv_edge/models/ of the
+    model with this grid: the 8x8 default keeps its original names, others say their grid
+    (shapes16-vlm-q8_0.gguf, hf16/, model_card_16.json)."""
+    if grid == 8:
+        return "shapes-vlm", "hf", "model_card.json"
+    return f"shapes{grid}-vlm", f"hf{grid}", f"model_card_{grid}.json"
+
+
 def ship(args, run, tok, model, hf_dir: Path, models_dir: Path, ckpt: Path, info: dict):
     """Export the checkpoint to ``hf_dir``, convert (scripts/convert.py) and quantize
-    (scripts/quantize.py) it, and write the pair + model_card.json into ``models_dir``."""
+    (scripts/quantize.py) it, and write the pair + its model card into ``models_dir``
+    (replacing only this grid's files)."""
     import shutil
     import subprocess
     import tempfile
     export(args, run, tok, model, hf_dir, ckpt)
-    name = "shapes-vlm"
+    name, hf_name, card_name = ship_names(args.grid)
     with tempfile.TemporaryDirectory() as td:
         r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(hf_dir),
                             "--outdir", td, "--name", name, "--outtype", "f16"])
@@ -790,15 +1016,15 @@ def ship(args, run, tok, model, hf_dir: Path, models_dir: Path, ckpt: Path, info
         if r.returncode:
             raise SystemExit(f"ship: quantization failed ({r.returncode})")
         models_dir.mkdir(parents=True, exist_ok=True)
-        for old in models_dir.glob("*.gguf"):
+        for old in models_dir.glob(f"{name}-*.gguf"):
             old.unlink()
         shutil.copy(q, models_dir / q.name)
         shutil.copy(Path(td) / f"{name}-mmproj-f16.gguf", models_dir / f"{name}-mmproj-f16.gguf")
-    card_p = models_dir / "model_card.json"
+    card_p = models_dir / card_name
     card = json.loads(card_p.read_text()) if card_p.exists() else {}
     card.update(info)
     card["files"] = {"model": f"{name}-{args.ship_type}.gguf",
-                     "mmproj": f"{name}-mmproj-f16.gguf", "hf_checkpoint": "hf/"}
+                     "mmproj": f"{name}-mmproj-f16.gguf", "hf_checkpoint": f"{hf_name}/"}
     card_p.write_text(json.dumps(card, indent=2) + "\n")
     log(f"[ship] wrote {models_dir}")
 
@@ -846,6 +1072,17 @@ def main(argv=None):
     ap.add_argument("--vlr", type=float, default=2e-3)
     ap.add_argument("--v-steps", type=int, default=2000)
     ap.add_argument("--v-eval-every", type=int, default=200)
+    ap.add_argument("--v-crop", type=int, default=0,
+                    help="vision: train on random crops of this many patches per side "
+                         "(absolute rotary positions kept; 0 = whole images). Attention "
+                         "over 1024 patches is what makes the 16x16 tower slow")
+    ap.add_argument("--v-full-steps", type=int, default=0,
+                    help="vision: whole-image steps after the --v-steps (crop) steps")
+    ap.add_argument("--v-full-bs", type=int, default=8, help="batch of the whole-image steps")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="HF checkpoint (e.g. lightkv_edge/models/hf) whose tokenizer and "
+                         "weights start this run: the 16x16 model starts from the 8x8 one, "
+                         "its patch-8 embedding folded to patch 4 (see load_init_weights)")
     ap.add_argument("--n-cache", type=int, default=8192)
     ap.add_argument("--jlr", type=float, default=1e-3)
     ap.add_argument("--count-frac", type=float, default=0.0,
@@ -859,6 +1096,9 @@ def main(argv=None):
     ap.add_argument("--init-ckpt", type=Path, default=None,
                     help="joint: start from these weights (fresh optimizer and schedule)")
     ap.add_argument("--j-steps", type=int, default=3000)
+    ap.add_argument("--j-questions", type=int, default=1,
+                    help="joint: questions per cached image in a batch (its own + new ones); "
+                         "the image's tokens run once per image (LM.shared)")
     ap.add_argument("--j-eval-every", type=int, default=250)
     ap.add_argument("--j-n-val", type=int, default=600)
     ap.add_argument("--ckpt", type=Path, default=None, help="export/eval: checkpoint to load")
@@ -872,8 +1112,15 @@ def main(argv=None):
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.v_crop and (args.v_crop % 2 or not 2 <= args.v_crop <= 2 * args.grid):
+        ap.error(f"--v-crop must be even and at most {2 * args.grid} (patches per side)")
     run = args.run_dir
     run.mkdir(parents=True, exist_ok=True)
+    if args.init_from and not (run / "tokenizer.model").exists():
+        # the language side's token ids must be the ones it was trained with
+        import shutil
+        shutil.copy(args.init_from / "tokenizer.model", run / "tokenizer.model")
+        log(f"[tokenizer] copied from {args.init_from}")
     if not (run / "tokenizer.model").exists() or args.stage == "tokenizer":
         train_tokenizer(run)
         log(f"[tokenizer] trained: {run / 'tokenizer.model'}")
@@ -882,6 +1129,9 @@ def main(argv=None):
     model = build_model(cfg, args.seed)
     cb = get_codebook(run, args.hidden, args.seed)
     (run / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    if args.init_from:
+        load_init_weights(model, args.init_from)
+        log(f"[init] all weights from {args.init_from}")
     np_ = sum(p.numel() for p in model.parameters())
     log(f"model: {np_ / 1e6:.2f}M params, grid {args.grid}x{args.grid}, vocab {tok.vocab_size}")
 
@@ -925,7 +1175,8 @@ def main(argv=None):
         log(f"[ship] test n={len(test)} (transformers, f32) {fmt_acc(ov, per)}")
         info = {"test_accuracy_hf_f32": {"overall": ov, "per_type": per, "n": len(test),
                                          "split": "test", "seed": args.seed}}
-        ship(args, run, tok, model, args.models_dir / "hf", args.models_dir, ck, info)
+        ship(args, run, tok, model, args.models_dir / ship_names(args.grid)[1],
+             args.models_dir, ck, info)
     if args.stage == "eval":
         load_ckpt(args.ckpt or (run / "best.pt"), model)
         test = S.dataset("test", args.n_test, seed=args.seed)
