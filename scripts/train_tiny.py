@@ -707,8 +707,9 @@ def stage_vision(args, run, tok, model, cb):
     names = list(GROUPS)
     total = args.v_steps + args.v_full_steps
     rng = np.random.default_rng(args.seed + 13)
+    end = min(total, args.v_stop_step or total)
     t0 = time.time()
-    while step < total:
+    while step < end:
         crop = args.v_crop > 0 and step < args.v_steps
         bs = args.vbs if step < args.v_steps else args.v_full_bs
         smp = [S.make_sample(S.sample_rng("train", args.seed * 1000 + 9, step * args.vbs + i),
@@ -1079,6 +1080,9 @@ def main(argv=None):
     ap.add_argument("--v-full-steps", type=int, default=0,
                     help="vision: whole-image steps after the --v-steps (crop) steps")
     ap.add_argument("--v-full-bs", type=int, default=8, help="batch of the whole-image steps")
+    ap.add_argument("--v-stop-step", type=int, default=0,
+                    help="end the vision stage at this step (the lr schedule still spans "
+                         "--v-steps + --v-full-steps); 0 = run them all")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="HF checkpoint (e.g. lightkv_edge/models/hf) whose tokenizer and "
                          "weights start this run: the 16x16 model starts from the 8x8 one, "
