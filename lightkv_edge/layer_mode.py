@@ -216,7 +216,8 @@ class _QKCapture:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Segment:
-    """A run of rows of the turn: text (token ids) or one image (embeddings + grid).
+    """A run of rows of the turn: text (token ids) or one image (embeddings; grid (rows,
+    cols), or None for the published padded square).
     pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z)."""
     kind: str
     pos: np.ndarray
@@ -333,8 +334,8 @@ class LayerRunner:
         grids = []
         for s in segments:
             if s.kind == "image":
-                if s.embd is None or s.grid is None:
-                    raise ValueError("an image segment needs embd and grid")
+                if s.embd is None:
+                    raise ValueError("an image segment needs embd")
                 if s.embd.shape != (s.n, self.n_embd):
                     raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
                                      f"got {tuple(s.embd.shape)}")

@@ -502,3 +502,28 @@ def test_two_images_of_different_sizes_match_reference(tiny, hf):
         assert len(res.cells) == len(ref.kept)
     finally:
         c.close()
+
+
+def test_image_without_grid_uses_the_padded_square(tiny, hf):
+    """Normal-RoPE VLMs give no token grid (libmtmd reports nx = n): 60 rows are cut on
+    the published padded 8x8 square, at every stage, as the reference does."""
+    from lightkv_edge.reference import Schedule, prefill_with_merge
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    img = img[:60]
+    s1, s2 = len(t1), len(t1) + 60
+    segs = [Segment("text", np.arange(s1)[None], tokens=t1),
+            Segment("image", np.arange(s1, s2)[None], embd=img, grid=None),
+            Segment("text", np.arange(s2, s2 + len(t2))[None], tokens=t2)]
+    emb = m.weights["token_embd.weight"].astype(np.float64)
+    x = np.concatenate([emb[t1], img.astype(np.float64), emb[t2]])
+    ref = prefill_with_merge(hf, torch.from_numpy(x), [(s1, 60, None)],
+                             Schedule((0, 1), (2, 1), (0.5, 0.5)), positions="keep",
+                             kv_policy="compact")
+    c = Ctx(model)
+    try:
+        res = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False).prefill(segs, STAGES)
+        assert (res.kept[0] + s1).tolist() == ref.kept[(ref.kept >= s1) & (ref.kept < s2)].tolist()
+        assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2   # as above
+    finally:
+        c.close()
