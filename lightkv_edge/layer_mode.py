@@ -276,6 +276,12 @@ class LayerRunner:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.backend = backend
         self._qk = _QKCapture()
+        # the patches cover some graph builders only: ask llama.cpp (no compute) first
+        covered = _l.llama_set_layer_range(ctx, 0, self.n_layer)
+        _l.llama_set_layer_range(ctx, 0, -1)
+        if not covered:
+            raise ValueError("layer mode does not cover this model's architecture "
+                             "(llama, qwen2 and qwen2vl graphs are patched)")
         if not self.use_mrope:
             _l.llama_set_position_gaps(ctx, True)
 
@@ -590,8 +596,8 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
             nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
             grids.append(_grid_rc(n, (ny, nx) if vm.use_mrope and nx * ny == n else None))
     check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids)
-    segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
+    segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past)
     if positions == "renumber":
         end = n_past + res.positions.shape[1]
