@@ -1,0 +1,604 @@
+"""Layer mode: LightKV inside the LLM's prefill, with the KV cache really compacted.
+
+The paper's method proper: the vision rows are merged *between decoder layers*, guided by
+that layer's own attention from the prompt, so the following layers run on fewer rows and
+the KV cache ends with fewer vision entries. The pinned llama.cpp runs every layer in one
+graph per llama_decode, so the prefill of a turn is split at the merge layers with our
+patches (native/patches/0003, 0004):
+
+    stage 0: every row of the turn (text tokens and image embeddings) through layers
+             [0, l1 + 1); the hidden state leaving layer l1 and layer l1's post-RoPE
+             Q/K (read through the eval callback) come back;
+    merge:   each image's rows are merged in its own windows (native LightKV merge),
+             guided by layer l1's attention from the turn's text rows;
+    compact: the turn's cells are freed, the kept rows run through [l1 + 1, l2 + 1) into
+             fresh cells, and layers [0, l1 + 1) of those cells are filled with the merge's
+             weighted combination of the stored K/V (K merged as stored, after RoPE);
+    ...      and so on; the last range ends at the model's depth and gives the logits.
+
+After the prefill every layer holds exactly the final rows (text + final vision cells):
+KV policy `compact`, the semantics of `lightkv_edge.reference.prefill_with_merge(...,
+kv_policy="compact")`, which is this module's ground truth. Schedule layers are 0-based
+and a merge at layer l merges what layer l outputs (the reference's convention).
+
+Entry points:
+    LayerRunner(model, ctx, ...)       a llama.cpp model + context (raw pointers)
+      .prefill(segments, stages, ...)  one turn given as text/image Segments -> LayerPrefill
+    prefill_chunks(vision_model, chunks, stages, ...)   a turn as libmtmd chunks
+    parse_schedule / default_schedule / check_schedule / layer_keep_fraction
+"""
+from __future__ import annotations
+
+import ctypes as C
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._libs import lib_path, use_our_llama_cpp
+
+llama_cpp = use_our_llama_cpp()
+
+KV_POLICIES = ("compact",)          # "exact" (per-layer visibility) is not built yet
+POSITION_POLICIES = ("keep", "renumber")
+
+# the paper's schedule on a 32-layer model: merges after layers 12, 18 and 24
+_PAPER_LAYERS = (12, 18, 24)
+_PAPER_DEPTH = 32
+_PAPER_WINDOWS = (4, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    layer: int      # 0-based decoder layer whose output is merged
+    windows: int    # windows per grid side
+    ratio: float    # fraction of each window's rows dropped, in [0, 1)
+
+
+def parse_schedule(text: str) -> tuple[Stage, ...]:
+    """"L:W:R,L:W:R,..." (e.g. "12:4:0.5,18:2:0.5,24:1:0.5") -> stages."""
+    stages = []
+    for part in str(text).split(","):
+        bits = part.strip().split(":")
+        if len(bits) != 3:
+            raise ValueError(f"schedule stage {part.strip()!r} is not LAYER:WINDOWS:RATIO")
+        try:
+            stages.append(Stage(int(bits[0]), int(bits[1]), float(bits[2])))
+        except ValueError:
+            raise ValueError(f"cannot parse schedule stage {part.strip()!r}") from None
+    return tuple(stages)
+
+
+def check_schedule(stages, n_layer: int, grids=()) -> tuple[Stage, ...]:
+    """Validate before any compute: layers strictly increasing in [0, n_layer - 1) (a merge
+    after the last layer would save nothing and leave no layer to run), windows >= 1 and
+    no larger than the smallest side of any image's grid, ratios in [0, 1)."""
+    stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in stages)
+    if not stages:
+        raise ValueError("the layer-mode schedule has no stage")
+    for s in stages:
+        if isinstance(s.layer, bool) or not isinstance(s.layer, (int, np.integer)):
+            raise ValueError(f"schedule layer must be an integer, got {s.layer!r}")
+        if not 0 <= s.layer < n_layer - 1:
+            raise ValueError(f"schedule layer {s.layer} is outside [0, {n_layer - 1}) "
+                             f"for a model of {n_layer} layers")
+        if isinstance(s.windows, bool) or not isinstance(s.windows, (int, np.integer)) \
+                or s.windows < 1:
+            raise ValueError(f"schedule windows must be an integer >= 1, got {s.windows!r}")
+        if not (isinstance(s.ratio, (int, float, np.floating)) and 0.0 <= float(s.ratio) < 1.0):
+            raise ValueError(f"schedule ratio must be in [0, 1), got {s.ratio!r}")
+        for rows, cols in grids:
+            if s.windows > min(rows, cols):
+                raise ValueError(f"schedule windows {s.windows} exceed the image grid "
+                                 f"{rows}x{cols}")
+    layers = [s.layer for s in stages]
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
+    return stages
+
+
+def layer_keep_fraction(stages, n_layer: int) -> float:
+    """The paper's kept fraction: the vision rows present at each layer, averaged over the
+    layers, if every stage kept exactly (1 - ratio) of its rows."""
+    frac, present, prev = 0.0, 1.0, 0
+    for s in stages:
+        frac += present * (s.layer + 1 - prev)
+        prev = s.layer + 1
+        present *= 1.0 - s.ratio
+    frac += present * (n_layer - prev)
+    return frac / n_layer
+
+
+def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage, ...]:
+    """The paper's schedule scaled to the depth: merges after layers 12-18-24 of 32 with
+    4-2-1 windows (clipped to the grid), one ratio for all stages chosen so that the
+    layer-averaged kept fraction is `keep`. A stage drops at most half of a window (the
+    bipartite matching), so ratios stay <= 0.5; a keep below what that reaches is refused."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if n_layer < 2:
+        raise ValueError("layer mode needs a model of at least 2 layers")
+    layers = sorted({min(n_layer - 2, max(0, round(l * n_layer / _PAPER_DEPTH)))
+                     for l in _PAPER_LAYERS})
+    side = min(grid) if grid else None
+    windows = [min(w, side) if side else w for w in _PAPER_WINDOWS[:len(layers)]]
+
+    def frac(r):
+        return layer_keep_fraction([Stage(l, w, r) for l, w in zip(layers, windows)], n_layer)
+
+    lo, hi = 0.0, 0.5
+    if keep >= 1.0:
+        r = 0.0
+    elif frac(hi) > keep:
+        raise ValueError(f"keep {keep} is below what the default schedule reaches on "
+                         f"{n_layer} layers ({frac(hi):.3f}); give --schedule")
+    else:
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if frac(mid) > keep else (lo, mid)
+        r = hi
+    return tuple(Stage(l, w, r) for l, w in zip(layers, windows))
+
+
+# ---------------------------------------------------------------------------------------
+# the C API of our patches
+# ---------------------------------------------------------------------------------------
+_l = llama_cpp.llama_cpp._lib
+_i32p, _f32p = C.POINTER(C.c_int32), C.POINTER(C.c_float)
+for _name, _res, _args in (
+        ("llama_set_layer_range", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32]),
+        ("llama_get_layer_range_out", _f32p, [C.c_void_p]),
+        ("llama_get_layer_range_cells", C.c_int32, [C.c_void_p, _i32p, C.c_int32]),
+        ("llama_set_eval_callback", None, [C.c_void_p, C.c_void_p, C.c_void_p]),
+        ("llama_kv_cells_merge", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32, C.c_int32, _i32p,
+                                            _i32p, _f32p, C.c_int32, _i32p]),
+        ("llama_kv_cells_rm", C.c_bool, [C.c_void_p, C.c_int32, _i32p]),
+        ("llama_kv_cells_get", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32, _i32p, _f32p, _f32p]),
+        ("llama_set_position_gaps", None, [C.c_void_p, C.c_bool])):
+    _fn = getattr(_l, _name)
+    _fn.restype, _fn.argtypes = _res, _args
+
+_ggml = C.CDLL(str(lib_path("ggml-base")))
+_ggml.ggml_get_name.restype, _ggml.ggml_get_name.argtypes = C.c_char_p, [C.c_void_p]
+_ggml.ggml_nbytes.restype, _ggml.ggml_nbytes.argtypes = C.c_size_t, [C.c_void_p]
+_ggml.ggml_op_desc.restype, _ggml.ggml_op_desc.argtypes = C.c_char_p, [C.c_void_p]
+_ggml.ggml_backend_tensor_get.restype = None
+_ggml.ggml_backend_tensor_get.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t]
+_EVAL_CB = C.CFUNCTYPE(C.c_bool, C.c_void_p, C.c_bool, C.c_void_p)
+
+
+def _ip(a: np.ndarray):
+    return a.ctypes.data_as(_i32p)
+
+
+def kv_cells_get(ctx, layer: int, cells, n_embd_k: int, n_embd_v: int):
+    """K [n, n_embd_k] and V [n, n_embd_v] (float32, K after RoPE) of `cells` in `layer`."""
+    c = np.ascontiguousarray(cells, dtype=np.int32)
+    k = np.empty((len(c), n_embd_k), np.float32)
+    v = np.empty((len(c), n_embd_v), np.float32)
+    if not _l.llama_kv_cells_get(ctx, layer, len(c), _ip(c), k.ctypes.data_as(_f32p),
+                                 v.ctypes.data_as(_f32p)):
+        raise RuntimeError("llama.cpp could not read the KV cells")
+    return k, v
+
+
+class _QKCapture:
+    """Copies Qcur-<layer> / Kcur-<layer> out of the graph through the eval callback: the
+    ROPE nodes of that name (the projections before RoPE carry the same name)."""
+
+    def __init__(self):
+        self.names: set[bytes] = set()
+        self.got: dict[bytes, list[np.ndarray]] = {}
+        self.cb = _EVAL_CB(self._on_eval)   # kept alive as long as the runner
+
+    def want(self, layer: int | None):
+        self.names = set() if layer is None else {f"Qcur-{layer}".encode(),
+                                                  f"Kcur-{layer}".encode()}
+        self.got = {n: [] for n in self.names}
+
+    def _on_eval(self, t, ask, _ud):
+        name = _ggml.ggml_get_name(t)
+        if name not in self.names or _ggml.ggml_op_desc(t) != b"ROPE":
+            return not ask
+        if not ask:
+            buf = np.empty(_ggml.ggml_nbytes(t) // 4, np.float32)
+            _ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
+            self.got[name].append(buf)
+        return True
+
+
+# ---------------------------------------------------------------------------------------
+# one turn
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """A run of rows of the turn: text (token ids) or one image (embeddings; grid (rows,
+    cols), or None for the published padded square).
+    pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z)."""
+    kind: str
+    pos: np.ndarray
+    tokens: np.ndarray | None = None
+    embd: np.ndarray | None = None
+    grid: tuple[int, int] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.pos.shape[1]
+
+
+@dataclass
+class _Rows:
+    seg: Segment
+    x: np.ndarray | None          # [m, D] rows entering the next range (None: tokens)
+    pos: np.ndarray               # [n_pos, m]
+    orig: np.ndarray              # [m] original index inside the segment
+    gpos: np.ndarray | None       # [m, 2] (row, col) on the original grid (images)
+    grid_rc: tuple[int, int] | None
+    cells: np.ndarray | None = None
+    h: list = field(default_factory=list)
+
+
+@dataclass
+class LayerPrefill:
+    logits: np.ndarray                  # [n_vocab] float32, of the turn's last row
+    kept: list[np.ndarray]              # per image: original indices of its final rows
+    cells: np.ndarray                   # KV cells of the turn's final rows, row order
+    positions: np.ndarray               # [n_pos, S_final] their positions
+    stages: list[dict]                  # per stage: layer, rows and vision rows in/out
+    vision_in: int
+    vision_out: int
+    keep_fraction: float                # layer-averaged kept fraction, as run
+    cells_freed: int
+    t_guidance_ms: float = 0.0
+    t_merge_ms: float = 0.0
+    t_compact_ms: float = 0.0
+
+
+class LayerRunner:
+    """Layer-mode prefills on one llama.cpp context (llama, qwen2 and qwen2vl graphs).
+
+    model, ctx: the llama_model / llama_context pointers; n_batch: the context's n_batch.
+    Turns on position gaps (patch 0001) for normal-RoPE models, since kept rows keep their
+    original positions; it stays on for the context's later decodes, which need it too."""
+
+    def __init__(self, model, ctx, *, n_batch: int, use_mrope: bool, backend=None):
+        self.model, self.ctx, self.n_batch = model, ctx, int(n_batch)
+        self.use_mrope = bool(use_mrope)
+        self.n_layer = llama_cpp.llama_model_n_layer(model)
+        self.n_embd = llama_cpp.llama_model_n_embd(model)
+        self.n_head = llama_cpp.llama_model_n_head(model)
+        self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+        self.head_dim = self.n_embd // self.n_head
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self.backend = backend
+        self._qk = _QKCapture()
+        # the patches cover some graph builders only: ask llama.cpp (no compute) first
+        covered = _l.llama_set_layer_range(ctx, 0, self.n_layer)
+        _l.llama_set_layer_range(ctx, 0, -1)
+        if not covered:
+            raise ValueError("layer mode does not cover this model's architecture "
+                             "(llama, qwen2 and qwen2vl graphs are patched)")
+        if not self.use_mrope:
+            _l.llama_set_position_gaps(ctx, True)
+
+    # -- one decode -----------------------------------------------------------------------
+    def _decode(self, rows: _Rows, lo: int, hi: int, *, logits_last: bool):
+        n = hi - lo
+        pos = np.ascontiguousarray(rows.pos[:, lo:hi], dtype=np.int32)
+        seq0 = np.zeros(1, np.int32)
+        n_seq = np.ones(n, np.int32)
+        seq_ptrs = (C.POINTER(C.c_int32) * n)(*[seq0.ctypes.data_as(_i32p)] * n)
+        logits = np.zeros(n, np.int8)
+        logits[-1] = logits_last
+        b = llama_cpp.llama_batch()
+        b.n_tokens = n
+        if rows.x is None:
+            toks = np.ascontiguousarray(rows.seg.tokens[rows.orig[lo:hi]], dtype=np.int32)
+            pos = np.ascontiguousarray(pos[0])            # one position a token
+            b.token = toks.ctypes.data_as(C.POINTER(llama_cpp.llama_token))
+            b.embd = C.cast(None, _f32p)
+            keep = toks
+        else:
+            embd = np.ascontiguousarray(rows.x[lo:hi], dtype=np.float32)
+            if rows.seg.kind == "text" and self.use_mrope:
+                pos = np.ascontiguousarray(np.repeat(pos[:1], 4, 0))  # text: t = y = x = z
+            b.token = C.cast(None, C.POINTER(llama_cpp.llama_token))
+            b.embd = embd.ctypes.data_as(_f32p)
+            keep = embd
+        b.pos = pos.ctypes.data_as(C.POINTER(llama_cpp.llama_pos))
+        b.n_seq_id = n_seq.ctypes.data_as(_i32p)
+        b.seq_id = seq_ptrs
+        b.logits = logits.ctypes.data_as(C.POINTER(C.c_int8))
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        del keep
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed in layer mode (rc={rc})")
+        cells = np.empty(n, np.int32)
+        got = _l.llama_get_layer_range_cells(self.ctx, _ip(cells), n)
+        if got != n:
+            raise RuntimeError("llama.cpp did not report the KV cells of the batch")
+        return cells
+
+    # -- the prefill ------------------------------------------------------------------------
+    def prefill(self, segments: list[Segment], stages, *, positions: str = "keep",
+                kv: str = "compact", turn_start: int | None = None) -> LayerPrefill:
+        """Prefill one turn (its segments in order; the last must be text) under `stages`.
+        turn_start: first position of the turn, for positions="renumber" (default: the
+        first segment's first position)."""
+        if positions not in POSITION_POLICIES:
+            raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
+                             f"got {positions!r}")
+        if kv not in KV_POLICIES:
+            raise ValueError(f"KV policy {kv!r} is not available in layer mode "
+                             f"(built: {', '.join(KV_POLICIES)})")
+        if not segments or segments[-1].kind != "text":
+            raise ValueError("the turn must end with text (the logits to sample from)")
+        grids = []
+        for s in segments:
+            if s.kind == "image":
+                if s.embd is None:
+                    raise ValueError("an image segment needs embd")
+                if s.embd.shape != (s.n, self.n_embd):
+                    raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
+                                     f"got {tuple(s.embd.shape)}")
+                grids.append(_grid_rc(s.n, s.grid))
+            elif s.kind == "text":
+                if s.tokens is None or len(s.tokens) != s.n:
+                    raise ValueError("a text segment needs one token per position column")
+            else:
+                raise ValueError(f"unknown segment kind {s.kind!r}")
+        stages = check_schedule(stages, self.n_layer, grids)
+        n_pos = 4 if self.use_mrope else 1
+        for s in segments:
+            if s.pos.shape[0] != n_pos and not (s.kind == "text" and s.pos.shape[0] == 1):
+                raise ValueError(f"positions need {n_pos} rows, got {s.pos.shape[0]}")
+        start = int(segments[0].pos[0, 0]) if turn_start is None else int(turn_start)
+
+        rows = []
+        for s in segments:
+            m = s.n
+            pos = s.pos if s.kind == "image" or s.pos.shape[0] == n_pos else \
+                np.repeat(s.pos[:1], n_pos, 0)
+            if s.kind == "image":
+                rc = _grid_rc(m, s.grid)
+                gpos = np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
+                rows.append(_Rows(s, np.asarray(s.embd, np.float32), pos.astype(np.int32),
+                                  np.arange(m), gpos, rc))
+            else:
+                rows.append(_Rows(s, None, pos.astype(np.int32), np.arange(m), None, None))
+
+        bounds = [0] + [s.layer + 1 for s in stages] + [self.n_layer]
+        n_vis = sum(r.seg.n for r in rows if r.seg.kind == "image")
+        report, present = [], [n_vis]
+        t_guid = t_merge = t_compact = 0.0
+        prev_cells = None        # the cells of the rows entering this range
+        maps = None              # per rows: (assign into the new rows, weight) of the merge
+        cells_before = None
+        logits = None
+        try:
+            for k in range(len(bounds) - 1):
+                a, b = bounds[k], bounds[k + 1]
+                last = k == len(bounds) - 2
+                if not _l.llama_set_layer_range(self.ctx, a, b):
+                    raise RuntimeError(f"llama.cpp refused the layer range [{a}, {b})")
+                if prev_cells is not None:
+                    # the rows enter the range in fresh cells: free the turn's cells (their
+                    # K/V of layers < a stay in the tensors until the compaction reads them)
+                    if not _l.llama_kv_cells_rm(self.ctx, len(prev_cells), _ip(prev_cells)):
+                        raise RuntimeError("llama.cpp could not free the turn's KV cells")
+                self._qk.want(None if last else b - 1)
+                _l.llama_set_eval_callback(self.ctx, None if last else
+                                           C.cast(self._qk.cb, C.c_void_p), None)
+                for r in rows:
+                    r.h, cells = [], []
+                    for lo in range(0, len(r.orig), self.n_batch):
+                        hi = min(lo + self.n_batch, len(r.orig))
+                        is_last = last and r is rows[-1] and hi == len(r.orig)
+                        cells.append(self._decode(r, lo, hi, logits_last=is_last))
+                        if not last:
+                            out = _l.llama_get_layer_range_out(self.ctx)
+                            if not out:
+                                raise RuntimeError("llama.cpp returned no hidden state")
+                            r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
+                                       .copy())
+                    r.cells = np.concatenate(cells)
+                new_cells = np.concatenate([r.cells for r in rows])
+                if cells_before is None:
+                    cells_before = len(new_cells)
+                if maps is not None:
+                    t0 = time.perf_counter()
+                    self._compact(prev_cells, maps, rows, a)
+                    t_compact += (time.perf_counter() - t0) * 1e3
+                if last:
+                    out = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+                    logits = np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy()
+                    break
+
+                # guidance from layer b-1's Q/K, then each image merged in its windows
+                t0 = time.perf_counter()
+                q, kk = self._qk_arrays(b - 1)
+                offsets = np.cumsum([0] + [len(r.orig) for r in rows])
+                text_rows = np.concatenate([np.arange(offsets[i], offsets[i + 1])
+                                            for i, r in enumerate(rows) if r.seg.kind == "text"])
+                t_guid += (time.perf_counter() - t0) * 1e3
+                stage = stages[k]
+                maps, vis_in, vis_out = [], 0, 0
+                from . import native
+                for i, r in enumerate(rows):
+                    h = np.concatenate(r.h)
+                    m = len(r.orig)
+                    if r.seg.kind == "text" or stage.ratio == 0.0:
+                        r.x = h
+                        maps.append((np.arange(m), np.ones(m, np.float32)))
+                        if r.seg.kind == "image":
+                            vis_in += m
+                            vis_out += m
+                        continue
+                    t0 = time.perf_counter()
+                    vis = np.arange(offsets[i], offsets[i + 1])
+                    scores = native.guidance_scores_from_qk(q, kk, vis, text_rows,
+                                                            backend=self.backend)
+                    t_guid += (time.perf_counter() - t0) * 1e3
+                    t0 = time.perf_counter()
+                    first = len(r.orig) == r.seg.n     # no earlier stage merged this image
+                    res = native.lightkv_merge(
+                        h, scores, windows=stage.windows, ratio=stage.ratio,
+                        grid=(r.grid_rc if _grid_matches(r.seg) else None) if first
+                        else r.grid_rc,
+                        positions=None if first else r.gpos, backend=self.backend)
+                    t_merge += (time.perf_counter() - t0) * 1e3
+                    kept = np.asarray(res.kept, np.int64)
+                    maps.append((np.asarray(res.assign, np.int64),
+                                 np.asarray(res.weight, np.float32)))
+                    r.x = np.asarray(res.x, np.float32)
+                    r.orig, r.gpos = r.orig[kept], r.gpos[kept]
+                    r.pos = r.pos[:, kept]
+                    vis_in += m
+                    vis_out += len(kept)
+                if positions == "renumber":
+                    p = start
+                    for r in rows:
+                        r.pos = np.repeat((p + np.arange(len(r.orig), dtype=np.int32))[None],
+                                          n_pos, 0)
+                        p += len(r.orig)
+                report.append({"layer": stage.layer, "windows": stage.windows,
+                               "ratio": stage.ratio, "vision_in": vis_in,
+                               "vision_out": vis_out})
+                present.append(vis_out)
+                prev_cells = new_cells
+        finally:
+            _l.llama_set_eval_callback(self.ctx, None, None)
+            self._qk.want(None)
+            _l.llama_set_layer_range(self.ctx, 0, -1)
+
+        final_cells = np.concatenate([r.cells for r in rows])
+        spans = np.diff(bounds)
+        keep_fraction = float(sum(p * s for p, s in zip(present, spans)) /
+                              (self.n_layer * n_vis)) if n_vis else 1.0
+        return LayerPrefill(
+            logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],
+            cells=final_cells, positions=np.concatenate([r.pos for r in rows], axis=1),
+            stages=report, vision_in=n_vis, vision_out=present[-1],
+            keep_fraction=keep_fraction, cells_freed=cells_before - len(final_cells),
+            t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact)
+
+    def _qk_arrays(self, layer: int):
+        qs = self._qk.got.get(f"Qcur-{layer}".encode(), [])
+        ks = self._qk.got.get(f"Kcur-{layer}".encode(), [])
+        if not qs or not ks:
+            raise RuntimeError(f"llama.cpp's graph gave no Qcur-{layer}/Kcur-{layer} "
+                               "(the architecture names them otherwise)")
+        q = np.concatenate(qs).reshape(-1, self.n_head, self.head_dim).transpose(1, 0, 2)
+        k = np.concatenate(ks).reshape(-1, self.n_head_kv, self.head_dim).transpose(1, 0, 2)
+        return np.ascontiguousarray(q), np.ascontiguousarray(k)
+
+    def _compact(self, src_cells, maps, rows, n_layers: int):
+        """Layers [0, n_layers) of the new rows' cells := the merge's weighted combination
+        of the previous rows' stored K/V (src_cells, in the previous row order)."""
+        dst_of_src, weight, base = [], [], 0
+        for (assign, w), r in zip(maps, rows):
+            dst_of_src.append(assign + base)
+            weight.append(w)
+            base += len(r.orig)
+        dst_of_src = np.ascontiguousarray(np.concatenate(dst_of_src), dtype=np.int32)
+        weight = np.ascontiguousarray(np.concatenate(weight), dtype=np.float32)
+        dst_cells = np.ascontiguousarray(np.concatenate([r.cells for r in rows]), dtype=np.int32)
+        src = np.ascontiguousarray(src_cells, dtype=np.int32)
+        if not _l.llama_kv_cells_merge(self.ctx, 0, n_layers, len(src), _ip(src),
+                                       _ip(dst_of_src), weight.ctypes.data_as(_f32p),
+                                       len(dst_cells), _ip(dst_cells)):
+            raise RuntimeError("llama.cpp could not compact the KV cells")
+
+
+def _grid_matches(seg: Segment) -> bool:
+    return seg.grid is not None and int(seg.grid[0]) * int(seg.grid[1]) == seg.n
+
+
+def _grid_rc(n: int, grid) -> tuple[int, int]:
+    """The grid the windows are cut on: (rows, cols), or the published square padding."""
+    if grid and grid[0] * grid[1] == n:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(n - 1) + 1
+    return side, side
+
+
+# ---------------------------------------------------------------------------------------
+# a turn as libmtmd chunks (what the engine holds)
+# ---------------------------------------------------------------------------------------
+def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, float]:
+    """libmtmd chunks of one turn -> (segments, the position after them, encoder ms).
+    Images are encoded here (the vision tower runs once, as in every mode)."""
+    from . import mtmd
+    segs, t_enc = [], 0.0
+    n_pos = 4 if vm.use_mrope else 1
+    for ch in chunks:
+        kind = mtmd.chunk_get_type(ch)
+        if kind == mtmd.CHUNK_TEXT:
+            cnt = C.c_size_t()
+            p = mtmd.chunk_get_tokens_text(ch, C.byref(cnt))
+            toks = np.array([p[i] for i in range(cnt.value)], np.int32)
+            pos = n_past + np.arange(len(toks), dtype=np.int32)
+            segs.append(Segment("text", np.repeat(pos[None], n_pos, 0), tokens=toks))
+            n_past += len(toks)
+        elif kind == mtmd.CHUNK_IMAGE:
+            if mtmd.decode_use_non_causal(vm.mctx, ch):
+                raise ValueError("layer mode does not support non-causal image attention yet")
+            t0 = time.perf_counter()
+            if mtmd.encode_chunk(vm.mctx, ch) != 0:
+                raise RuntimeError("the vision encoder failed")
+            n = mtmd.chunk_get_n_tokens(ch)
+            embd = np.ctypeslib.as_array(mtmd.get_output_embd(vm.mctx),
+                                         shape=(n, vm.n_embd)).copy()
+            t_enc += (time.perf_counter() - t0) * 1e3
+            img = mtmd.chunk_get_tokens_image(ch)
+            nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
+            if vm.use_mrope:
+                pos = np.empty((4, n), np.int32)
+                for i in range(n):
+                    d = mtmd.image_tokens_get_decoder_pos(img, n_past, i)
+                    pos[:, i] = (d.t, d.y, d.x, d.z)
+            else:
+                pos = (n_past + np.arange(n, dtype=np.int32))[None]
+            # libmtmd knows the token grid only for M-RoPE models (else nx = n, ny = 1)
+            grid = (int(ny), int(nx)) if vm.use_mrope and nx * ny == n else None
+            segs.append(Segment("image", pos, embd=embd, grid=grid))
+            n_past += mtmd.chunk_get_n_pos(ch)
+        else:
+            raise ValueError("layer mode takes text and images only")
+    return segs, n_past, t_enc
+
+
+def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
+                   kv: str = "compact", runner: LayerRunner | None = None):
+    """Prefill one turn of a VisionModel's conversation in layer mode.
+
+    vm: lightkv_edge.model.VisionModel; chunks: the turn's libmtmd chunks in order (the
+    last one text); stages: Stage tuples (check_schedule); n_past: the turn's first
+    position. Returns (LayerPrefill, n_past after the turn, encoder ms). The KV cache then
+    holds the turn's text rows and each image's final rows, in every layer; the logits of
+    the last row are in LayerPrefill.logits and in the context (sample with idx -1)."""
+    from . import mtmd
+    if positions not in POSITION_POLICIES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
+                         f"got {positions!r}")
+    if kv not in KV_POLICIES:
+        raise ValueError(f"KV policy {kv!r} is not available in layer mode "
+                         f"(built: {', '.join(KV_POLICIES)})")
+    grids = []                      # checked before the vision encoder runs
+    for ch in chunks:
+        if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
+            img = mtmd.chunk_get_tokens_image(ch)
+            n = mtmd.chunk_get_n_tokens(ch)
+            nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
+            grids.append(_grid_rc(n, (ny, nx) if vm.use_mrope and nx * ny == n else None))
+    check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids)
+    run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
+    segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
+    res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past)
+    if positions == "renumber":
+        end = n_past + res.positions.shape[1]
+    return res, end, t_enc
