@@ -440,31 +440,48 @@ def test_cli_fuzz_exits_0_or_2_without_traceback(pair, samples, tmp_path):
     empty.write_bytes(b"")
     cut_gguf = tmp_path / "cut.gguf"
     cut_gguf.write_bytes(Path(pair[0]).read_bytes()[:5000])
-    files = [image, image, str(notimg), str(trunc), str(tmp_path), str(tmp_path / "nope"),
-             str(empty), pair[0], pair[1], "-"]
-    models = [(pair[0], pair[1]), (pair[0], pair[1]), (pair[1], pair[0]),
-              (str(cut_gguf), pair[1]), (pair[0], str(empty)), (str(notimg), pair[1])]
+    bad_files = [str(notimg), str(trunc), str(tmp_path), str(tmp_path / "nope"), str(empty),
+                 pair[0], "-"]
+    bad_models = [(pair[1], pair[0]), (str(cut_gguf), pair[1]), (pair[0], str(empty)),
+                  (str(notimg), pair[1]), (pair[0], None)]
     values = {"--keep": ["0.5", "1", "0", "2", "nan", "-1", "x", ""],
               "--windows": ["1", "2", "0", "-3", "99", "x"],
               "-c": ["1", "16", "64", "300", "0", "-5", "x"],
               "-n": ["1", "3", "0", "x"], "--temp": ["0", "0.7", "nan", "-1", "inf"],
               "--seed": ["0", "7", "-1", "x"], "--mode": ["off", "embed", "layer", "x"],
-              "-t": ["1", "0", "x"]}
-    flags = ["--stats", "--json", "--ignore-eos", "--bogus", "-v"]
-    prompts = [QUESTION, "", "   ", "is there a square?" * 30, "\u00e9\u4e2d?"]
+              "-t": ["1", "0", "x"], "--model-name": ["shapes-8x8", "shapes-16x16", "x"]}
+    prompts = ["", "   ", "is there a square?" * 30, "\u00e9\u4e2d?", "<__media__> what?"]
+
+    # each case: a valid command line, then 0-2 random mutations of it
+    def mutate(argv):
+        kind = rng.choice(["file", "model", "value", "value", "flag", "prompt", "drop-p"])
+        if kind == "file":
+            argv.insert(1 + rng.randint(0, 1), rng.choice(bad_files))
+        elif kind == "model":
+            m = rng.choice(bad_models)
+            i = argv.index("--model")
+            argv[i + 1] = m[0]
+            if m[1] is None:
+                del argv[i + 2:i + 4]
+            else:
+                argv[i + 3] = m[1]
+        elif kind == "value":
+            flag = rng.choice(sorted(values))
+            argv += [flag, rng.choice(values[flag])]
+        elif kind == "flag":
+            argv.append(rng.choice(["--stats", "--json", "--ignore-eos", "--bogus", "-v"]))
+        elif kind == "prompt":
+            argv[argv.index("-p") + 1] = rng.choice(prompts)
+        else:                                   # interactive, stdin at its end: exit 0
+            i = argv.index("-p")
+            del argv[i:i + 2]
+
     outcomes = []
     for _ in range(FUZZ_CASES):
-        argv = ["chat"] + rng.sample(files, rng.randint(0, 2))
-        if rng.random() < 0.85:
-            argv += ["-p", rng.choice(prompts)]
-        if rng.random() < 0.7:
-            m = rng.choice(models)
-            argv += ["--model", m[0], "--mmproj", m[1]]
-        for flag in rng.sample(sorted(values), rng.randint(0, 3)):
-            argv += [flag, rng.choice(values[flag])]
-        argv += rng.sample(flags, rng.randint(0, 1))
-        if "-n" not in argv:
-            argv += ["-n", "3"]
+        argv = ["chat", image, "-p", QUESTION, "--model", pair[0], "--mmproj", pair[1],
+                "-n", "3"]
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            mutate(argv)
         r = _cli(*argv, input=b"", timeout=120)
         err = r.stderr.decode("utf-8", "replace")
         assert r.returncode in (0, 2), (argv, r.returncode, err[-1500:])
