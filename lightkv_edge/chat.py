@@ -39,7 +39,8 @@ def _open_chat(args):
                       ctx_size=args.ctx_size, n_threads=args.threads,
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
                       max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-                      verbose=args.verbose, model_name=args.model_name)
+                      verbose=args.verbose, model_name=args.model_name,
+                      schedule=args.schedule, kv=args.kv)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

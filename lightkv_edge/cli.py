@@ -26,7 +26,7 @@ examples:
 FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size",
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
-           "model_name": "--model-name"}
+           "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv"}
 
 
 def user_message(e: Exception) -> str:
@@ -120,12 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     lk = chat.add_argument_group("LightKV")
     lk.add_argument("--mode", choices=("off", "embed", "layer"), default="embed",
                     help="off: stock llama.cpp; embed: merge the image embeddings before "
-                         "the LLM, guided by the prompt (default); layer: merge inside "
-                         "the LLM at configured layers (not in this build yet)")
+                         "the LLM, guided by the prompt (default); layer: merge between "
+                         "the LLM's decoder layers, guided by each layer's attention, and "
+                         "compact the KV cache (llama/qwen2/qwen2-vl text models)")
     lk.add_argument("--keep", type=_fraction, default=0.55, metavar="FRACTION",
                     help="fraction of vision tokens kept, in (0, 1] (default 0.55)")
     lk.add_argument("--windows", type=_positive_int, default=None, metavar="N",
                     help="merge windows per side (default: chosen from the grid)")
+    lk.add_argument("--schedule", metavar="L:W:R,...",
+                    help="layer mode: merge after decoder layer L (0-based) with W windows "
+                         "per side, dropping R of each window, e.g. 12:4:0.5,18:2:0.5 "
+                         "(default: the paper's 12-18-24 of 32 layers, windows 4-2-1, "
+                         "scaled to the model's depth, with the ratio that gives --keep "
+                         "as the layer-averaged kept fraction)")
+    lk.add_argument("--kv", choices=("compact", "exact"), default="compact",
+                    help="layer mode's KV policy: compact (every layer keeps only the final "
+                         "merged rows; cells are freed) or exact (the paper's per-layer "
+                         "visibility; not built yet)")
     gen = chat.add_argument_group("generation")
     gen.add_argument("-n", "--max-tokens", type=_positive_int, default=256, metavar="N",
                      help="most tokens to generate per answer (default 256)")

@@ -20,6 +20,9 @@ Modes:
 - off:   libmtmd's own helpers evaluate every chunk, exactly as llama-mtmd-cli does.
 - embed: each image's embeddings are merged (embed_mode.py) and only the kept rows are
          decoded, each at its destination's original position.
+- layer: a turn with images is prefilled by layer_mode.py: the rows run through the
+         decoder up to each scheduled layer, the image rows are merged there, guided by
+         that layer's attention, and the KV cache is compacted to the final rows.
 """
 from __future__ import annotations
 
@@ -58,6 +61,10 @@ class Stats:
     decode_tps: float = 0.0
     stop: str = ""                  # why the answer ended: eog, max_tokens, context_full,
                                     # interrupted
+    # layer mode: the stages as run, the layer-averaged kept fraction, the cells freed
+    stages: list = field(default_factory=list)
+    layer_keep: float = 0.0
+    cells_freed: int = 0
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -107,13 +114,28 @@ class VisionChat:
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
                  max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
                  ignore_eos: bool = False, verbose: bool = False,
-                 model_name: str | None = None):
+                 model_name: str | None = None, schedule: str | None = None,
+                 kv: str = "compact"):
         _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
                         n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
                         max_tokens=max_tokens, method=method, positions=positions)
         if (model is None) != (mmproj is None):
             raise InputError("give both model and mmproj (or neither, for an "
                              "embedded model)", param="model")
+        self.schedule = None
+        if mode == "layer":
+            from . import layer_mode
+            if kv not in layer_mode.KV_POLICIES:
+                raise InputError(f"kv policy {kv!r} is not built (available: "
+                                 f"{', '.join(layer_mode.KV_POLICIES)})", param="kv")
+            if schedule is not None:
+                try:
+                    self.schedule = layer_mode.parse_schedule(schedule)
+                except ValueError as e:
+                    raise InputError(str(e), param="schedule") from None
+        elif schedule is not None:
+            raise InputError("a schedule is for mode 'layer'", param="schedule")
+        self.kv = kv
         if model is not None and model_name is not None:
             raise InputError("give either model files or an embedded model_name, not both",
                              param="model_name")
@@ -133,7 +155,19 @@ class VisionChat:
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()
-        if mode == "embed" and positions == "keep" and not self.m.use_mrope:
+        if mode == "layer":
+            from . import layer_mode
+            try:    # the architecture and the depth, checked before any compute
+                self._layer_runner = layer_mode.LayerRunner(
+                    self.m.model, self.m.ctx, n_batch=self.m.n_batch,
+                    use_mrope=self.m.use_mrope)
+                if self.schedule is not None:
+                    layer_mode.check_schedule(self.schedule, self._layer_runner.n_layer)
+            except ValueError as e:
+                self.close()
+                raise InputError(f"layer mode: {e}", param="schedule" if self.schedule
+                                 else "mode") from None
+        if mode in ("embed", "layer") and positions == "keep" and not self.m.use_mrope:
             # merged rows keep their original positions: the sequence jumps forward over
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
@@ -336,7 +370,8 @@ class VisionChat:
         if not chunk_list or mtmd.chunk_get_type(chunk_list[-1]) != mtmd.CHUNK_TEXT:
             raise InputError("the prompt must end with text after the last image",
                              param="prompt")
-        keep = self.keep if self.mode == "embed" else 1.0   # embed keeps ceil(keep * n)
+        # embed keeps ceil(keep * n); layer mode holds every row until its first merge
+        keep = self.keep if self.mode == "embed" else 1.0
         need = 0
         for c in chunk_list:
             n = mtmd.chunk_get_n_tokens(c)
@@ -369,6 +404,9 @@ class VisionChat:
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self, chunks, guidance_text: str, stats: Stats) -> None:
         chunk_list = list(self._chunks(chunks))
+        if self.mode == "layer" and any(mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE
+                                        for c in chunk_list):
+            return self._prefill_layer_mode(chunk_list, stats)
         text_embd = None
         for i, chunk in enumerate(chunk_list):
             last = i == len(chunk_list) - 1
@@ -386,6 +424,38 @@ class VisionChat:
                     self._eval_image_merged(chunk, text_embd, stats)
             else:
                 raise InputError("audio input is not supported")
+
+    def _prefill_layer_mode(self, chunk_list, stats: Stats) -> None:
+        """The whole turn through layer_mode: merges between decoder layers, KV compacted."""
+        from . import layer_mode
+        n_layer = self._layer_runner.n_layer
+        try:
+            stages = self.schedule
+            if stages is None:
+                grids = [mtmd.image_grid(c, self.m.use_mrope) for c in chunk_list
+                         if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE]
+                sides = [min(g) for g in grids if g]
+                stages = layer_mode.default_schedule(
+                    n_layer, self.keep, grid=(min(sides), min(sides)) if sides else None)
+            t0 = time.perf_counter()
+            res, n_past, t_enc = layer_mode.prefill_chunks(
+                self.m, chunk_list, stages, n_past=self.n_past, positions=self.positions,
+                kv=self.kv, runner=self._layer_runner)
+        except ValueError as e:
+            raise InputError(f"layer mode: {e}",
+                             param="schedule" if self.schedule else "keep") from None
+        t_total = (time.perf_counter() - t0) * 1e3
+        stats.t_encode_ms += t_enc
+        stats.t_merge_ms += res.t_guidance_ms + res.t_merge_ms + res.t_compact_ms
+        stats.t_prefill_ms += t_total - t_enc - (res.t_guidance_ms + res.t_merge_ms
+                                                  + res.t_compact_ms)
+        stats.vision_tokens_in += res.vision_in
+        stats.vision_tokens_kept += res.vision_out
+        stats.stages = [dict(st) for st in res.stages]
+        stats.layer_keep = res.keep_fraction
+        stats.cells_freed = res.cells_freed
+        self.n_cells += len(res.cells)
+        self.n_past = n_past
 
     def _eval_stock(self, chunk, logits_last: bool, stats: Stats) -> None:
         new_n_past = ctypes.c_int32(self.n_past)  # the helper adds to it for text
@@ -426,26 +496,12 @@ class VisionChat:
         self.n_cells += len(embd)
         self.n_past = new_n_past.value
 
-    def _image_positions(self, chunk, n: int) -> np.ndarray:
-        """Positions of all n rows of an image chunk, laid out as libmtmd does:
-        [n] for normal RoPE, section-major [4, n] (t, y, x, z) for M-RoPE."""
-        if not self.m.use_mrope:
-            return self.n_past + np.arange(n, dtype=np.int32)[None, :]
-        img = mtmd.chunk_get_tokens_image(chunk)
-        pos = np.empty((4, n), dtype=np.int32)
-        for i in range(n):
-            p = mtmd.image_tokens_get_decoder_pos(img, self.n_past, i)
-            pos[:, i] = (p.t, p.y, p.x, p.z)
-        return pos
-
     def _eval_image_merged(self, chunk, text_embd: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
-        n = len(embd)
-        all_pos = self._image_positions(chunk, n)
-        # M-RoPE decoder positions lay the rows out on the image's token grid; for the
-        # other models libmtmd keeps no layout: let the merge square the rows (published
-        # behaviour)
-        grid = _grid_of(all_pos) if self.m.use_mrope else None
+        all_pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
+        # for normal-RoPE models libmtmd keeps no layout (grid None): the merge squares the
+        # rows (published behaviour)
+        grid = mtmd.image_grid(chunk, self.m.use_mrope)
         merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
@@ -540,11 +596,6 @@ class VisionChat:
         stats.stop = "max_tokens"
 
 
-def _grid_of(pos: np.ndarray) -> tuple[int, int]:
-    """(rows, cols) of an image's M-RoPE decoder positions [4, n] (t, y, x, z)."""
-    return (int(pos[1].max() - pos[1].min()) + 1, int(pos[2].max() - pos[2].min()) + 1)
-
-
 def _check_settings(**given) -> None:
     """Validate VisionChat's settings (those given), naming the parameter at fault."""
     def fail(name, why):
@@ -560,9 +611,6 @@ def _check_settings(**given) -> None:
     for name, v in given.items():
         if name == "mode" and v not in MODES:
             fail(name, f"must be one of {', '.join(MODES)}")
-        if name == "mode" and v == "layer":
-            raise InputError("mode 'layer' is not available in this build yet (use off or "
-                             "embed)", param="mode")
         if name == "keep" and not (is_real(v) and 0.0 < v <= 1.0):
             fail(name, "must be a number in (0, 1]")
         if name == "temp" and not (is_real(v) and v >= 0.0):

@@ -554,17 +554,8 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             embd = np.ctypeslib.as_array(mtmd.get_output_embd(vm.mctx),
                                          shape=(n, vm.n_embd)).copy()
             t_enc += (time.perf_counter() - t0) * 1e3
-            img = mtmd.chunk_get_tokens_image(ch)
-            nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
-            if vm.use_mrope:
-                pos = np.empty((4, n), np.int32)
-                for i in range(n):
-                    d = mtmd.image_tokens_get_decoder_pos(img, n_past, i)
-                    pos[:, i] = (d.t, d.y, d.x, d.z)
-            else:
-                pos = (n_past + np.arange(n, dtype=np.int32))[None]
-            # libmtmd knows the token grid only for M-RoPE models (else nx = n, ny = 1)
-            grid = (int(ny), int(nx)) if vm.use_mrope and nx * ny == n else None
+            pos = mtmd.image_positions(ch, n_past, vm.use_mrope)
+            grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
             segs.append(Segment("image", pos, embd=embd, grid=grid))
             n_past += mtmd.chunk_get_n_pos(ch)
         else:
@@ -591,10 +582,8 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     grids = []                      # checked before the vision encoder runs
     for ch in chunks:
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
-            img = mtmd.chunk_get_tokens_image(ch)
             n = mtmd.chunk_get_n_tokens(ch)
-            nx, ny = mtmd.image_tokens_get_nx(img), mtmd.image_tokens_get_ny(img)
-            grids.append(_grid_rc(n, (ny, nx) if vm.use_mrope and nx * ny == n else None))
+            grids.append(_grid_rc(n, mtmd.image_grid(ch, vm.use_mrope)))
     check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)

@@ -74,3 +74,28 @@ get_output_embd = _fn("mtmd_get_output_embd", POINTER(c_float), c_void_p)
 # mtmd-helper: the stock path (what llama-mtmd-cli runs); `off` mode uses exactly this.
 helper_eval_chunk_single = _fn("mtmd_helper_eval_chunk_single", c_int32, c_void_p, c_void_p,
                                c_void_p, c_int32, c_int32, c_int32, c_bool, POINTER(c_int32))
+
+
+def image_positions(chunk, n_past: int, use_mrope: bool):
+    """Decoder positions of an image chunk's rows starting at n_past, laid out as libmtmd
+    does: [1, n] for normal RoPE, section-major [4, n] (t, y, x, z) for M-RoPE."""
+    import numpy as np
+    n = chunk_get_n_tokens(chunk)
+    if not use_mrope:
+        return n_past + np.arange(n, dtype=np.int32)[None, :]
+    img = chunk_get_tokens_image(chunk)
+    pos = np.empty((4, n), dtype=np.int32)
+    for i in range(n):
+        p = image_tokens_get_decoder_pos(img, n_past, i)
+        pos[:, i] = (p.t, p.y, p.x, p.z)
+    return pos
+
+
+def image_grid(chunk, use_mrope: bool) -> tuple[int, int] | None:
+    """(rows, cols) of an image chunk's token grid, from its M-RoPE decoder positions;
+    None for normal-RoPE models, whose rows libmtmd lays out in no grid."""
+    if not use_mrope:
+        return None
+    pos = image_positions(chunk, 0, True)
+    rows, cols = int(pos[1].max() - pos[1].min()) + 1, int(pos[2].max() - pos[2].min()) + 1
+    return (rows, cols) if rows * cols == pos.shape[1] else None
