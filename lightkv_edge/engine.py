@@ -137,9 +137,8 @@ class VisionChat:
         native.set_num_threads(n_threads or 0)
         self._layer0 = None       # the first layer's Q/K, for the prompt's guidance
         if mode == "embed" and method in ("lightkv", "fastv"):
-            from .embed_mode import FirstLayerQK
             try:
-                self._layer0 = FirstLayerQK(self.m.model_path)
+                self._layer0 = native.GuidanceModel(self.m.model_path)
             except ValueError as e:
                 self.close()
                 raise ModelError(f"embed mode cannot guide with this model: {e} "
@@ -292,7 +291,7 @@ class VisionChat:
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self, chunks, guidance_text: str, stats: Stats) -> None:
         chunk_list = list(self._chunks(chunks))
-        text_embd = None
+        text_ids = None
         for i, chunk in enumerate(chunk_list):
             last = i == len(chunk_list) - 1
             kind = mtmd.chunk_get_type(chunk)
@@ -302,11 +301,9 @@ class VisionChat:
                 if self.mode == "off" or self.keep >= 1.0:
                     self._eval_image_stock(chunk, stats)
                 else:
-                    if text_embd is None:
-                        ids = self.m.tokenize(guidance_text)
-                        text_embd = (self.m.token_embeddings(ids) if ids
-                                     else np.zeros((0, self.m.n_embd), np.float32))
-                    self._eval_image_merged(chunk, text_embd, stats)
+                    if text_ids is None:
+                        text_ids = np.asarray(self.m.tokenize(guidance_text), np.int32)
+                    self._eval_image_merged(chunk, text_ids, stats)
             else:
                 raise InputError("audio input is not supported")
 
@@ -361,7 +358,7 @@ class VisionChat:
             pos[:, i] = (p.t, p.y, p.x, p.z)
         return pos
 
-    def _eval_image_merged(self, chunk, text_embd: np.ndarray, stats: Stats) -> None:
+    def _eval_image_merged(self, chunk, text_ids: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
         n = len(embd)
         img = mtmd.chunk_get_tokens_image(chunk)
@@ -369,7 +366,7 @@ class VisionChat:
         # libmtmd knows the token grid only for M-RoPE models; for the others it reports
         # nx = n, ny = 1, not a layout: let the merge square the rows (published behaviour)
         grid = (ny, nx) if self.m.use_mrope and nx * ny == n else None
-        merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
+        merged = reduce_image(embd, grid, text_ids, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
