@@ -209,6 +209,8 @@ struct lightkv_guidance_model {
 
     ctx_ptr                w_meta;         // the layer's tensors, in a buffer of ctx's backend
     buf_ptr                w_buf;
+    ctx_ptr                mat_meta;       // attn_q / attn_k when they sit in CPU_REPACK
+    buf_ptr                mat_buf;
     lightkv::layer_input   layer{};
 };
 
@@ -235,6 +237,34 @@ void input_scales(const std::string & arch, const gguf_context * g, int64_t n_em
         *text *= (float) emb;
         if (n_deepstack == 0) *vision *= (float) emb;
     }
+}
+
+// ggml's CPU_REPACK buffer type when the context runs on the CPU and the CPU backend's
+// repacked matrix product takes both matrices (the check llama.cpp makes: a mul_mat node
+// over a dummy buffer of that type, asked of the device); otherwise nullptr
+ggml_backend_buffer_type_t cpu_repack_buft(const lightkv_context & lc, ggml_tensor * wq, ggml_tensor * wk) {
+    if (lc.primary != lc.cpu) return nullptr;
+    ggml_backend_dev_t dev = ggml_backend_get_device(lc.cpu);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    if (!reg) return nullptr;
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) return nullptr;
+    ggml_backend_buffer_type_t repack = nullptr;
+    for (ggml_backend_buffer_type_t * b = get_extra(dev); b && *b; ++b) {
+        if (std::strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) repack = *b;
+    }
+    if (!repack) return nullptr;
+    ctx_ptr probe = new_meta_context(4);
+    for (ggml_tensor * wt : {wq, wk}) {
+        ggml_tensor * x  = ggml_new_tensor_2d(probe.get(), GGML_TYPE_F32, wt->ne[0], 512);
+        ggml_tensor * op = ggml_mul_mat(probe.get(), wt, x);
+        wt->buffer = ggml_backend_buft_alloc_buffer(repack, 0);
+        const bool ok = wt->buffer && ggml_backend_dev_supports_op(dev, op);
+        if (wt->buffer) ggml_backend_buffer_free(wt->buffer);
+        wt->buffer = nullptr;
+        if (!ok) return nullptr;
+    }
+    return repack;
 }
 
 void load_guidance_model(lightkv_guidance_model & m, const char * path, int32_t layer) {
@@ -361,8 +391,25 @@ void load_guidance_model(lightkv_guidance_model & m, const char * path, int32_t 
     auto vec = [&](int64_t n) { return ggml_new_tensor_1d(w, GGML_TYPE_F32, n); };
     lightkv::layer_input & l = m.layer;
     l.attn_norm = vec(n_embd);
-    l.q.w = ggml_new_tensor_2d(w, t_wq.type, n_embd, n_q);
-    l.k.w = ggml_new_tensor_2d(w, t_wk.type, n_embd, n_k);
+    // on the CPU, the two matrices go to ggml's CPU_REPACK buffer type when it takes them
+    // (interleaved blocks for its faster gemm kernels, same quantized arithmetic), as
+    // llama.cpp places its CPU weights by default
+    m.mat_meta = new_meta_context(2);
+    ggml_tensor * wq = ggml_new_tensor_2d(m.mat_meta.get(), t_wq.type, n_embd, n_q);
+    ggml_tensor * wk = ggml_new_tensor_2d(m.mat_meta.get(), t_wk.type, n_embd, n_k);
+    ggml_backend_buffer_type_t repack = cpu_repack_buft(*m.ctx, wq, wk);
+    if (repack) {
+        ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors_from_buft(m.mat_meta.get(), repack);
+        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the layer's weights");
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        m.mat_buf.reset(b);
+        l.q.w = wq;
+        l.k.w = wk;
+    } else {
+        m.mat_meta.reset();
+        l.q.w = ggml_new_tensor_2d(w, t_wq.type, n_embd, n_q);
+        l.k.w = ggml_new_tensor_2d(w, t_wk.type, n_embd, n_k);
+    }
     l.q.bias  = has_bq ? vec(n_q) : nullptr;
     l.k.bias  = has_bk ? vec(n_k) : nullptr;
     l.q.scale = has_sq ? vec(1) : nullptr;
