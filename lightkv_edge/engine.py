@@ -156,6 +156,7 @@ class VisionChat:
         self.last_stats: Stats | None = None
 
     def close(self) -> None:
+        self._layer0 = None       # the guidance model's weights and open file
         if self._sampler:
             llama_cpp.llama_sampler_free(self._sampler)
             self._sampler = None
