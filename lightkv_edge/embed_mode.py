@@ -7,15 +7,16 @@ vision entries: the KV cache and the prefill shrink by the dropped fraction.
 
 How the prompt guides here: the published guidance is the attention logits of one layer,
 softmax over the QUERY axis, vision-query x text-key block, summed over heads and text keys
-(docs/method.md, "Guidance"). Before the LLM has run we take the first layer's own
-attention: its input RMS norm, Q and K projections (read from the text model's GGUF) are
-applied to the image rows and to the prompt's token embeddings, and the native guidance
-graph scores them. Position-free (no RoPE): at the input the rotation would only add a
-relative-position bias, while the merge asks which image rows match the question. On the
-embedded model this ranks the asked object's tokens far above the rest (AUC 0.85 on 192
-held-out questions that name one object), where a plain similarity of input embeddings
-was anti-correlated (AUC 0.26): a model's image and word embeddings need not share directions, its first
-layer's Q/K is trained to compare them.
+(docs/method.md, "Guidance"). Before the LLM has run we take the first layer's own attention input:
+native.GuidanceModel reads its RMS norm and Q/K projections from the text model's GGUF (in
+their stored, quantized type) and runs, in one ggml graph on the merge's backend, the
+prompt's token embeddings and the image rows through them and the guidance after them.
+Position-free (no RoPE): at the input the rotation would only add a relative-position
+bias, while the merge asks which image rows match the question. On the embedded model this
+ranks the asked object's tokens far above the rest (AUC 0.85 on 192 held-out questions that
+name one object), where a plain similarity of input embeddings was anti-correlated (AUC
+0.26): a model's image and word embeddings need not share directions, its first layer's
+Q/K is trained to compare them.
 """
 from __future__ import annotations
 
@@ -31,50 +32,14 @@ def default_windows(rows: int, cols: int) -> int:
     return max(1, min(8, round(min(rows, cols) / 6)))
 
 
-class FirstLayerQK:
-    """Layer 0's attention input of a llama.cpp text model (norm, Q and K projections),
-    read once from its GGUF and dequantized, for guidance before the LLM runs."""
-
-    def __init__(self, gguf_path):
-        from .gguf_file import field, has_tensor, tensor_rows
-        arch = field(gguf_path, "general.architecture")
-        self.n_head = int(field(gguf_path, f"{arch}.attention.head_count"))
-        self.n_head_kv = int(field(gguf_path, f"{arch}.attention.head_count_kv")
-                             or self.n_head)
-        self.eps = float(field(gguf_path, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6)
-        need = ("blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight")
-        if not all(has_tensor(gguf_path, n) for n in need):
-            raise ValueError(f"{gguf_path} has no separate layer-0 attn_norm/attn_q/attn_k")
-        self.norm = tensor_rows(gguf_path, need[0])
-        self.wq, self.wk = tensor_rows(gguf_path, need[1]), tensor_rows(gguf_path, need[2])
-        bias = {n: tensor_rows(gguf_path, f"blk.0.attn_{n}.bias")
-                if has_tensor(gguf_path, f"blk.0.attn_{n}.bias") else 0 for n in "qk"}
-        self.bq, self.bk = bias["q"], bias["k"]
-        self.head_dim = self.wq.shape[0] // self.n_head
-
-    def qk(self, x: np.ndarray):
-        """q [H, S, d], k [H_kv, S, d] of rows x [S, D]."""
-        from threadpoolctl import threadpool_limits
-        h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * self.norm
-        # numpy's BLAS threads would fight llama.cpp's and the merge's spinning ggml
-        # threads for the same cores (measured: merges stalled 2-3x): one BLAS thread
-        with threadpool_limits(limits=1, user_api="blas"):
-            q = (h @ self.wq.T + self.bq).reshape(len(x), self.n_head, self.head_dim)
-            k = (h @ self.wk.T + self.bk).reshape(len(x), self.n_head_kv, self.head_dim)
-        return (np.ascontiguousarray(q.transpose(1, 0, 2), dtype=np.float32),
-                np.ascontiguousarray(k.transpose(1, 0, 2), dtype=np.float32))
-
-
-def prompt_guidance(vision: np.ndarray, text: np.ndarray, layer: FirstLayerQK) -> np.ndarray:
-    """Guidance of each vision row from the prompt's token embeddings through the first
-    layer's Q/K: queries = all rows (vision + text), keys = text rows, the published
-    normalisation (softmax over the query axis), summed over heads and text keys."""
-    from . import native
-    if len(text) == 0:
+def prompt_guidance(vision: np.ndarray, text_tokens, layer) -> np.ndarray:
+    """Guidance of each vision row from the prompt's token ids through the first layer
+    (`layer`: a native.GuidanceModel): queries = all rows (vision + text), keys = text rows,
+    the published normalisation (softmax over the query axis), summed over heads and text
+    keys. No prompt tokens: all ones (unguided)."""
+    if len(text_tokens) == 0:
         return np.ones(len(vision), dtype=np.float32)
-    q, k = layer.qk(np.concatenate([vision, text]).astype(np.float32))
-    n = len(vision)
-    return native.guidance_scores_from_qk(q, k, np.arange(n), np.arange(n, n + len(text)))
+    return layer.scores(vision, text_tokens)
 
 
 @dataclass
@@ -85,11 +50,10 @@ class MergedImage:
     t_merge_ms: float
 
 
-def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
-                keep: float, windows: int | None,
-                layer: FirstLayerQK | None = None) -> MergedImage:
-    """Merge one image's rows down to about `keep` of them, guided by the prompt through
-    `layer` (None: unguided, all weights 1).
+def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
+                keep: float, windows: int | None, layer=None) -> MergedImage:
+    """Merge one image's rows down to about `keep` of them, guided by the prompt's token ids
+    `text_tokens` through `layer` (a native.GuidanceModel; None: unguided, all weights 1).
 
     One LightKV stage drops at most half of each window (r <= n_w // 2), so keeps below
     0.5 run further stages on what is left, as the paper's progressive schedule does.
@@ -102,7 +66,7 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
     target = max(1, math.ceil(keep * n))
     x = np.ascontiguousarray(embd, dtype=np.float32)
     kept = np.arange(n)
-    scores = None if layer is None else prompt_guidance(x, text_embd, layer)
+    scores = None if layer is None else prompt_guidance(x, text_tokens, layer)
     # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
     # sequence): the survivors keep their original (row, col)
     if grid and grid[0] * grid[1] == n:
@@ -134,15 +98,15 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.nd
 METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool")
 
 
-def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.ndarray, *,
+def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                  keep: float, windows: int | None, method: str = "lightkv",
-                 layer: FirstLayerQK | None = None, seed: int = 0) -> MergedImage:
+                 layer=None, seed: int = 0) -> MergedImage:
     """Cut one image's rows to about `keep` of them with `method`:
     lightkv (guided merge), unguided (the same merge, all weights 1, ToMe style), random
     (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
     pruning), pool (2x2 average pooling: its budget is fixed at about a quarter)."""
     if method in ("lightkv", "unguided"):
-        return merge_image(embd, grid, text_embd, keep=keep, windows=windows,
+        return merge_image(embd, grid, text_tokens, keep=keep, windows=windows,
                            layer=layer if method == "lightkv" else None)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -156,7 +120,7 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_embd: np.n
     if method == "random":
         res = ref.random_drop(x, n_keep=n_keep, seed=seed)
     elif method == "fastv":
-        res = ref.fastv_topk(x, prompt_guidance(x, text_embd, layer), n_keep=n_keep)
+        res = ref.fastv_topk(x, prompt_guidance(x, text_tokens, layer), n_keep=n_keep)
     elif method == "dart":
         res = ref.dart_prune(x, n_keep=n_keep)
     else:

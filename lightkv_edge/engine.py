@@ -179,9 +179,8 @@ class VisionChat:
         native.set_num_threads(n_threads or 0)
         self._layer0 = None       # the first layer's Q/K, for the prompt's guidance
         if mode == "embed" and method in ("lightkv", "fastv"):
-            from .embed_mode import FirstLayerQK
             try:
-                self._layer0 = FirstLayerQK(self.m.model_path)
+                self._layer0 = native.GuidanceModel(self.m.model_path)
             except ValueError as e:
                 self.close()
                 raise ModelError(f"embed mode cannot guide with this model: {e} "
@@ -226,6 +225,7 @@ class VisionChat:
         if self.m is None:
             return
         with self._exclusive():
+            self._layer0 = None       # the guidance model's weights and open file
             if self._sampler:
                 llama_cpp.llama_sampler_free(self._sampler)
                 self._sampler = None
@@ -407,7 +407,7 @@ class VisionChat:
         if self.mode == "layer" and any(mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE
                                         for c in chunk_list):
             return self._prefill_layer_mode(chunk_list, stats)
-        text_embd = None
+        text_ids = None
         for i, chunk in enumerate(chunk_list):
             last = i == len(chunk_list) - 1
             kind = mtmd.chunk_get_type(chunk)
@@ -417,11 +417,9 @@ class VisionChat:
                 if self.mode == "off" or self.keep >= 1.0:
                     self._eval_image_stock(chunk, stats)
                 else:
-                    if text_embd is None:
-                        ids = self.m.tokenize(guidance_text)
-                        text_embd = (self.m.token_embeddings(ids) if ids
-                                     else np.zeros((0, self.m.n_embd), np.float32))
-                    self._eval_image_merged(chunk, text_embd, stats)
+                    if text_ids is None:
+                        text_ids = np.asarray(self.m.tokenize(guidance_text), np.int32)
+                    self._eval_image_merged(chunk, text_ids, stats)
             else:
                 raise InputError("audio input is not supported")
 
@@ -496,13 +494,13 @@ class VisionChat:
         self.n_cells += len(embd)
         self.n_past = new_n_past.value
 
-    def _eval_image_merged(self, chunk, text_embd: np.ndarray, stats: Stats) -> None:
+    def _eval_image_merged(self, chunk, text_ids: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
         all_pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
         # for normal-RoPE models libmtmd keeps no layout (grid None): the merge squares the
         # rows (published behaviour)
         grid = mtmd.image_grid(chunk, self.m.use_mrope)
-        merged = reduce_image(embd, grid, text_embd, keep=self.keep, windows=self.windows,
+        merged = reduce_image(embd, grid, text_ids, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)

@@ -1,50 +1,25 @@
-"""Reading GGUF files without llama.cpp (whose loader may abort on oddities): metadata,
-and tensor rows dequantized to float32 (gguf-py from the pinned llama.cpp)."""
+"""GGUF metadata without llama.cpp's model loader (which may abort on oddities): the keys the
+engine checks before it loads a model, read by ggml's own gguf reader through liblightkv.
+
+The reader parses the header, the key/values and the tensor infos in C (a 152k-token
+vocabulary is a few milliseconds there, seconds in a Python parser) and reads no tensor data;
+a truncated or corrupt file is refused with ggml's reason, never an abort.
+"""
 from __future__ import annotations
-
-from functools import lru_cache
-
-import numpy as np
 
 from .errors import ModelError
 
 
-@lru_cache(maxsize=8)
-def reader(path: str):
-    """The (memory-mapped) GGUFReader of a file, opened once."""
-    from gguf import GGUFReader
+def fields(path, keys) -> dict:
+    """{key: value (str, int, float, bool) or None when absent}; ModelError on a bad file."""
+    from . import native
     try:
-        return GGUFReader(path)
-    except Exception as e:  # a truncated or corrupt file
-        raise ModelError(f"cannot parse {path}: {e}") from None
+        return native.gguf_fields(path, list(keys))
+    except ValueError as e:
+        raise ModelError(str(e)) from None   # names the file and ggml's reason
 
 
 def field(path, key: str):
-    """A metadata value (str or number), or None when absent."""
-    f = reader(str(path)).fields.get(key)
-    if f is None:
-        return None
-    v = f.parts[f.data[0]]
-    return bytes(v).decode() if f.types and f.types[0].name == "STRING" else v[0]
+    """A metadata value (str, int, float or bool), or None when absent."""
+    return fields(path, [key])[key]
 
-
-def tensor_rows(path, name: str, rows=None) -> np.ndarray:
-    """Tensor `name` as float32: [n_rows, n_cols] (ggml's ne reversed), or only `rows`
-    of it; a 1-D tensor (a norm, a bias) as [n]."""
-    from gguf import GGMLQuantizationType as QT, quants
-    t = next((t for t in reader(str(path)).tensors if t.name == name), None)
-    if t is None:
-        raise ModelError(f"{path} has no tensor {name}")
-    n_cols = int(t.shape[0])
-    data = t.data if rows is None else t.data[np.asarray(rows, dtype=np.int64)]
-    if t.tensor_type == QT.F32:
-        out = np.asarray(data, np.float32)
-    elif t.tensor_type == QT.F16:
-        out = np.asarray(data, np.float16).astype(np.float32)
-    else:
-        out = quants.dequantize(data, t.tensor_type).astype(np.float32)
-    return out.reshape(-1, n_cols) if len(t.shape) > 1 else out.reshape(-1)
-
-
-def has_tensor(path, name: str) -> bool:
-    return any(t.name == name for t in reader(str(path)).tensors)

@@ -11,8 +11,6 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from . import gguf_file, interrupts, mtmd
 from .errors import InputError, ModelError
 
@@ -230,10 +228,6 @@ class VisionModel:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = n + 1
         raise ModelError("chat template output too long")
-
-    def token_embeddings(self, ids) -> np.ndarray:
-        """Rows of the input embedding table (what guides the merge in embed mode)."""
-        return gguf_file.tensor_rows(self.model_path, "token_embd.weight", ids)
 
     # -- KV cache -----------------------------------------------------------------------
     def clear(self) -> None:

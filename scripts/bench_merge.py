@@ -13,6 +13,11 @@ token only, so everything outside the layers is negligible: about 0.1% of one la
 
     python scripts/bench_merge.py [--layers 2] [--threads N] [--tokens 576] [--quant Q4_K_M]
 
+`--merge-only` skips the model: per-call times of --calls repeated merges of one --tokens x
+--dim image (the same shape each call, as an engine merging image after image sees it),
+e.g. `--merge-only --dim 1536` for the Qwen2-VL-2B width (it prints which lightkv_edge it
+ran: run it with another checkout's venv to compare two builds).
+
 Prints the numbers; asserts nothing (tests never assert timings).
 """
 from __future__ import annotations
@@ -214,6 +219,35 @@ def time_ms(fn, reps: int) -> float:
     return best
 
 
+def merge_only(args) -> int:
+    """Per-call time of repeated merges of one image shape (and of the first-layer guidance
+    when --guidance-gguf is given)."""
+    from lightkv_edge import native
+    native.set_num_threads(args.threads)
+    n, d = args.tokens, args.dim
+    side = int(round(n ** 0.5))
+    grid = (side, side) if side * side == n else None
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, d)).astype(np.float32) for _ in range(4)]
+    gs = [rng.random(n).astype(np.float32) for _ in range(4)]
+    times, cpu = [], []
+    for i in range(args.calls + 1):          # call 0: warm-up (context, first plan)
+        t0, c0 = time.perf_counter(), time.process_time()
+        native.lightkv_merge(xs[i % 4], gs[i % 4], windows=args.windows, ratio=0.5, grid=grid,
+                             backend=args.backend)
+        if i:
+            times.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    t, c = np.array(times), np.array(cpu)
+    # CPU time (all threads of this process) is the steadier figure on a loaded machine;
+    # with more than one thread it includes ggml's spin-waits
+    print(f"merge {n} x {d}, windows {args.windows}, ratio 0.5, guided, {args.threads} threads, "
+          f"backend {args.backend}: per call wall median {np.median(t):.2f} ms (min {t.min():.2f}), "
+          f"CPU median {np.median(c):.2f} ms (min {c.min():.2f}); n = {len(t)}, load "
+          f"{os.getloadavg()[0]:.1f}; {native.__file__}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2, help="layers actually built (of 32)")
@@ -224,7 +258,13 @@ def main() -> int:
     ap.add_argument("--quant", choices=["Q4_K_M", "F16"], default="Q4_K_M")
     ap.add_argument("--backend", default="CPU", help="ggml backend of the merge")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lightkv-edge" / "bench"))
+    ap.add_argument("--merge-only", action="store_true", help="only time repeated merges")
+    ap.add_argument("--dim", type=int, default=SHAPE["n_embd"], help="--merge-only: row width")
+    ap.add_argument("--windows", type=int, default=4, help="--merge-only: windows per side")
+    ap.add_argument("--calls", type=int, default=50, help="--merge-only: timed calls")
     args = ap.parse_args()
+    if args.merge_only:
+        return merge_only(args)
 
     from lightkv_edge import native
 

@@ -30,9 +30,12 @@ bound).
         [--text-layers 4] [--vision-layers 4] [--threads 2] [--runs 3]
         [--json FILE] [--markdown FILE]
 
-Prints a markdown table; asserts nothing (tests never assert timings). On a small machine
-run it with OPENBLAS_NUM_THREADS=1: numpy's BLAS pool (the guidance's Q/K projections)
-otherwise competes with the merge's ggml threads (docs/bench/real-shape-cpu.md).
+Prints a markdown table; asserts nothing (tests never assert timings). t_merge_ms is the
+whole merge step of embed mode: the first-layer guidance graph (its Q/K projections on the
+quantized weights) and the merge graphs. (Before the guidance ran in ggml, numpy's BLAS
+pool did the Q/K projections and OPENBLAS_NUM_THREADS=1 mattered on a small machine:
+docs/bench/real-shape-cpu.md.) --interleave R repeats the whole sweep R times, modes
+interleaved, and reports each mode's median over the sweeps (for a loaded machine).
 """
 from __future__ import annotations
 
@@ -164,10 +167,13 @@ def test_image(size: int):
     return Image(f"synthetic-{size}px", size, size, np.ascontiguousarray(rgb).tobytes())
 
 
-def measure(model: Path, mmproj: Path, image, mode: str, keep: float, args) -> dict:
+KEYS = ("vision_tokens_in", "vision_tokens_kept", "kv_cells", "kv_bytes", "t_encode_ms",
+        "t_merge_ms", "t_prefill_ms", "t_decode_ms", "n_decoded", "decode_tps")
+
+
+def measure(model: Path, mmproj: Path, image, mode: str, keep: float, args) -> list[dict]:
+    """The statistics of --runs turns after a warm-up turn, one dict per turn."""
     from lightkv_edge import VisionChat
-    keys = ("vision_tokens_in", "vision_tokens_kept", "kv_cells", "kv_bytes", "t_encode_ms",
-            "t_merge_ms", "t_prefill_ms", "t_decode_ms", "n_decoded", "decode_tps")
     runs = []
     with VisionChat(model, mmproj, mode=mode, keep=keep, n_threads=args.threads,
                     max_tokens=8, ignore_eos=True, ctx_size=4096) as chat:
@@ -176,8 +182,14 @@ def measure(model: Path, mmproj: Path, image, mode: str, keep: float, args) -> d
             chat.ask(PROMPT, [image])
             s = chat.last_stats.as_dict()
             if r > 0:
-                runs.append({k: s[k] for k in keys})
-    out = {k: float(np.mean([x[k] for x in runs])) for k in keys}
+                runs.append({k: s[k] for k in KEYS})
+    return runs
+
+
+def summarise(runs: list[dict], median: bool) -> dict:
+    """Means of the turns (medians with --interleave, where turns come from several sweeps)."""
+    agg = np.median if median else np.mean
+    out = {k: float(agg([x[k] for x in runs])) for k in KEYS}
     out["t_prefill_ms_runs"] = [x["t_prefill_ms"] for x in runs]
     out["t_merge_ms_runs"] = [x["t_merge_ms"] for x in runs]
     return out
@@ -197,6 +209,8 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000, help=f"vocabulary (real: {FULL_VOCAB})")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up")
+    ap.add_argument("--interleave", type=int, default=1,
+                    help="repeat the sweep over modes this many times; report medians")
     ap.add_argument("--keep-f16", action="store_true", help="also keep the f16 text GGUF")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "lightkv-edge" / "realshape"))
     ap.add_argument("--build-only", action="store_true",
@@ -225,20 +239,27 @@ def main() -> int:
     model, mmproj = (Path(p) for p in out.stdout.strip().splitlines()[-2:])
 
     lt, lv = args.text_layers, args.vision_layers
+    turns: dict[tuple, list] = {}
+    for sweep in range(args.interleave):
+        for size in args.sizes:
+            image = test_image(size)
+            for mode, keep in [("off", 1.0)] + [("embed", k) for k in args.keep]:
+                log(f"sweep {sweep + 1}/{args.interleave}: {size}px {mode} keep {keep} ...")
+                t0 = time.perf_counter()
+                runs = measure(model, mmproj, image, mode, keep, args)
+                turns.setdefault((size, mode, keep), []).extend(runs)
+                log(f"  {time.perf_counter() - t0:.0f} s: prefill "
+                    f"{np.mean([x['t_prefill_ms'] for x in runs]):.0f} ms, merge "
+                    f"{np.mean([x['t_merge_ms'] for x in runs]):.1f} ms, load "
+                    f"{os.getloadavg()[0]:.1f}")
     results = []
-    for size in args.sizes:
-        image = test_image(size)
-        for mode, keep in [("off", 1.0)] + [("embed", k) for k in args.keep]:
-            log(f"{size}px {mode} keep {keep} ...")
-            t0 = time.perf_counter()
-            r = measure(model, mmproj, image, mode, keep, args)
-            r.update(image_px=size, mode=mode, keep=keep,
-                     est_prefill_ms_full=r["t_prefill_ms"] / lt * FULL_TEXT_LAYERS,
-                     est_kv_bytes_full=r["kv_bytes"] / lt * FULL_TEXT_LAYERS,
-                     est_encode_ms_full=r["t_encode_ms"] / lv * FULL_VISION_LAYERS)
-            results.append(r)
-            log(f"  {time.perf_counter() - t0:.0f} s: prefill {r['t_prefill_ms']:.0f} ms, "
-                f"merge {r['t_merge_ms']:.1f} ms, kept {r['vision_tokens_kept']:.0f}")
+    for (size, mode, keep), runs in turns.items():
+        r = summarise(runs, median=args.interleave > 1)
+        r.update(image_px=size, mode=mode, keep=keep,
+                 est_prefill_ms_full=r["t_prefill_ms"] / lt * FULL_TEXT_LAYERS,
+                 est_kv_bytes_full=r["kv_bytes"] / lt * FULL_TEXT_LAYERS,
+                 est_encode_ms_full=r["t_encode_ms"] / lv * FULL_VISION_LAYERS)
+        results.append(r)
     for r in results:
         base = next(b for b in results if b["image_px"] == r["image_px"] and b["mode"] == "off")
         r["prefill_saved_pct"] = 100 * (1 - r["t_prefill_ms"] / base["t_prefill_ms"])
@@ -254,7 +275,7 @@ def main() -> int:
                 break
     except OSError:
         pass
-    meta = dict(model=f"random-weight Qwen2-VL-2B shape: {lt}/{FULL_TEXT_LAYERS} text layers "
+    meta = dict(interleave=args.interleave, loadavg_end=os.getloadavg(), model=f"random-weight Qwen2-VL-2B shape: {lt}/{FULL_TEXT_LAYERS} text layers "
                       f"(Q4_K_M), {lv}/{FULL_VISION_LAYERS} vision layers (f16 mmproj), vocab "
                       f"{args.vocab} (real {FULL_VOCAB})",
                 text_model=model.name, mmproj=mmproj.name, device=cpu,
@@ -283,15 +304,17 @@ def main() -> int:
             f"| {r['est_encode_ms_full']:.0f} |")
     table = "\n".join(lines)
     env = f"OPENBLAS_NUM_THREADS={meta['openblas_num_threads'] or 'unset'}"
-    print(f"model: {meta['model']}; device: {cpu}, {args.threads} threads, {env}; means "
-          f"of {args.runs} runs after a warm-up")
+    stat = (f"medians of {args.interleave} x {args.runs} runs (sweeps interleaved)"
+            if args.interleave > 1 else f"means of {args.runs} runs after a warm-up")
+    print(f"model: {meta['model']}; device: {cpu}, {args.threads} threads, {env}; {stat}; "
+          f"load average at the end {meta['loadavg_end'][0]:.1f}")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta, results=results), indent=1) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(
-            f"Model: {meta['model']}. Device: {cpu}, {args.threads} threads, {env}. Means of "
-            f"{args.runs} runs after a warm-up; max 8 decoded tokens. Columns 'est.' are "
+            f"Model: {meta['model']}. Device: {cpu}, {args.threads} threads, {env}. "
+            f"{stat[0].upper() + stat[1:]}; max 8 decoded tokens. Columns 'est.' are "
             f"EXTRAPOLATIONS (measured / layers built x layers of the real model).\n\n"
             + table + "\n")
     return 0

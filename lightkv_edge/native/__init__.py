@@ -4,6 +4,9 @@ score as ggml graphs, on any ggml backend (CPU, CUDA, Metal, Vulkan).
     from lightkv_edge.native import lightkv_merge, guidance_scores_from_qk, backends
     res = lightkv_merge(x, scores, windows=2, ratio=0.5)           # best backend
     res = lightkv_merge(x, None, windows=2, ratio=0.5, backend="CPU")
+    model = GuidanceModel("model.gguf")                            # a text model's layer 0
+    g = model.scores(image_rows, prompt_token_ids)                 # one ggml graph
+    gguf_fields("model.gguf", ["general.architecture"])            # ggml's gguf reader
 
 Same signature and result as lightkv_edge.reference.lightkv_merge, numpy float32 in and
 out (other float dtypes are converted). Bad input (and float32 overflow) raises ValueError
@@ -15,12 +18,15 @@ from __future__ import annotations
 import ctypes as C
 import math
 import numbers
+import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MergePlan", "MergeResult", "NativeMemoryError", "backends", "guidance_scores_from_qk", "lightkv_merge",
+__all__ = ["GuidanceModel", "MergePlan", "MergeResult", "NativeMemoryError", "backends",
+           "guidance_scores_from_qk", "gguf_fields", "gguf_has_tensor", "lightkv_merge",
            "set_num_threads", "last_n_splits"]
 
 # lightkv_status
@@ -34,6 +40,15 @@ class _MergeParams(C.Structure):
 
 class _ContextParams(C.Structure):
     _fields_ = [("backend", C.c_char_p), ("n_threads", C.c_int32), ("force_cpu_ops", C.c_char_p)]
+
+
+class _GuidanceInfo(C.Structure):
+    _fields_ = [("n_embd", C.c_int64), ("n_embd_inp", C.c_int64), ("n_vocab", C.c_int64),
+                ("n_head", C.c_int64), ("n_head_kv", C.c_int64), ("head_dim", C.c_int64),
+                ("layer", C.c_int32), ("weight_type", C.c_int32), ("has_q_bias", C.c_int32),
+                ("has_k_bias", C.c_int32), ("has_q_norm", C.c_int32), ("has_k_norm", C.c_int32),
+                ("rms_eps", C.c_float), ("kq_scale", C.c_float), ("text_scale", C.c_float),
+                ("vision_scale", C.c_float), ("arch", C.c_char * 64)]
 
 
 _lib = None
@@ -67,6 +82,7 @@ def _load():
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
+            "lightkv_merge_plan_stats": (C.c_int, [C.c_void_p, i64p, i64p, i64p]),
             "lightkv_merge_result_rows": (C.c_int64, [p_res]),
             "lightkv_merge_result_x": (f32p, [p_res]),
             "lightkv_merge_result_kept": (i64p, [p_res]),
@@ -76,6 +92,16 @@ def _load():
             "lightkv_guidance_scores": (C.c_int, [p_ctx, f32p, f32p, C.c_int64, C.c_int64, C.c_int64,
                                                   C.c_int64, i64p, C.c_int64, i64p, C.c_int64,
                                                   C.c_float, f32p]),
+            "lightkv_gguf_open": (C.c_int, [C.c_char_p, C.POINTER(C.c_void_p)]),
+            "lightkv_gguf_free": (None, [C.c_void_p]),
+            "lightkv_gguf_value": (C.c_int, [C.c_void_p, C.c_char_p, C.POINTER(C.c_int32), i64p,
+                                             C.POINTER(C.c_double), C.POINTER(C.c_char_p)]),
+            "lightkv_gguf_has_tensor": (C.c_int32, [C.c_void_p, C.c_char_p]),
+            "lightkv_guidance_model_create": (C.c_int, [p_ctx, C.c_char_p, C.c_int32, C.POINTER(C.c_void_p)]),
+            "lightkv_guidance_model_free": (None, [C.c_void_p]),
+            "lightkv_guidance_model_info": (C.c_int, [C.c_void_p, C.POINTER(_GuidanceInfo)]),
+            "lightkv_guidance_model_scores": (C.c_int, [C.c_void_p, f32p, C.c_int64, C.POINTER(C.c_int32),
+                                                        C.c_int64, f32p]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -114,9 +140,29 @@ class _Context:
         self.lib, self.h = lib, h
         self.lock = threading.Lock()  # a context is used by one thread at a time
         self.name = lib.lightkv_context_backend(h).decode()
+        # lightkv_merge's plans, by their parameters (LRU, freed before the context): a
+        # repeated merge of the same shape reuses the window layout and the similarity graph
+        self.plans: OrderedDict[tuple, C.c_void_p] = OrderedDict()
+
+    def plan(self, key: tuple, create) -> C.c_void_p:
+        """The cached plan for key, or create() -> a new one (the least recently used goes
+        when there are more than _PLAN_CACHE). Call with self.lock held."""
+        h = self.plans.get(key)
+        if h is not None:
+            self.plans.move_to_end(key)
+            return h
+        h = create()
+        self.plans[key] = h
+        while len(self.plans) > _PLAN_CACHE:
+            _, old = self.plans.popitem(last=False)
+            self.lib.lightkv_merge_plan_free(old)
+        return h
 
     def __del__(self):
         if getattr(self, "h", None):
+            for h in getattr(self, "plans", {}).values():
+                self.lib.lightkv_merge_plan_free(h)
+            self.plans = OrderedDict()
             self.lib.lightkv_context_free(self.h)
             self.h = None
 
@@ -125,6 +171,7 @@ class _Context:
             _raise(status, self.lib.lightkv_last_error(self.h))
 
 
+_PLAN_CACHE = 8   # merge plans kept per context (a few image sizes x merge stages)
 _contexts: dict[tuple, _Context] = {}
 _ctx_lock = threading.Lock()
 _n_threads = 0
@@ -324,15 +371,42 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
 
     ctx = _context(backend, _force_cpu_ops)
     res = C.c_void_p()
-    with ctx.lock:
+    key = (n, d, p.windows, p.ratio, p.grid_rows, p.grid_cols, p.use_threshold, p.threshold,
+           None if pa is None else pa.tobytes())
+
+    def create():
+        h = C.c_void_p()
         if pa is None:
-            st = ctx.lib.lightkv_merge_run(ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa),
-                                           C.byref(p), C.byref(res))
+            st = ctx.lib.lightkv_merge_plan_create(ctx.h, n, d, C.byref(p), C.byref(h))
         else:
-            st = ctx.lib.lightkv_merge_run_at(ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa),
-                                              C.byref(p), _i64p(pa), C.byref(res))
+            st = ctx.lib.lightkv_merge_plan_create_at(ctx.h, n, d, C.byref(p), _i64p(pa), C.byref(h))
+        ctx.check(st)
+        return h
+
+    with ctx.lock:
+        plan = ctx.plan(key, create)
+        st = ctx.lib.lightkv_merge_plan_run(plan, _f32p(xa), None if sa is None else _f32p(sa), C.byref(res))
         ctx.check(st)
     return _result(ctx.lib, res, n, d)
+
+
+def plan_cache_stats(backend: str | None = None) -> list[dict]:
+    """What each plan cached by lightkv_merge on that context has done (tests): runs,
+    uploads of its constant inputs, buffers and graph allocations made for it."""
+    ctx = _context(backend)
+    out = []
+    with ctx.lock:
+        for h in ctx.plans.values():
+            out.append(_plan_stats(ctx.lib, h))
+    return out
+
+
+def _plan_stats(lib, h) -> dict:
+    runs, uploads, allocs = C.c_int64(), C.c_int64(), C.c_int64()
+    st = lib.lightkv_merge_plan_stats(h, C.byref(runs), C.byref(uploads), C.byref(allocs))
+    if st != _OK:
+        _raise(st, lib.lightkv_last_error(None))
+    return {"runs": runs.value, "const_uploads": uploads.value, "allocs": allocs.value}
 
 
 class MergePlan:
@@ -367,6 +441,11 @@ class MergePlan:
                                                       C.byref(res))
             self._ctx.check(st)
         return _result(self._ctx.lib, res, self.n, self.d)
+
+    def stats(self) -> dict:
+        """Test counters: runs, uploads of the plan's constant inputs, allocations made for it."""
+        with self._ctx.lock:
+            return _plan_stats(self._ctx.lib, self._h)
 
     def __del__(self):
         if getattr(self, "_h", None):
@@ -414,3 +493,115 @@ def guidance_scores_from_qk(q, k, vision, text, scale=None, *, backend=None) -> 
                                              t.ctypes.data_as(i64), t.shape[0], sc, _f32p(out))
         ctx.check(st)
     return out
+
+
+# ------------------------------------------------------------------------ GGUF metadata
+_KIND_ABSENT, _KIND_INT, _KIND_FLOAT, _KIND_BOOL, _KIND_STRING, _KIND_ARRAY = range(6)
+
+
+def _path_arg(path) -> bytes:
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ValueError(f"path must be a string or a path, got {type(path).__name__}")
+    return os.fsencode(path)
+
+
+def gguf_fields(path, keys) -> dict:
+    """Metadata values of a GGUF file, read by ggml's own gguf reader in C (the header, the
+    key/values and the tensor infos; no tensor data): {key: str | int | float | bool | None
+    (absent)}. An array value raises ValueError (not needed so far). A file that is not a
+    readable GGUF raises ValueError with ggml's reason."""
+    lib = _load()
+    h = C.c_void_p()
+    st = lib.lightkv_gguf_open(_path_arg(path), C.byref(h))
+    if st != _OK:
+        _raise(st, lib.lightkv_last_error(None))
+    out = {}
+    try:
+        kind, iv, fv, sv = C.c_int32(), C.c_int64(), C.c_double(), C.c_char_p()
+        for key in keys:
+            st = lib.lightkv_gguf_value(h, key.encode(), C.byref(kind), C.byref(iv), C.byref(fv), C.byref(sv))
+            if st != _OK:
+                _raise(st, lib.lightkv_last_error(None))
+            k = kind.value
+            if k == _KIND_ARRAY:
+                raise ValueError(f"{key} is an array of {iv.value} values in {os.fspath(path)}")
+            out[key] = {_KIND_ABSENT: None, _KIND_INT: iv.value, _KIND_FLOAT: fv.value,
+                        _KIND_BOOL: bool(iv.value),
+                        _KIND_STRING: (sv.value or b"").decode("utf-8", "replace")}[k]
+    finally:
+        lib.lightkv_gguf_free(h)
+    return out
+
+
+def gguf_has_tensor(path, name: str) -> bool:
+    """Whether a GGUF file has a tensor of that name (ggml's gguf reader, no data read)."""
+    lib = _load()
+    h = C.c_void_p()
+    st = lib.lightkv_gguf_open(_path_arg(path), C.byref(h))
+    if st != _OK:
+        _raise(st, lib.lightkv_last_error(None))
+    try:
+        return bool(lib.lightkv_gguf_has_tensor(h, name.encode()))
+    finally:
+        lib.lightkv_gguf_free(h)
+
+
+# ------------------------------------------------------------------------ guidance model
+class GuidanceModel:
+    """One layer's attention input of a llama.cpp text model (layer 0 by default), read from
+    its GGUF by liblightkv (weights in their stored type on the context's backend), and the
+    guidance of image rows from a prompt's tokens through it, as one ggml graph:
+
+        model = GuidanceModel("model.gguf")
+        g = model.scores(image_rows, token_ids)   # float32 [N]
+
+    image_rows [N, n_embd_inp] float (what libmtmd gives the LLM); token_ids [T] ints (the
+    prompt's tokens, looked up in the model's own token_embd). Unsupported models (no separate
+    attn_q/attn_k, LayerNorm models) raise ValueError with one line."""
+
+    _INFO = ("n_embd", "n_embd_inp", "n_vocab", "n_head", "n_head_kv", "head_dim", "layer",
+             "weight_type", "rms_eps", "kq_scale", "text_scale", "vision_scale")
+
+    def __init__(self, gguf_path, *, layer: int = 0, backend: str | None = None):
+        layer = _int(layer, "layer")
+        if not 0 <= layer < 2**31:
+            raise ValueError(f"layer must be >= 0, got {layer}")
+        self._ctx = _context(backend)
+        lib = self._ctx.lib
+        self._h = C.c_void_p()
+        with self._ctx.lock:
+            st = lib.lightkv_guidance_model_create(self._ctx.h, _path_arg(gguf_path), layer, C.byref(self._h))
+            self._ctx.check(st)
+            info = _GuidanceInfo()
+            self._ctx.check(lib.lightkv_guidance_model_info(self._h, C.byref(info)))
+        for name in self._INFO:
+            setattr(self, name, getattr(info, name))
+        self.arch = info.arch.decode()
+        self.has_q_bias, self.has_k_bias = bool(info.has_q_bias), bool(info.has_k_bias)
+        self.has_q_norm, self.has_k_norm = bool(info.has_q_norm), bool(info.has_k_norm)
+        self.backend = self._ctx.name
+
+    def scores(self, vision, text_tokens) -> np.ndarray:
+        """Guidance of every image row (float32 [N]); an empty prompt gives zeros."""
+        va = _float32_array(vision, "vision", 2)
+        if va.shape[1] != self.n_embd_inp:
+            raise ValueError(f"vision rows have {va.shape[1]} columns, the model's input has {self.n_embd_inp}")
+        ta = np.asarray(text_tokens.detach().cpu().numpy() if hasattr(text_tokens, "detach") else text_tokens)
+        if ta.size == 0:
+            ta = np.zeros(0, np.int32)
+        if ta.ndim != 1 or ta.dtype == bool or not np.issubdtype(ta.dtype, np.integer):
+            raise ValueError(f"text_tokens must be a 1-D integer array, got {ta.dtype} {ta.shape}")
+        if ta.size and (ta.min() < 0 or ta.max() >= self.n_vocab):
+            raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {int(ta.min())}..{int(ta.max())}")
+        ta = np.ascontiguousarray(ta, dtype=np.int32)
+        out = np.zeros(va.shape[0], np.float32)
+        with self._ctx.lock:
+            st = self._ctx.lib.lightkv_guidance_model_scores(
+                self._h, _f32p(va), va.shape[0], ta.ctypes.data_as(C.POINTER(C.c_int32)), ta.shape[0], _f32p(out))
+            self._ctx.check(st)
+        return out
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self._ctx.lib.lightkv_guidance_model_free(self._h)
+            self._h = None

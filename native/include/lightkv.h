@@ -54,6 +54,8 @@ typedef enum lightkv_status {
 typedef struct lightkv_context      lightkv_context;
 typedef struct lightkv_merge_plan   lightkv_merge_plan;
 typedef struct lightkv_merge_result lightkv_merge_result;
+typedef struct lightkv_gguf          lightkv_gguf;
+typedef struct lightkv_guidance_model lightkv_guidance_model;
 
 /* Parameters of one merge stage. */
 typedef struct lightkv_merge_params {
@@ -105,6 +107,16 @@ LIGHTKV_API void           lightkv_merge_plan_free(lightkv_merge_plan * plan);
 /* number of output rows when no threshold blocks a merge (= N - sum of window budgets) */
 LIGHTKV_API int64_t        lightkv_merge_plan_rows_without_threshold(const lightkv_merge_plan * plan);
 
+/* What a plan keeps between runs (test counters): n_runs runs; n_const_uploads uploads of
+ * the plan's constant inputs (window indices, padding mask, tie ramp: 4, made by the first run
+ * that needs a similarity graph); n_allocs buffers and graph allocations made for the plan
+ * (x's buffer, the constant inputs' buffer, the similarity graph's allocation: 3 by the first
+ * run; later runs add none unless x needs another overflow rescaling). Every run also uploads
+ * x, and builds the aggregation graph, whose shapes depend on the merge groups, with its
+ * score-derived weights. Any pointer may be NULL. */
+LIGHTKV_API lightkv_status lightkv_merge_plan_stats(const lightkv_merge_plan * plan, int64_t * n_runs,
+                                                    int64_t * n_const_uploads, int64_t * n_allocs);
+
 /* x: [N, D] row-major float32, finite. scores: [N] finite, >= 0, or NULL (all weights 1). */
 LIGHTKV_API lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x,
                                                   const float * scores, lightkv_merge_result ** out);
@@ -154,6 +166,75 @@ LIGHTKV_API lightkv_status lightkv_guidance_scores(lightkv_context * ctx,
                                                    const int64_t * vision_idx, int64_t n_vision,
                                                    const int64_t * text_idx, int64_t n_text,
                                                    float scale, float * out_scores);
+
+/* --- GGUF metadata -------------------------------------------------------------------------- */
+/* The header, key/values and tensor infos of a GGUF file, read by ggml's own gguf reader
+ * (no tensor data). A file that is not a readable GGUF (bad magic, truncated, corrupt, an
+ * inconsistent tensor table) gives LIGHTKV_ERR_INVALID_ARGUMENT with ggml's reason, never an
+ * abort. */
+LIGHTKV_API lightkv_status lightkv_gguf_open(const char * path, lightkv_gguf ** out);
+LIGHTKV_API void           lightkv_gguf_free(lightkv_gguf * f);
+
+typedef enum lightkv_gguf_kind {
+    LIGHTKV_GGUF_ABSENT = 0,
+    LIGHTKV_GGUF_INT    = 1,  /* any integer type: *int_value                                  */
+    LIGHTKV_GGUF_FLOAT  = 2,  /* float32 / float64: *float_value                               */
+    LIGHTKV_GGUF_BOOL   = 3,  /* *int_value 0 or 1                                              */
+    LIGHTKV_GGUF_STRING = 4,  /* *str_value, owned by f (valid until lightkv_gguf_free)         */
+    LIGHTKV_GGUF_ARRAY  = 5,  /* *int_value = number of elements                                */
+} lightkv_gguf_kind;
+
+/* One metadata value: *kind says which of the outputs is set (any output pointer may be
+ * NULL). A uint64 above INT64_MAX is LIGHTKV_ERR_INVALID_ARGUMENT. */
+LIGHTKV_API lightkv_status lightkv_gguf_value(const lightkv_gguf * f, const char * key, int32_t * kind,
+                                              int64_t * int_value, double * float_value,
+                                              const char ** str_value);
+LIGHTKV_API int64_t        lightkv_gguf_n_tensors(const lightkv_gguf * f);
+LIGHTKV_API int32_t        lightkv_gguf_has_tensor(const lightkv_gguf * f, const char * name);
+
+/* --- guidance from a text model's own first layer ------------------------------------------ */
+/* The attention input of one layer of a llama.cpp text model, read from its GGUF with ggml's
+ * gguf reader: blk.L.attn_norm, blk.L.attn_q / attn_k (weights in their stored type, e.g.
+ * Q4_K, in a buffer of ctx's backend; biases, llama.cpp's optional per-tensor .scale, and the
+ * per-head blk.L.attn_q_norm / attn_k_norm where the model has them), and token_embd rows
+ * read from the file on demand (the table is not loaded: llama.cpp holds it already).
+ * Models without separate attn_q / attn_k (a fused attn_qkv), with a LayerNorm (attn_norm
+ * bias) or with an architecture whose first layer is not this (gemma3n) are
+ * LIGHTKV_ERR_INVALID_ARGUMENT. The model keeps a pointer to ctx: free it before ctx. */
+LIGHTKV_API lightkv_status lightkv_guidance_model_create(lightkv_context * ctx, const char * gguf_path,
+                                                         int32_t layer, lightkv_guidance_model ** out);
+LIGHTKV_API void           lightkv_guidance_model_free(lightkv_guidance_model * model);
+
+/* What the model read and how it will compute (llama.cpp's rules for the architecture). */
+typedef struct lightkv_guidance_info {
+    int64_t n_embd;        /* D: width of a text row and of the layer's input              */
+    int64_t n_embd_inp;    /* width of a vision row: D, or D x (1 + deepstack layers)        */
+    int64_t n_vocab;
+    int64_t n_head, n_head_kv, head_dim;
+    int32_t layer;
+    int32_t weight_type;   /* ggml_type of attn_q (e.g. 8 = Q8_0, 12 = Q4_K)                 */
+    int32_t has_q_bias, has_k_bias, has_q_norm, has_k_norm;
+    float   rms_eps;       /* the layer's RMS norm epsilon                                  */
+    float   kq_scale;      /* logit scale: attention.scale, Gemma 3's rule, or 1/sqrt(head_dim) */
+    float   text_scale;    /* factor on token embeddings (Gemma: sqrt(n_embd); embedding_scale) */
+    float   vision_scale;  /* factor on embedding rows (1 unless llama.cpp scales every input) */
+    char    arch[64];      /* general.architecture                                           */
+} lightkv_guidance_info;
+LIGHTKV_API lightkv_status lightkv_guidance_model_info(const lightkv_guidance_model * model,
+                                                       lightkv_guidance_info * out);
+
+/* Guidance of n_vision image rows from the prompt's n_text tokens, in ONE ggml graph on the
+ * context's backend: the token rows (token_embd, dequantized by ggml) scaled by text_scale,
+ * the image rows (the first n_embd of their n_embd_inp columns) by vision_scale, RMS norm x
+ * attn_norm, Q = attn_q x + bias for all N + T rows and K = attn_k x + bias for the T text
+ * rows, per-head Q/K norms, no RoPE; then
+ *   g_i = sum_h sum_{j in text} softmax over all N + T queries of (kq_scale * q_h . k_j) at i.
+ * vision: [n_vision, n_embd_inp] row-major float32, finite; text_tokens: [n_text] ids in
+ * [0, n_vocab); out_scores: caller-owned [n_vision]. n_text == 0 gives all zeros. */
+LIGHTKV_API lightkv_status lightkv_guidance_model_scores(lightkv_guidance_model * model,
+                                                         const float * vision, int64_t n_vision,
+                                                         const int32_t * text_tokens, int64_t n_text,
+                                                         float * out_scores);
 
 #ifdef __cplusplus
 }

@@ -15,12 +15,13 @@
 //     original index (concat + get_rows).
 // Both graphs run through ggml_backend_sched over [chosen backend, CPU]: any op the chosen
 // backend does not support runs on the CPU, with the scheduler's copies in between.
+// A plan keeps what does not change between its runs: x's buffer, graph 1 with its window
+// indices, padding mask and tie ramp, and graph 1's allocation (in a scheduler of its own);
+// a run uploads x, computes graph 1 as it stands, and builds graph 2 with the weights.
+// The guidance model and the GGUF reader are in lightkv_guidance.cpp.
 #include "lightkv.h"
 #include "lightkv_graphs.h"
-
-#include "ggml.h"
-#include "ggml-alloc.h"
-#include "ggml-backend.h"
+#include "lightkv_internal.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,15 +37,9 @@
 #include <thread>
 #include <vector>
 
-namespace {
+namespace lightkv {
 
-// ------------------------------------------------------------------------------- errors
 thread_local std::string g_thread_error;
-
-struct lkv_error {
-    lightkv_status status;
-    std::string    message;
-};
 
 [[noreturn]] void fail(lightkv_status status, const char * fmt, ...) {
     char buf[512];
@@ -54,13 +49,6 @@ struct lkv_error {
     va_end(ap);
     throw lkv_error{status, buf};
 }
-
-#define LKV_INVALID(...) fail(LIGHTKV_ERR_INVALID_ARGUMENT, __VA_ARGS__)
-
-constexpr double  EPS_WEIGHT  = 1e-8;   // max(sum of weights, 1e-8), as the method states
-constexpr float   PAD_MASK    = -4.0f;  // added to padding destination slots (cosines >= -1)
-constexpr int64_t MAX_TOKENS  = (int64_t) 1 << 30;  // indices are int32 inside the graphs
-constexpr int64_t MAX_ELEMS   = (int64_t) 1 << 40;  // any single tensor, in elements
 
 int64_t checked_mul(int64_t a, int64_t b, const char * what) {
     if (a != 0 && b > std::numeric_limits<int64_t>::max() / a) {
@@ -72,6 +60,26 @@ int64_t checked_mul(int64_t a, int64_t b, const char * what) {
     }
     return p;
 }
+
+ctx_ptr new_meta_context(size_t n_tensors) {
+    ggml_init_params p = {
+        /*.mem_size   =*/ ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(512, false),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    ggml_context * c = ggml_init(p);
+    if (!c) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "ggml_init failed");
+    return ctx_ptr(c);
+}
+
+}  // namespace lightkv
+
+using namespace lightkv;
+
+namespace {
+
+constexpr double  EPS_WEIGHT  = 1e-8;   // max(sum of weights, 1e-8), as the method states
+constexpr float   PAD_MASK    = -4.0f;  // added to padding destination slots (cosines >= -1)
 
 // ------------------------------------------------------------------------------- backends
 void ensure_backends_loaded() {
@@ -124,71 +132,50 @@ void set_threads(ggml_backend_t backend, int n_threads) {
     if (fn) fn(backend, n_threads);
 }
 
-// ------------------------------------------------------------------------------- RAII
-struct ctx_deleter   { void operator()(ggml_context * c) const { ggml_free(c); } };
-struct buf_deleter   { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
-using ctx_ptr = std::unique_ptr<ggml_context, ctx_deleter>;
-using buf_ptr = std::unique_ptr<ggml_backend_buffer, buf_deleter>;
-
-ctx_ptr new_meta_context(size_t n_tensors) {
-    ggml_init_params p = {
-        /*.mem_size   =*/ ggml_tensor_overhead() * n_tensors + ggml_graph_overhead_custom(512, false),
-        /*.mem_buffer =*/ nullptr,
-        /*.no_alloc   =*/ true,
-    };
-    ggml_context * c = ggml_init(p);
-    if (!c) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "ggml_init failed");
-    return ctx_ptr(c);
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------------------- context
-struct lightkv_context {
-    ggml_backend_t               primary = nullptr;  // the chosen backend
-    ggml_backend_t               cpu     = nullptr;  // fallback; == primary when CPU was chosen
-    ggml_backend_sched_t         sched   = nullptr;
-    std::string                  name;
-    std::vector<std::string>     force_cpu_ops;
-    std::string                  error;
-    int32_t                      last_splits = 0;
+lightkv_context::~lightkv_context() {
+    if (sched) ggml_backend_sched_free(sched);
+    if (cpu && cpu != primary) ggml_backend_free(cpu);
+    if (primary) ggml_backend_free(primary);
+}
 
-    ~lightkv_context() {
-        if (sched) ggml_backend_sched_free(sched);
-        if (cpu && cpu != primary) ggml_backend_free(cpu);
-        if (primary) ggml_backend_free(primary);
-    }
+buf_ptr lightkv_context::alloc_inputs(ggml_context * meta) {
+    ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(meta, primary);
+    if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
+    ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    return buf_ptr(b);
+}
 
-    // Input tensors are allocated in a buffer of the chosen backend marked as WEIGHTS:
-    // the scheduler then assigns the ops that read them to that backend (plain graph inputs
-    // would be placed on the CPU and pull the whole graph there).
-    buf_ptr alloc_inputs(ggml_context * meta) {
-        ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(meta, primary);
-        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
-        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        return buf_ptr(b);
-    }
+sched_ptr lightkv_context::new_sched() const {
+    ggml_backend_t backends[2] = {primary, cpu};
+    const int n_backends = cpu == primary ? 1 : 2;
+    ggml_backend_sched_t s = ggml_backend_sched_new(backends, nullptr, n_backends, 512, false, false);
+    if (!s) fail(LIGHTKV_ERR_BACKEND, "could not create a ggml scheduler");
+    return sched_ptr(s);
+}
 
-    // Allocate and run one graph; the outputs stay readable until the next sched reset.
-    void compute(ggml_cgraph * gf) {
-        ggml_backend_sched_reset(sched);
-        if (!force_cpu_ops.empty() && cpu != primary) {
-            for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
-                ggml_tensor * node = ggml_graph_node(gf, i);
-                for (const auto & op : force_cpu_ops) {
-                    if (op == ggml_op_desc(node)) ggml_backend_sched_set_tensor_backend(sched, node, cpu);
-                }
+void lightkv_context::alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf) {
+    if (!force_cpu_ops.empty() && cpu != primary) {
+        for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+            ggml_tensor * node = ggml_graph_node(gf, i);
+            for (const auto & op : force_cpu_ops) {
+                if (op == ggml_op_desc(node)) ggml_backend_sched_set_tensor_backend(s, node, cpu);
             }
         }
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
-        }
-        last_splits += ggml_backend_sched_get_n_splits(sched);
-        const ggml_status st = ggml_backend_sched_graph_compute(sched, gf);
-        if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
-        if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
     }
-};
+    if (!ggml_backend_sched_alloc_graph(s, gf)) {
+        fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
+    }
+}
+
+void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
+    last_splits += ggml_backend_sched_get_n_splits(s);
+    const ggml_status st = ggml_backend_sched_graph_compute(s, gf);
+    if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
+    if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
+}
 
 // ------------------------------------------------------------------------------- plan
 namespace {
@@ -222,6 +209,28 @@ struct lightkv_merge_plan {
     int64_t              s_pad = 0;    // max sources in an active window
     int64_t              d_pad = 0;    // max destinations in an active window
     int64_t              rows_without_threshold = 0;
+
+    // What does not change between runs, made by the first run and kept: x's buffer on the
+    // chosen backend, the similarity graph (graph 1) with its index/mask/ramp inputs, and
+    // that graph's allocation in a scheduler of the plan's own (the context's scheduler is
+    // reset by every other graph). A run uploads x, computes graph 1 as allocated, and
+    // builds graph 2 (whose shapes depend on the merge groups) with the score-derived
+    // weights.
+    ctx_ptr              x_meta;
+    buf_ptr              x_buf;
+    ggml_tensor *        t_x = nullptr;
+    ctx_ptr              g1_in_meta;   // t_src, t_dst, t_mask, t_ramp
+    buf_ptr              g1_in_buf;
+    ctx_ptr              g1_meta;      // the graph's nodes
+    ggml_cgraph *        g1 = nullptr;
+    lightkv::best_match  g1_best{};
+    int                  g1_rescale_exp = 0;  // the exponent graph 1 was built for
+    sched_ptr            g1_sched;
+
+    // test counters (lightkv_merge_plan_stats)
+    int64_t              n_runs = 0;
+    int64_t              n_const_uploads = 0;  // uploads of window indices, masks, ramps
+    int64_t              n_allocs = 0;         // buffers and graph allocations made for the plan
 };
 
 struct lightkv_merge_result {
@@ -374,70 +383,100 @@ void validate_scores(const float * s, int64_t n) {
     }
 }
 
-template <typename T>
-void upload(ggml_tensor * t, const std::vector<T> & v) {
-    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
+// graph 1 of a plan, made once: its constant inputs (window slots, padding mask, tie ramp)
+// uploaded, the graph built over plan.t_x and allocated in the plan's scheduler
+void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
+    lightkv_context & lc = *plan.ctx;
+    const int64_t n_act = (int64_t) plan.active.size();
+    const int64_t s_pad = plan.s_pad, d_pad = plan.d_pad;
+
+    if (!plan.g1_in_buf) {
+        // ---- host-side layout of the active windows
+        std::vector<int32_t> idx_src((size_t) checked_mul(s_pad, n_act, "source slots"), 0);
+        std::vector<int32_t> idx_dst((size_t) checked_mul(d_pad, n_act, "destination slots"), 0);
+        std::vector<float>   mask((size_t) (d_pad * n_act), PAD_MASK);
+        std::vector<float>   ramp((size_t) d_pad);
+        checked_mul(checked_mul(s_pad, d_pad, "similarity"), n_act, "similarity");
+        for (int64_t j = 0; j < d_pad; j++) ramp[j] = (float) (d_pad - j);
+        for (int64_t a = 0; a < n_act; a++) {
+            const auto & tok = plan.windows[plan.active[a]].tokens;
+            for (size_t p = 0; p < tok.size(); p++) {
+                if (p % 2 == 0) {
+                    idx_src[a * s_pad + p / 2] = (int32_t) tok[p];
+                } else {
+                    idx_dst[a * d_pad + p / 2] = (int32_t) tok[p];
+                    mask[a * d_pad + p / 2]    = 0.0f;
+                }
+            }
+        }
+        plan.g1_in_meta = new_meta_context(4);
+        ggml_context * m = plan.g1_in_meta.get();
+        ggml_tensor * t_src  = ggml_new_tensor_1d(m, GGML_TYPE_I32, s_pad * n_act);
+        ggml_tensor * t_dst  = ggml_new_tensor_1d(m, GGML_TYPE_I32, d_pad * n_act);
+        ggml_tensor * t_mask = ggml_new_tensor_3d(m, GGML_TYPE_F32, d_pad, 1, n_act);
+        ggml_tensor * t_ramp = ggml_new_tensor_3d(m, GGML_TYPE_F32, d_pad, 1, 1);
+        ggml_set_name(t_src, "src");
+        ggml_set_name(t_dst, "dst");
+        ggml_set_name(t_mask, "mask");
+        ggml_set_name(t_ramp, "ramp");
+        plan.g1_in_buf = lc.alloc_inputs(m);
+        plan.n_allocs++;
+        upload(t_src, idx_src);
+        upload(t_dst, idx_dst);
+        upload(t_mask, mask);
+        upload(t_ramp, ramp);
+        plan.n_const_uploads += 4;
+    }
+    ggml_context * m = plan.g1_in_meta.get();
+    ggml_tensor * t_src  = ggml_get_tensor(m, "src");
+    ggml_tensor * t_dst  = ggml_get_tensor(m, "dst");
+    ggml_tensor * t_mask = ggml_get_tensor(m, "mask");
+    ggml_tensor * t_ramp = ggml_get_tensor(m, "ramp");
+
+    plan.g1 = nullptr;
+    plan.g1_meta = new_meta_context(64);
+    ggml_context * g = plan.g1_meta.get();
+    ggml_tensor * x = plan.t_x;
+    if (rescale_exp != 0) {
+        // inputs whose squares would overflow float32: cosine is scale-free, so rescale by an
+        // exact power of two (only the 1e-8 of the denominator sees the difference)
+        x = ggml_scale(g, plan.t_x, std::ldexp(1.0f, -rescale_exp));
+    }
+    ggml_tensor * src = lightkv::gather_windows(g, x, t_src, s_pad, n_act);
+    ggml_tensor * dst = lightkv::gather_windows(g, x, t_dst, d_pad, n_act);
+    ggml_tensor * sim = lightkv::window_cosine(g, src, dst);
+    lightkv::best_match best = lightkv::best_destination(g, sim, t_mask, t_ramp);
+    ggml_set_output(best.index);
+    ggml_set_output(best.score);
+    ggml_cgraph * gf = ggml_new_graph_custom(g, 512, false);
+    ggml_build_forward_expand(gf, best.index);
+    ggml_build_forward_expand(gf, best.score);
+
+    if (!plan.g1_sched) plan.g1_sched = lc.new_sched();
+    ggml_backend_sched_reset(plan.g1_sched.get());
+    lc.alloc_graph(plan.g1_sched.get(), gf);
+    plan.n_allocs++;
+    plan.g1 = gf;
+    plan.g1_best = best;
+    plan.g1_rescale_exp = rescale_exp;
 }
 
 // graph 1 + host selection: dst_of[i] = the token that token i merges into (i itself when
-// it stays)
-std::vector<int64_t> match_sources(lightkv_merge_plan & plan, ggml_tensor * x_in, int rescale_exp) {
+// it stays). x is already in plan.t_x.
+std::vector<int64_t> match_sources(lightkv_merge_plan & plan, int rescale_exp) {
     std::vector<int64_t> dst_of(plan.n);
     std::iota(dst_of.begin(), dst_of.end(), 0);
     if (plan.active.empty()) return dst_of;
 
     lightkv_context & lc = *plan.ctx;
     const int64_t n_act = (int64_t) plan.active.size();
-    const int64_t s_pad = plan.s_pad, d_pad = plan.d_pad;
+    const int64_t s_pad = plan.s_pad;
 
-    // ---- host-side layout of the active windows
-    std::vector<int32_t> idx_src((size_t) checked_mul(s_pad, n_act, "source slots"), 0);
-    std::vector<int32_t> idx_dst((size_t) checked_mul(d_pad, n_act, "destination slots"), 0);
-    std::vector<float>   mask((size_t) (d_pad * n_act), PAD_MASK);
-    std::vector<float>   ramp((size_t) d_pad);
-    checked_mul(checked_mul(s_pad, d_pad, "similarity"), n_act, "similarity");
-    for (int64_t j = 0; j < d_pad; j++) ramp[j] = (float) (d_pad - j);
-    for (int64_t a = 0; a < n_act; a++) {
-        const auto & tok = plan.windows[plan.active[a]].tokens;
-        for (size_t p = 0; p < tok.size(); p++) {
-            if (p % 2 == 0) {
-                idx_src[a * s_pad + p / 2] = (int32_t) tok[p];
-            } else {
-                idx_dst[a * d_pad + p / 2] = (int32_t) tok[p];
-                mask[a * d_pad + p / 2]    = 0.0f;
-            }
-        }
-    }
-
-    // ---- graph 1
-    ctx_ptr in_meta = new_meta_context(8);
-    ggml_tensor * t_src  = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, s_pad * n_act);
-    ggml_tensor * t_dst  = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, d_pad * n_act);
-    ggml_tensor * t_mask = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, d_pad, 1, n_act);
-    ggml_tensor * t_ramp = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, d_pad, 1, 1);
-    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
-    upload(t_src, idx_src);
-    upload(t_dst, idx_dst);
-    upload(t_mask, mask);
-    upload(t_ramp, ramp);
-
-    ctx_ptr g = new_meta_context(64);
-    ggml_tensor * x = x_in;
-    if (rescale_exp != 0) {
-        // inputs whose squares would overflow float32: cosine is scale-free, so rescale by an
-        // exact power of two (only the 1e-8 of the denominator sees the difference)
-        x = ggml_scale(g.get(), x_in, std::ldexp(1.0f, -rescale_exp));
-    }
-    ggml_tensor * src = lightkv::gather_windows(g.get(), x, t_src, s_pad, n_act);
-    ggml_tensor * dst = lightkv::gather_windows(g.get(), x, t_dst, d_pad, n_act);
-    ggml_tensor * sim = lightkv::window_cosine(g.get(), src, dst);
-    lightkv::best_match best = lightkv::best_destination(g.get(), sim, t_mask, t_ramp);
-    ggml_set_output(best.index);
-    ggml_set_output(best.score);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-    ggml_build_forward_expand(gf, best.index);
-    ggml_build_forward_expand(gf, best.score);
-    lc.compute(gf);
+    // ---- graph 1: built and allocated by the first run (again only if x needs another
+    //      rescaling), computed as allocated by every later one
+    if (!plan.g1 || plan.g1_rescale_exp != rescale_exp) build_similarity_graph(plan, rescale_exp);
+    lc.run_allocated(plan.g1_sched.get(), plan.g1);
+    const lightkv::best_match best = plan.g1_best;
 
     std::vector<int32_t> best_slot((size_t) (s_pad * n_act));
     std::vector<float>   best_cos((size_t) (s_pad * n_act));
@@ -489,14 +528,19 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     validate_scores(scores, n);
     lc.last_splits = 0;
 
-    // ---- x on the chosen backend (shared by both graphs)
-    ctx_ptr x_meta = new_meta_context(1);
-    ggml_tensor * t_x = ggml_new_tensor_2d(x_meta.get(), GGML_TYPE_F32, d, n);
-    buf_ptr x_buf = lc.alloc_inputs(x_meta.get());
+    // ---- x on the chosen backend (shared by both graphs; its buffer is the plan's)
+    if (!plan.x_buf) {
+        plan.x_meta = new_meta_context(1);
+        plan.t_x = ggml_new_tensor_2d(plan.x_meta.get(), GGML_TYPE_F32, d, n);
+        plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
+        plan.n_allocs++;
+    }
+    ggml_tensor * t_x = plan.t_x;
     ggml_backend_tensor_set(t_x, x_host, 0, ggml_nbytes(t_x));
+    plan.n_runs++;
 
     // ---- graph 1 + host selection
-    const std::vector<int64_t> dst_of = match_sources(plan, t_x, rescale_exp);
+    const std::vector<int64_t> dst_of = match_sources(plan, rescale_exp);
 
     // ---- groups and weights (host, double precision, O(N))
     auto res = std::make_unique<lightkv_merge_result>();
@@ -612,33 +656,6 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
         if (!std::isfinite(v)) fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
     }
     *out = res.release();
-}
-
-// Run `body`, turning every exception into a status + message (never let one cross the C
-// boundary).
-template <typename F>
-lightkv_status guarded(lightkv_context * ctx, F && body) {
-    try {
-        body();
-        if (ctx) ctx->error.clear();
-        return LIGHTKV_OK;
-    } catch (const lkv_error & e) {
-        g_thread_error = e.message;
-        if (ctx) ctx->error = e.message;
-        return e.status;
-    } catch (const std::bad_alloc &) {
-        g_thread_error = "out of host memory";
-        if (ctx) ctx->error = g_thread_error;
-        return LIGHTKV_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception & e) {
-        g_thread_error = std::string("internal error: ") + e.what();
-        if (ctx) ctx->error = g_thread_error;
-        return LIGHTKV_ERR_INTERNAL;
-    } catch (...) {
-        g_thread_error = "internal error";
-        if (ctx) ctx->error = g_thread_error;
-        return LIGHTKV_ERR_INTERNAL;
-    }
 }
 
 void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen) {
@@ -792,6 +809,16 @@ void lightkv_merge_plan_free(lightkv_merge_plan * plan) { delete plan; }
 
 int64_t lightkv_merge_plan_rows_without_threshold(const lightkv_merge_plan * plan) {
     return plan ? plan->rows_without_threshold : 0;
+}
+
+lightkv_status lightkv_merge_plan_stats(const lightkv_merge_plan * plan, int64_t * n_runs,
+                                        int64_t * n_const_uploads, int64_t * n_allocs) {
+    return guarded(plan ? plan->ctx : nullptr, [&] {
+        if (!plan) LKV_INVALID("plan must not be NULL");
+        if (n_runs) *n_runs = plan->n_runs;
+        if (n_const_uploads) *n_const_uploads = plan->n_const_uploads;
+        if (n_allocs) *n_allocs = plan->n_allocs;
+    });
 }
 
 lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x, const float * scores,

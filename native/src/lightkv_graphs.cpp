@@ -75,14 +75,10 @@ ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * me
     return ggml_get_rows(ctx, table, out_idx);                         // [D, M]
 }
 
-ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
-                               ggml_tensor * text_idx, ggml_tensor * vision_idx, float scale) {
+ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_text, float scale) {
     const int64_t n_seq  = q->ne[1];
     const int64_t n_head = q->ne[2];
-    const int64_t n_text = text_idx->ne[0];
-
-    // only the text-key columns of Q K^T matter (the softmax runs per key)
-    ggml_tensor * k_text = ggml_get_rows(ctx, k, text_idx);                 // [d, T, H_kv]
+    const int64_t n_text = k_text->ne[1];
 
     // logits[j, i, h] = k_j . q_i; ggml broadcasts the H_kv key heads over the H query
     // heads exactly as repeat_interleave does (query head h -> key head h / (H / H_kv))
@@ -95,10 +91,67 @@ ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor 
     // sum over heads and text keys: queries back on ne1, then a row sum
     ggml_tensor * p_2d   = ggml_reshape_2d(ctx, p, n_seq, n_text * n_head);   // [S, T*H]
     ggml_tensor * by_row = ggml_cont(ctx, ggml_transpose(ctx, p_2d));         // [T*H, S]
-    ggml_tensor * total  = ggml_sum_rows(ctx, by_row);                        // [1, S]
+    return ggml_sum_rows(ctx, by_row);                                        // [1, S]
+}
+
+ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
+                               ggml_tensor * text_idx, ggml_tensor * vision_idx, float scale) {
+    // only the text-key columns of Q K^T matter (the softmax runs per key)
+    ggml_tensor * k_text = ggml_get_rows(ctx, k, text_idx);                 // [d, T, H_kv]
+    ggml_tensor * total  = guidance_totals(ctx, q, k_text, scale);          // [1, S]
 
     // keep the vision queries
     return ggml_get_rows(ctx, total, vision_idx);                             // [1, V]
+}
+
+ggml_tensor * rms_norm_weighted(ggml_context * ctx, ggml_tensor * x, ggml_tensor * weight, float eps) {
+    ggml_tensor * normed = ggml_rms_norm(ctx, x, eps);   // same shape as x
+    return ggml_mul(ctx, normed, weight);                 // weight [ne0] broadcast
+}
+
+ggml_tensor * project_heads(ggml_context * ctx, ggml_tensor * h, const projection & p,
+                            int64_t head_dim, float eps) {
+    const int64_t n_seq  = h->ne[1];
+    const int64_t n_out  = p.w->ne[1];
+    const int64_t n_head = n_out / head_dim;
+
+    ggml_tensor * y = ggml_mul_mat(ctx, p.w, h);                              // [n_out, S]
+    if (p.scale) y = ggml_mul(ctx, y, p.scale);                               // [n_out, S]
+    if (p.bias)  y = ggml_add(ctx, y, p.bias);                                // [n_out, S]
+    if (p.norm && p.norm->ne[0] == n_out && n_head > 1) {
+        y = rms_norm_weighted(ctx, y, p.norm, eps);                           // over the row (OLMo 2)
+    }
+    y = ggml_reshape_3d(ctx, y, head_dim, n_head, n_seq);                     // [hd, H, S]
+    if (p.norm && (p.norm->ne[0] != n_out || n_head == 1)) {
+        y = rms_norm_weighted(ctx, y, p.norm, eps);                           // per head
+    }
+    return ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3));                  // [hd, S, H]
+}
+
+ggml_tensor * guidance_from_layer_input(ggml_context * ctx, ggml_tensor * vision, ggml_tensor * text,
+                                        const layer_input & l) {
+    const int64_t n_embd   = text->ne[0];
+    const int64_t n_vision = vision->ne[1];
+    const int64_t n_text   = text->ne[1];
+
+    // the layer's input rows: the image rows' first D columns, then the prompt's tokens,
+    // each scaled as llama.cpp scales that kind of input
+    ggml_tensor * v = vision;
+    if (vision->ne[0] != n_embd) {
+        v = ggml_cont(ctx, ggml_view_2d(ctx, vision, n_embd, n_vision, vision->nb[1], 0));  // [D, N]
+    }
+    if (l.vision_scale != 1.0f) v = ggml_scale(ctx, v, l.vision_scale);                   // [D, N]
+    ggml_tensor * t = l.text_scale != 1.0f ? ggml_scale(ctx, text, l.text_scale) : text;  // [D, T]
+    ggml_tensor * x = ggml_concat(ctx, v, t, 1);                                          // [D, S]
+
+    // the attention input norm, then Q for every row and K for the text rows only (the
+    // guidance reads no other key)
+    ggml_tensor * h      = rms_norm_weighted(ctx, x, l.attn_norm, l.eps);                 // [D, S]
+    ggml_tensor * h_text = ggml_view_2d(ctx, h, n_embd, n_text, h->nb[1], n_vision * h->nb[1]);  // [D, T]
+    ggml_tensor * q      = project_heads(ctx, h, l.q, l.head_dim, l.eps);                 // [hd, S, H]
+    ggml_tensor * k_text = project_heads(ctx, h_text, l.k, l.head_dim, l.eps);            // [hd, T, H_kv]
+
+    return guidance_totals(ctx, q, k_text, l.kq_scale);                                   // [1, S]
 }
 
 }  // namespace lightkv

@@ -54,6 +54,11 @@ ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members, ggml_t
 ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * merged,
                            ggml_tensor * out_idx);
 
+// Guidance totals of every query from the text keys alone (the core of the two builders
+// below): total_i = sum_h sum_{j in text} softmax_over_queries(scale * q_h K_h^T)[i, j].
+// q [d, S, H], k_text [d, T, H_kv] (H % H_kv == 0). Result: [1, S], float32 accumulation.
+ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_text, float scale);
+
 // Guidance from one layer's queries and keys (after RoPE):
 //   g_i = sum_h sum_{j in text} softmax_over_queries(scale * q_h K_h^T)[i, j],  i in vision.
 // q [d, S, H], k [d, S, H_kv] (H % H_kv == 0; query head h reads key head h / (H / H_kv)),
@@ -61,5 +66,38 @@ ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * me
 // Result: [1, V], float32 accumulation.
 ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
                                ggml_tensor * text_idx, ggml_tensor * vision_idx, float scale);
+
+// --- a text model's own layer input (lightkv_guidance_model) ---------------------------------
+// llama.cpp's build_norm(LLM_NORM_RMS): x / sqrt(mean(x^2) + eps) over ne0, times weight [ne0].
+ggml_tensor * rms_norm_weighted(ggml_context * ctx, ggml_tensor * x, ggml_tensor * weight, float eps);
+
+// One of the layer's projections, as llama.cpp's build_qkv applies it.
+struct projection {
+    ggml_tensor * w;      // [D, n_out], the stored (quantized) type
+    ggml_tensor * scale;  // [1] F32 or nullptr (a per-tensor scale, "blk.L.attn_q.scale")
+    ggml_tensor * bias;   // [n_out] F32 or nullptr
+    ggml_tensor * norm;   // [head_dim] F32 (per head), [n_out] F32 (whole row) or nullptr
+};
+
+// h [D, S] -> w h (* scale) (+ bias), RMS norm per head (or over the row), heads on ne2:
+// [head_dim, S, n_out / head_dim].
+ggml_tensor * project_heads(ggml_context * ctx, ggml_tensor * h, const projection & p,
+                            int64_t head_dim, float eps);
+
+// The first layer's attention input and its guidance, in one graph:
+// vision [D_inp, N] (the layer reads its first D columns; D_inp > D: deepstack features),
+// text [D, T] (token embedding rows). Result: [1, N + T] totals (the first N are the vision
+// rows' guidance).
+struct layer_input {
+    ggml_tensor * attn_norm;   // [D] F32
+    projection    q, k;
+    int64_t       head_dim;
+    float         eps;          // the layer's RMS norm epsilon
+    float         kq_scale;     // logit scale
+    float         text_scale;   // factor on the token rows (Gemma: sqrt(D))
+    float         vision_scale; // factor on the embedding rows
+};
+ggml_tensor * guidance_from_layer_input(ggml_context * ctx, ggml_tensor * vision, ggml_tensor * text,
+                                        const layer_input & l);
 
 }  // namespace lightkv

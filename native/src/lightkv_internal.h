@@ -1,0 +1,124 @@
+// What the translation units of liblightkv share: errors (thrown inside, turned into a status
+// at the C boundary by `guarded`), RAII for ggml objects, and the context (a backend, the CPU
+// fallback and a scheduler). Not part of the public API.
+#pragma once
+
+#include "lightkv.h"
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+namespace lightkv {
+
+// ------------------------------------------------------------------------------- errors
+struct lkv_error {
+    lightkv_status status;
+    std::string    message;
+};
+
+// message of the last failure of a call made without a context (per thread)
+extern thread_local std::string g_thread_error;
+
+[[noreturn]] void fail(lightkv_status status, const char * fmt, ...);
+
+#define LKV_INVALID(...) ::lightkv::fail(LIGHTKV_ERR_INVALID_ARGUMENT, __VA_ARGS__)
+
+constexpr int64_t MAX_TOKENS = (int64_t) 1 << 30;  // indices are int32 inside the graphs
+constexpr int64_t MAX_ELEMS  = (int64_t) 1 << 40;  // any single tensor, in elements
+
+// a * b, failing (out of memory) when the product overflows or exceeds MAX_ELEMS
+int64_t checked_mul(int64_t a, int64_t b, const char * what);
+
+// ------------------------------------------------------------------------------- RAII
+struct ctx_deleter   { void operator()(ggml_context * c) const { ggml_free(c); } };
+struct buf_deleter   { void operator()(ggml_backend_buffer_t b) const { ggml_backend_buffer_free(b); } };
+struct sched_deleter { void operator()(ggml_backend_sched_t s) const { ggml_backend_sched_free(s); } };
+using ctx_ptr   = std::unique_ptr<ggml_context, ctx_deleter>;
+using buf_ptr   = std::unique_ptr<ggml_backend_buffer, buf_deleter>;
+using sched_ptr = std::unique_ptr<ggml_backend_sched, sched_deleter>;
+
+// a ggml context for tensor and graph metadata only (no_alloc): n_tensors tensors and one
+// graph of up to 512 nodes
+ctx_ptr new_meta_context(size_t n_tensors);
+
+template <typename T>
+void upload(ggml_tensor * t, const std::vector<T> & v) {
+    ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
+}
+
+}  // namespace lightkv
+
+// ------------------------------------------------------------------------------- context
+struct lightkv_context {
+    ggml_backend_t               primary = nullptr;  // the chosen backend
+    ggml_backend_t               cpu     = nullptr;  // fallback; == primary when CPU was chosen
+    ggml_backend_sched_t         sched   = nullptr;  // shared by the graphs built per call
+    std::string                  name;
+    std::vector<std::string>     force_cpu_ops;
+    std::string                  error;
+    int32_t                      last_splits = 0;
+
+    ~lightkv_context();
+
+    // Input tensors are allocated in a buffer of the chosen backend marked as WEIGHTS:
+    // the scheduler then assigns the ops that read them to that backend (plain graph inputs
+    // would be placed on the CPU and pull the whole graph there).
+    lightkv::buf_ptr alloc_inputs(ggml_context * meta);
+
+    // A scheduler of its own over [chosen backend, CPU], for a graph that stays allocated
+    // across calls (a merge plan's similarity graph).
+    lightkv::sched_ptr new_sched() const;
+
+    // Assign the nodes of gf to backends (force_cpu_ops) and allocate it in `s`; the
+    // allocation stays valid until `s` is reset.
+    void alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf);
+
+    // Run a graph allocated in `s` by alloc_graph.
+    void run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf);
+
+    // Allocate (in the shared scheduler) and run one graph; the outputs stay readable until
+    // the next call of compute.
+    void compute(ggml_cgraph * gf) {
+        ggml_backend_sched_reset(sched);
+        alloc_graph(sched, gf);
+        run_allocated(sched, gf);
+    }
+};
+
+namespace lightkv {
+
+// Run `body`, turning every exception into a status + message (never let one cross the C
+// boundary).
+template <typename F>
+lightkv_status guarded(lightkv_context * ctx, F && body) {
+    try {
+        body();
+        if (ctx) ctx->error.clear();
+        return LIGHTKV_OK;
+    } catch (const lkv_error & e) {
+        g_thread_error = e.message;
+        if (ctx) ctx->error = e.message;
+        return e.status;
+    } catch (const std::bad_alloc &) {
+        g_thread_error = "out of host memory";
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        g_thread_error = std::string("internal error: ") + e.what();
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_INTERNAL;
+    } catch (...) {
+        g_thread_error = "internal error";
+        if (ctx) ctx->error = g_thread_error;
+        return LIGHTKV_ERR_INTERNAL;
+    }
+}
+
+}  // namespace lightkv
