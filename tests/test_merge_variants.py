@@ -275,3 +275,34 @@ def test_wilson_interval():
     assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4
     lo, hi = wilson(300, 300)     # all right: the upper end is 1, the lower one is not
     assert hi > 1 - 1e-12 and 0.98 < lo < 0.99
+
+
+# ---------------------------------------------------------------- benchmark wiring
+def _bench(*args, tmp_path=None):
+    import subprocess
+    import sys
+    from pathlib import Path
+    return subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", *args],
+                          capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_bench_runs_the_variants_on_the_validation_split(tmp_path):
+    import json
+    out = tmp_path / "b.json"
+    r = _bench("--split", "val", "--n", "4", "-t", "1", "--methods",
+               "lightkv-protect,lightkv-absorb", "--keep", "0.25", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["split"] == "val"
+    assert {x["method"] for x in data["results"]} == {"lightkv-protect", "lightkv-absorb"}
+    for x in data["results"]:
+        assert x["vision_tokens_kept"] == 16 and x["n"] == 4
+        lo, hi = x["ci95"]
+        assert lo <= x["accuracy"] <= hi
+
+
+def test_bench_bad_split_is_one_line_exit_2():
+    r = _bench("--split", "train", "--n", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
