@@ -8,7 +8,11 @@ tokens/s). Timings are reported, never asserted.
 
 Methods here: off, embed (LightKV, prompt-guided), unguided (the same merge with equal
 weights, ToMe style), random, fastv, dart, pool (2x2 pooling: its budget is fixed, so it
-runs only at keep 0.25). The baselines come from the PyTorch reference (needs torch).
+runs only at keep 0.25). The baselines come from the PyTorch reference (needs torch), and
+so do the LightKV variants `lightkv-protect` and `lightkv-absorb` (docs/merge-variants.md;
+not in the default list). `--split val` evaluates on the validation split, the one to
+choose settings on; the default `test` split is for the final report. Every accuracy comes
+with its 95 % Wilson interval.
 """
 from __future__ import annotations
 
@@ -22,8 +26,22 @@ from . import __version__
 
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 DEFAULT_METHODS = ("off", "embed", "unguided", "random", "fastv", "dart", "pool")
+# bench name -> embed-mode method; the LightKV variants (docs/merge-variants.md) run under
+# their own names and are not in the default list
 _EMBED_METHOD = {"embed": "lightkv", "unguided": "unguided", "random": "random",
-                 "fastv": "fastv", "dart": "dart", "pool": "pool"}
+                 "fastv": "fastv", "dart": "dart", "pool": "pool",
+                 "lightkv-protect": "lightkv-protect", "lightkv-absorb": "lightkv-absorb"}
+SPLITS = ("test", "val")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of k successes out of n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def _first_word(text: str) -> str:
@@ -46,7 +64,8 @@ def evaluate(chat, samples, image_of) -> dict:
                   "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded"):
             sums[k] += getattr(st, k)
     n = sum(total.values())
-    out = {"n": n, "accuracy": sum(correct.values()) / max(n, 1),
+    k = sum(correct.values())
+    out = {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": list(wilson(k, n)),
            "per_type": {t: correct[t] / total[t] for t in sorted(total)}}
     for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
               "vision_tokens_in", "vision_tokens_kept"):
@@ -66,13 +85,17 @@ def run_bench(args) -> int:
     for m in methods:
         if m != "off" and m not in _EMBED_METHOD:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(DEFAULT_METHODS)})")
+                             f"{', '.join(['off', *_EMBED_METHOD])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
         raise InputError(f"--keep must be a comma-separated list of numbers: {args.keep}")
     if any(not 0 < k <= 1 for k in keeps):
         raise InputError("every --keep must be in (0, 1]")
+    split = getattr(args, "split", "test")
+    if split not in SPLITS:
+        raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
+                         f"model learnt from), got {split!r}")
     if any(m not in ("off", "embed", "unguided") for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
@@ -81,7 +104,7 @@ def run_bench(args) -> int:
     n = args.n or (40 if args.quick else 400)
     if args.quick:
         keeps = keeps[1:2] if not args.keep else keeps
-    samples = shapes.dataset("test", n, seed=args.seed)
+    samples = shapes.dataset(split, n, seed=args.seed)
     image_of = (lambda s: image_from_pil(s.image, "sample"))
     if (args.model is None) != (args.mmproj is None):
         raise InputError("give both --model and --mmproj (or neither)")
@@ -109,7 +132,7 @@ def run_bench(args) -> int:
     model = Path(args.model or embedded_model()[0]).name  # no machine paths in results
     out = {"version": __version__, "model": model,
            "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
-           "seed": args.seed, "split": "test", "results": results}
+           "seed": args.seed, "split": split, "results": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -126,7 +149,8 @@ def markdown_table(out: dict) -> str:
     rows = sorted(out["results"], key=lambda r: (-r["keep"], r["method"] != "embed",
                                                   r["method"]))
     types = sorted({t for r in rows for t in r["per_type"]})
-    head = ["method", "keep", "tokens kept", "accuracy", *types, "encode ms", "merge ms",
+    head = ["method", "keep", "tokens kept", "accuracy", "95 % CI", *types, "encode ms",
+            "merge ms",
             "prefill ms", "KV KiB", "decode tok/s"]
     lines = [f"Held-out `{out['split']}` split, seed {out['seed']}, n = {rows[0]['n']} per "
              f"row; model `{Path(out['model']).name}`; device: {out['device']}; "
@@ -136,6 +160,7 @@ def markdown_table(out: dict) -> str:
         cells = [r["method"], f"{r['keep']:.2f}",
                  f"{r['vision_tokens_kept']:.1f} / {r['vision_tokens_in']:.0f}",
                  f"**{r['accuracy']:.3f}**" if r["method"] == "embed" else f"{r['accuracy']:.3f}",
+                 "{:.3f}-{:.3f}".format(*r["ci95"]) if "ci95" in r else "",
                  *[f"{r['per_type'].get(t, float('nan')):.3f}" for t in types],
                  f"{r['t_encode_ms']:.1f}", f"{r['t_merge_ms']:.2f}", f"{r['t_prefill_ms']:.1f}",
                  f"{r['kv_bytes'] / 1024:.1f}", f"{r['decode_tps']:.0f}"]

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--markdown", metavar="FILE", help="write the results as a table")
     bench.add_argument("--seed", type=_nonneg_int, default=0,
                        help="draws a fresh held-out set (default 0)")
+    bench.add_argument("--split", choices=("test", "val"), default="test",
+                       help="held-out split: test (default, for reporting) or val (for "
+                            "choosing settings)")
     bench.add_argument("--methods", metavar="LIST",
                        help="comma-separated (default: off,embed,unguided,random,fastv,"
                             "dart,pool)")

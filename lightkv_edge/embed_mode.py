@@ -95,7 +95,14 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
 
 
 # -- baselines at the same budget (for the benchmark; they need the PyTorch reference) ---
-METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool")
+# LightKV variants that keep what the prompt asks for (docs/merge-variants.md), from the
+# PyTorch reference until the native port: name -> (reference function, its settings)
+VARIANTS = {
+    "lightkv-protect": ("protected_reduce", {"protect": 1.0, "mode": "receive"}),
+    "lightkv-absorb": ("absorb_reduce", {}),
+}
+METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool", *VARIANTS)
+GUIDED_METHODS = ("lightkv", "fastv", *VARIANTS)   # the ones that need the prompt's guidance
 
 
 def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
@@ -104,7 +111,9 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     """Cut one image's rows to about `keep` of them with `method`:
     lightkv (guided merge), unguided (the same merge, all weights 1, ToMe style), random
     (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
-    pruning), pool (2x2 average pooling: its budget is fixed at about a quarter)."""
+    pruning), pool (2x2 average pooling: its budget is fixed at about a quarter), and the
+    LightKV variants of VARIANTS (lightkv-protect, lightkv-absorb: the prompt's top tokens
+    are kept and the rest is merged into them; docs/merge-variants.md)."""
     if method in ("lightkv", "unguided"):
         return merge_image(embd, grid, text_tokens, keep=keep, windows=windows,
                            layer=layer if method == "lightkv" else None)
@@ -117,7 +126,11 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     x = np.ascontiguousarray(embd, dtype=np.float32)
     n_keep = max(1, math.ceil(keep * n))
     grid = grid if grid and grid[0] * grid[1] == n else None
-    if method == "random":
+    if method in VARIANTS:
+        name, settings = VARIANTS[method]
+        res = getattr(ref.variants, name)(x, prompt_guidance(x, text_tokens, layer), keep=keep,
+                                          grid=grid, windows=windows, **settings)
+    elif method == "random":
         res = ref.random_drop(x, n_keep=n_keep, seed=seed)
     elif method == "fastv":
         res = ref.fastv_topk(x, prompt_guidance(x, text_tokens, layer), n_keep=n_keep)

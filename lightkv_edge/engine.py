@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import interrupts, mtmd
-from .embed_mode import METHODS, reduce_image
+from .embed_mode import GUIDED_METHODS, METHODS, reduce_image
 from .errors import ClosedError, InputError, LightKVError, ModelError
 from .images import Image, as_image, resized
 from .model import LOG, VisionModel, llama_cpp
@@ -178,7 +178,7 @@ class VisionChat:
         from . import native
         native.set_num_threads(n_threads or 0)
         self._layer0 = None       # the first layer's Q/K, for the prompt's guidance
-        if mode == "embed" and method in ("lightkv", "fastv"):
+        if mode == "embed" and method in GUIDED_METHODS:
             try:
                 self._layer0 = native.GuidanceModel(self.m.model_path)
             except ValueError as e:

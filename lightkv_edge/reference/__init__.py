@@ -9,6 +9,8 @@ from .guidance import guidance_scores, guidance_scores_from_qk
 from .merge import (MergeResult, grid_layout, lightkv_budget, lightkv_merge,
                     lightkv_merge_images, window_cut)
 from .schedule import MergeState, Schedule
+from . import variants
+from .variants import absorb_reduce, protected_reduce, protected_stage
 
 
 def __getattr__(name):  # the LLM reference is loaded lazily (it imports transformers)
@@ -19,8 +21,10 @@ def __getattr__(name):  # the LLM reference is loaded lazily (it imports transfo
 
 
 __all__ = [
-    "MergeResult", "MergeState", "PrefillResult", "Schedule", "dart_prune", "fastv_topk",
+    "MergeResult", "MergeState", "PrefillResult", "Schedule", "absorb_reduce", "dart_prune",
+    "fastv_topk",
     "grid_layout", "guidance_scores", "guidance_scores_from_qk", "lightkv_budget",
     "lightkv_merge", "lightkv_merge_images", "pool2x2", "pool_budget", "prefill_with_merge",
-    "random_drop", "unguided_merge", "window_cut",
+    "protected_reduce", "protected_stage", "random_drop", "unguided_merge", "variants",
+    "window_cut",
 ]
