@@ -40,7 +40,7 @@ def _open_chat(args):
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
                       max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                       verbose=args.verbose, model_name=args.model_name,
-                      schedule=args.schedule, kv=args.kv)
+                      schedule=args.schedule, kv=args.kv, method=args.method)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

@@ -9,6 +9,7 @@ import re
 import sys
 
 from . import __version__
+from .embed_mode import METHODS
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .errors import LightKVError
 
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of vision tokens kept, in (0, 1] (default 0.55)")
     lk.add_argument("--windows", type=_positive_int, default=None, metavar="N",
                     help="merge windows per side (default: chosen from the grid)")
+    lk.add_argument("--method", default="lightkv", metavar="NAME",
+                    choices=METHODS,
+                    help="embed mode's reduction: lightkv (the published prompt-guided "
+                         "merge, default), lightkv-protect / lightkv-absorb (variants that "
+                         "keep the tokens the prompt points at: docs/merge-variants.md), or "
+                         "a baseline: unguided, random, fastv, dart, pool (the variants and "
+                         "baselines run on the PyTorch reference: they need torch)")
     lk.add_argument("--schedule", metavar="L:W:R,...",
                     help="layer mode: merge after decoder layer L (0-based) with W windows "
                          "per side, dropping R of each window, e.g. 12:4:0.5,18:2:0.5 "

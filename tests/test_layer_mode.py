@@ -527,3 +527,58 @@ def test_image_without_grid_uses_the_padded_square(tiny, hf):
         assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2   # as above
     finally:
         c.close()
+
+
+# -- through the chat engine and the CLI (mode="layer") --------------------------------------
+def _engine_chat(**kw):
+    from lightkv_edge.engine import VisionChat
+    kw.setdefault("max_tokens", 4)
+    kw.setdefault("n_threads", 1)
+    return VisionChat(**kw)
+
+
+def test_engine_layer_mode_answers_and_compacts(tmp_path):
+    """VisionChat(mode="layer") on the embedded model: a schedule whose ratios are all 0
+    answers exactly as off does; a real schedule keeps the reported rows, frees cells,
+    reports its stages, and the conversation goes on to a second turn."""
+    from lightkv_edge.tasks import shapes
+    s = shapes.dataset("test", 1, seed=3)[0]
+    img = tmp_path / "s.png"
+    s.image.save(img)
+    with _engine_chat(mode="off") as off:
+        want = off.ask(s.question, [img])
+        off_cells = off.last_stats.kv_cells
+    with _engine_chat(mode="layer", schedule="0:2:0.0,1:1:0.0") as zero:
+        assert zero.ask(s.question, [img]) == want
+        assert zero.last_stats.kv_cells == off_cells
+    with _engine_chat(mode="layer", schedule="0:2:0.5,1:1:0.5") as chat:
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        assert st.vision_tokens_in == 64 and st.vision_tokens_kept == 16
+        assert [d["layer"] for d in st.stages] == [0, 1]
+        assert st.kv_cells == off_cells - (64 - 16)
+        assert st.cells_freed > 0
+        assert abs(st.layer_keep - (1 + 0.5 + 0.25) / 3) < 0.02
+        assert chat.ask("Is there a square?")          # the compacted image stays usable
+        assert chat.last_stats.vision_tokens_in == 0
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--schedule", "3:1:0.5"], "layer"),              # beyond the 3-layer model's depth
+    (["--schedule", "1:1:0.5,0:1:0.5"], "increasing"),
+    (["--schedule", "0:1:1.0"], "ratio"),
+    (["--schedule", "0:0:0.5"], "windows"),
+    (["--schedule", "x"], "--schedule"),
+    (["--kv", "exact"], "not built"),
+    (["--keep", "0.3"], "--schedule"),                 # below what the default reaches
+])
+def test_cli_layer_mode_bad_input_is_one_line(args, why):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "chat",
+                        "lightkv_edge/models/example.png", "-p", "what colour is the circle?",
+                        "--mode", "layer", *args], capture_output=True, text=True,
+                       timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert why in lines[0] and "Traceback" not in r.stderr
