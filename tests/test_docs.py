@@ -3,7 +3,7 @@ outside the checkout.
 
 Checked over every file git knows (tracked, plus new files that are not ignored, so a bad
 reference fails before it is committed):
-- each `docs/....md` path (and each other path ending in .md) names a file that exists;
+- each cited path under docs/ ending in .md (and each other path ending in .md) names a file that exists;
 - each bare document name (no folder) is the name of a file in the repository;
 - no file points at a sibling folder of the checkout or at a machine-specific path.
 """
