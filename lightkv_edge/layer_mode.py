@@ -101,6 +101,16 @@ def check_schedule(stages, n_layer: int, grids=()) -> tuple[Stage, ...]:
     return stages
 
 
+def check_policies(positions: str, kv: str) -> None:
+    """The position and KV policies layer mode has."""
+    if positions not in POSITION_POLICIES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
+                         f"got {positions!r}")
+    if kv not in KV_POLICIES:
+        raise ValueError(f"KV policy {kv!r} is not available in layer mode "
+                         f"(built: {', '.join(KV_POLICIES)})")
+
+
 def layer_keep_fraction(stages, n_layer: int) -> float:
     """The paper's kept fraction: the vision rows present at each layer, averaged over the
     layers, if every stage kept exactly (1 - ratio) of its rows."""
@@ -329,12 +339,7 @@ class LayerRunner:
         """Prefill one turn (its segments in order; the last must be text) under `stages`.
         turn_start: first position of the turn, for positions="renumber" (default: the
         first segment's first position)."""
-        if positions not in POSITION_POLICIES:
-            raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
-                             f"got {positions!r}")
-        if kv not in KV_POLICIES:
-            raise ValueError(f"KV policy {kv!r} is not available in layer mode "
-                             f"(built: {', '.join(KV_POLICIES)})")
+        check_policies(positions, kv)
         if not segments or segments[-1].kind != "text":
             raise ValueError("the turn must end with text (the logits to sample from)")
         grids = []
@@ -573,12 +578,7 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     holds the turn's text rows and each image's final rows, in every layer; the logits of
     the last row are in LayerPrefill.logits and in the context (sample with idx -1)."""
     from . import mtmd
-    if positions not in POSITION_POLICIES:
-        raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
-                         f"got {positions!r}")
-    if kv not in KV_POLICIES:
-        raise ValueError(f"KV policy {kv!r} is not available in layer mode "
-                         f"(built: {', '.join(KV_POLICIES)})")
+    check_policies(positions, kv)     # before the vision encoder runs
     grids = []                      # checked before the vision encoder runs
     for ch in chunks:
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
