@@ -140,6 +140,7 @@ class VisionChat:
             raise InputError("give either model files or an embedded model_name, not both",
                              param="model_name")
         self.m = None
+        self._sampler = self._layer0 = None
         self._lock = threading.Lock()   # one call at a time (see the module's docstring)
         self._owner = None              # the thread whose call holds the lock
         # the embedded model knows only its training image size: resize to it
@@ -171,7 +172,6 @@ class VisionChat:
             # merged rows keep their original positions: the sequence jumps forward over
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
-        self._sampler = None
         self._eog_tokens = None
         # the merge's ggml graphs are small: they run with the LLM's thread count, so an
         # oversubscribed machine does not make their thread barriers spin
