@@ -87,18 +87,24 @@ def test_threshold_absorb_drops_but_keeps_the_budget():
 
 @pytest.fixture(scope="module")
 def layer():
+    from lightkv_edge import native
     from lightkv_edge.embedded import embedded_model
-    return embed_mode.FirstLayerQK(embedded_model()[0])
+    return native.GuidanceModel(embedded_model()[0])
+
+
+def _prompt_ids(n: int) -> np.ndarray:
+    """n token ids of the embedded model's vocabulary (guidance takes the prompt's ids)."""
+    return np.arange(10, 10 + n, dtype=np.int32)
 
 
 @pytest.mark.parametrize("keep", (0.75, 0.55, 0.35, 0.25, 0.1))
 def test_every_method_of_embed_mode_keeps_the_budget(layer, keep):
     """Through embed_mode.reduce_image with the embedded model's own first layer: every
     method (pool only at its fixed quarter) gives ceil(keep * N) rows."""
-    d = layer.wq.shape[1]
+    d = layer.n_embd_inp
     rng = np.random.default_rng(7)
     embd = rng.standard_normal((64, d)).astype(np.float32)
-    text = rng.standard_normal((6, d)).astype(np.float32)
+    text = _prompt_ids(6)
     checked = []
     for method in embed_mode.METHODS:
         if method == "pool" and keep != 0.25:
@@ -178,10 +184,10 @@ def test_protection_off_schedule_is_the_published_schedule(grid):
 def test_protection_off_matches_the_native_merge_of_embed_mode(layer, keep):
     """protect=0 is what embed mode ships today (native ggml merge, float32): the same
     kept rows, and rows equal to float32 accuracy."""
-    d = layer.wq.shape[1]
+    d = layer.n_embd_inp
     rng = np.random.default_rng(11)
     embd = rng.standard_normal((64, d)).astype(np.float32)
-    text = rng.standard_normal((5, d)).astype(np.float32)
+    text = _prompt_ids(5)
     g = embed_mode.prompt_guidance(embd, text, layer)
     native = embed_mode.merge_image(embd, (8, 8), text, keep=keep, windows=None, layer=layer)
     ref = V.protected_reduce(embd, g, keep=keep, grid=(8, 8), protect=0.0)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -267,16 +268,25 @@ def test_repository_series_is_consistent():
         assert p.is_file() and p.read_text().strip(), p
 
 
-def test_repository_series_is_applied_in_the_cached_tree():
+def test_repository_series_is_applied_in_the_cached_tree(tmp_path):
     """Read-only: in the patched tree of the current key (if this machine has built it),
-    every patch of the real series is applied, i.e. reverses cleanly."""
+    the real series is applied: undone last patch first, on a copy of the files it
+    touches, every patch reverses cleanly (later patches edit lines near earlier ones,
+    so each is checked against the tree as it was right after it)."""
     tree = llama_source.cache_root() / "src" / f"llama.cpp-{llama_source.source_key()}"
     if not (tree / ".lightkv-patched").exists():
         pytest.skip(f"no patched tree for the current key in {tree.parent}")
     assert (tree / ".lightkv-patched").read_text().strip() == llama_source.patch_series_hash()
-    for p in llama_source.patch_series():
-        r = llama_source._git_apply(tree, p, "--reverse", "--check")
+    series = llama_source.patch_series()
+    touched = {line[6:].strip() for p in series for line in p.read_text().splitlines()
+               if line.startswith("+++ b/")}
+    for rel in touched:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(tree / rel, tmp_path / rel)
+    for p in reversed(series):
+        r = llama_source._git_apply(tmp_path, p, "--reverse")
         assert r.returncode == 0, f"{p.name} is not applied in {tree}: {r.stderr}"
+    assert touched
 
 
 # ---------------------------------------------------------------------------------------
