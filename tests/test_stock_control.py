@@ -26,11 +26,19 @@ def mtmd_cli():
 def _stock_answer(exe, model, mmproj, image, question) -> str:
     # greedy (--temp 0), and the same CPU weight layout as ours (--no-repack: we load
     # with use_extra_bufts off), so the two runs do the same arithmetic
-    r = subprocess.run([exe, "-m", str(model), "--mmproj", str(mmproj), "--image", str(image),
-                        "-p", question, "--temp", "0", "-n", str(N_TOKENS), "-t", "2",
-                        "--no-warmup", "--no-repack"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-400:]
+    # Once, in a full CI-like run, the stock binary printed nothing with exit code 0 for
+    # one question that it answers "yes" in every rerun (15 of 15): a glitch of the
+    # control, not of ours. An empty stock answer is asked for once more; a second empty
+    # one fails the comparison as before.
+    for _ in range(2):
+        r = subprocess.run([exe, "-m", str(model), "--mmproj", str(mmproj), "--image",
+                            str(image), "-p", question, "--temp", "0", "-n", str(N_TOKENS),
+                            "-t", "2", "--no-warmup", "--no-repack"],
+                           capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-400:]
+        if r.stdout.strip():
+            break
     return r.stdout.strip()
 
 
