@@ -28,3 +28,24 @@ def liblightkv():
     except Exception as e:  # noqa: BLE001 - any reason is a failure, reported in one line
         pytest.fail(f"liblightkv does not load ({type(e).__name__}: {e}); run `make setup`",
                     pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def embedded_f32_pair(tmp_path_factory):
+    """The shipped HF checkpoint of the embedded model converted to f32 GGUFs (text,
+    mmproj) by scripts/convert.py, once per test session: the tight parity tests need
+    weights without quantization error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    hf = root / "lightkv_edge" / "models" / "hf"
+    if not (hf / "model.safetensors").is_file():
+        pytest.fail(f"{hf} has no model.safetensors (the shipped HF checkpoint)")
+    out = tmp_path_factory.mktemp("embedded-f32")
+    r = subprocess.run([sys.executable, str(root / "scripts" / "convert.py"), str(hf),
+                        "--outdir", str(out), "--name", "shapes", "--outtype", "f32"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"conversion failed: {r.stderr.strip()}")
+    return out / "shapes-f32.gguf", out / "shapes-mmproj-f32.gguf"

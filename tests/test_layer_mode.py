@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightkv_edge import _libs
-from tests.helpers.tiny_llama import BOS, write_tiny_llama
+from tests.helpers.tiny_llama import BOS, loaded_tiny_llama
 
 llama_cpp = _libs.use_our_llama_cpp()
 
@@ -29,14 +29,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("layer") / "tiny.gguf"
-    m = write_tiny_llama(path, seed=11, n_layer=N_LAYER, n_head=4, n_head_kv=2)
-    mp = llama_cpp.llama_model_default_params()
-    mp.use_extra_bufts = False
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-    assert model
-    yield m, model
-    llama_cpp.llama_model_free(model)
+    yield from loaded_tiny_llama(tmp_path_factory.mktemp("layer") / "tiny.gguf",
+                                 llama_cpp, seed=11, n_layer=N_LAYER, n_head=4, n_head_kv=2)
 
 
 @pytest.fixture(scope="module")
@@ -288,18 +282,8 @@ HF_DIR = ROOT / "lightkv_edge" / "models" / "hf"
 
 
 @pytest.fixture(scope="module")
-def qwen_f32(tmp_path_factory):
-    import subprocess
-    import sys
-    if not (HF_DIR / "model.safetensors").is_file():
-        pytest.fail(f"{HF_DIR} has no model.safetensors (the shipped HF checkpoint)")
-    out = tmp_path_factory.mktemp("layer-qwen")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(HF_DIR),
-                        "--outdir", str(out), "--name", "shapes", "--outtype", "f32"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"conversion failed: {r.stderr.strip()}")
-    return out / "shapes-f32.gguf", out / "shapes-mmproj-f32.gguf"
+def qwen_f32(embedded_f32_pair):
+    return embedded_f32_pair
 
 
 def _qwen_turn(vm, question="what colour is the circle?"):

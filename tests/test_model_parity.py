@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,16 +123,8 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def f32_pair(tmp_path_factory):
-    if not (HF / "model.safetensors").is_file():
-        pytest.fail(f"{HF} has no model.safetensors (the shipped HF checkpoint)")
-    out = tmp_path_factory.mktemp("parity")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert.py"), str(HF),
-                        "--outdir", str(out), "--name", "shapes", "--outtype", "f32"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"conversion failed: {r.stderr.strip()}")
-    return out / "shapes-f32.gguf", out / "shapes-mmproj-f32.gguf"
+def f32_pair(embedded_f32_pair):
+    return embedded_f32_pair
 
 
 def _hf():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lightkv_edge import _libs
-from tests.helpers.tiny_llama import reference_logits, write_tiny_llama
+from tests.helpers.tiny_llama import loaded_tiny_llama, reference_logits
 
 llama_cpp = _libs.use_our_llama_cpp()
 set_gaps = llama_cpp.llama_cpp._lib.llama_set_position_gaps
@@ -20,14 +20,8 @@ set_gaps.restype = None
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gaps") / "tiny.gguf"
-    m = write_tiny_llama(path, seed=3)
-    mp = llama_cpp.llama_model_default_params()
-    mp.use_extra_bufts = False
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-    assert model
-    yield m, model
-    llama_cpp.llama_model_free(model)
+    yield from loaded_tiny_llama(tmp_path_factory.mktemp("gaps") / "tiny.gguf",
+                                 llama_cpp, seed=3)
 
 
 def _decode(model, tokens, positions, *, gaps: bool):

@@ -195,3 +195,16 @@ def reference_logits(m: TinyLlama, tokens, positions=None) -> np.ndarray:
         x = x + (g / (1.0 + np.exp(-g)) * u) @ W[b + "ffn_down.weight"].T
     x = _rms_norm(x, W["output_norm.weight"], m.rms_eps)
     return x @ W["output.weight"].T
+
+
+def loaded_tiny_llama(path, llama_cpp, **kw):
+    """Write a tiny llama to `path` (write_tiny_llama's keywords) and load it into llama.cpp
+    with the engine's safe default (no extra CPU buffer types); yields (weights, model) and
+    frees the model afterwards. For pytest fixtures: `yield from loaded_tiny_llama(...)`."""
+    m = write_tiny_llama(path, **kw)
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+    assert model, f"llama.cpp could not load the tiny llama {path}"
+    yield m, model
+    llama_cpp.llama_model_free(model)
