@@ -61,9 +61,9 @@ class Stats:
     decode_tps: float = 0.0
     stop: str = ""                  # why the answer ended: eog, max_tokens, context_full,
                                     # interrupted
-    # layer mode: the stages as run, the layer-averaged kept fraction, the cells freed
+    # layer mode: the stages as run and the cells freed (`keep` is then the layer-averaged
+    # kept fraction as run, the paper's definition)
     stages: list = field(default_factory=list)
-    layer_keep: float = 0.0
     cells_freed: int = 0
 
     def as_dict(self) -> dict:
@@ -450,7 +450,7 @@ class VisionChat:
         stats.vision_tokens_in += res.vision_in
         stats.vision_tokens_kept += res.vision_out
         stats.stages = [dict(st) for st in res.stages]
-        stats.layer_keep = res.keep_fraction
+        stats.keep = res.keep_fraction
         stats.cells_freed = res.cells_freed
         self.n_cells += len(res.cells)
         self.n_past = n_past
