@@ -95,9 +95,12 @@ run() {
   local models=("$@")
   [ "${#models[@]}" -gt 0 ] || models=(qwen2vl-2b)
   for m in "${models[@]}"; do
-    local dir
-    dir=$("$py" scripts/make_shape_models.py "$m" --print-dir) || { say "no shape model $m"; continue; }
-    "$py" -m lightkv_edge cost -m "$dir/text.gguf" --mmproj "$dir/mmproj.gguf" -ngl 999 \
+    local line text mmproj
+    # built there (gguf-py writes the text model block by block; the mmproj needs the
+    # pinned converters): prints "name<TAB>text.gguf<TAB>mmproj.gguf"
+    line=$("$py" scripts/make_shape_models.py "$m" | tail -n 1) || { say "no shape model $m"; continue; }
+    IFS=$'\t' read -r _ text mmproj <<< "$line"
+    "$py" -m lightkv_edge cost -m "$text" --mmproj "$mmproj" -ngl 999 \
       --modes off,embed,layer --keep 0.55,0.25 --runs 5 --long-tokens 512 \
       --json "$out/cost-$m.json" --markdown "$out/cost-$m.md" || say "cost of $m failed"
   done
