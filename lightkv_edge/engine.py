@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import interrupts, mtmd
-from .embed_mode import GUIDED_METHODS, METHODS, reduce_image
+from .embed_mode import DEFAULT_METHOD, GUIDED_METHODS, METHODS, reduce_image
 from .errors import ClosedError, InputError, LightKVError, ModelError
 from .images import Image, as_image, resized
 from .model import LOG, VisionModel, llama_cpp
@@ -112,7 +112,7 @@ class VisionChat:
                  mode: str = "embed", keep: float = 0.55, windows: int | None = None,
                  ctx_size: int = 4096, n_threads: int | None = None,
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
-                 max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
+                 max_tokens: int = 256, method: str = DEFAULT_METHOD, positions: str = "keep",
                  ignore_eos: bool = False, verbose: bool = False,
                  model_name: str | None = None, schedule: str | None = None,
                  kv: str = "compact"):
