@@ -27,7 +27,8 @@ examples:
 FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size",
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
-           "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv"}
+           "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv",
+           "show_merge": "--show-merge"}
 
 
 def user_message(e: Exception) -> str:
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end with one JSON line of statistics (tokens kept, KV bytes, ms)")
     out.add_argument("--json", action="store_true",
                      help="print the answer and statistics as one JSON object")
+    out.add_argument("--show-merge", metavar="OUT.png",
+                     help="embed mode: after each answer, write the image with the merge "
+                          "drawn over it (kept rows outlined, merge groups tinted, windows, "
+                          "the prompt's guidance as dots); the k-th further image of a turn "
+                          "goes to OUT-k.png")
     out.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
 
     bench = sub.add_parser(

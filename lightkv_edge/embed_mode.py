@@ -48,6 +48,13 @@ class MergedImage:
     kept: np.ndarray        # [M] original index of each row (ascending)
     n_in: int
     t_merge_ms: float
+    # what --show-merge draws: the row of every original token (-1: dropped), the prompt's
+    # guidance of every original token (None: unguided), the grid (rows, cols) the windows
+    # were cut on and the first stage's windows per side (None: not a windowed merge)
+    assign: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    grid: tuple[int, int] | None = None
+    windows: int | None = None
 
 
 def protected_count(protect: float, target: int, mode: str = "receive") -> int:
@@ -95,6 +102,9 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
     w = windows
+    assign = np.arange(n)                       # original token -> current row
+    first_windows = None
+    scores_in = scores
     while len(x) > target:
         w = min(w or default_windows(rows, cols), rows, cols)
         # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
@@ -108,6 +118,8 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                 break  # nothing left to merge
             w = 1      # the remainder is below one token per window: one window
             continue
+        first_windows = first_windows or w
+        assign = res.assign[assign]
         if scores is not None:
             # a merged row carries the guidance of everything it absorbed
             scores = np.bincount(res.assign, weights=scores, minlength=len(res.kept))
@@ -115,7 +127,8 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         x, kept = res.x, kept[res.kept]
         if protected is not None:
             protected = protected[res.kept]
-    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3)
+    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
+                       scores=scores_in, grid=(rows, cols), windows=first_windows)
 
 
 # -- the native LightKV merges: method -> protected fraction of the budget ----------------
@@ -160,17 +173,21 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     x = np.ascontiguousarray(embd, dtype=np.float32)
     n_keep = max(1, math.ceil(keep * n))
     grid = grid if grid and grid[0] * grid[1] == n else None
+    scores = None
     if method in VARIANTS:
         name, settings = VARIANTS[method]
-        res = getattr(ref.variants, name)(x, prompt_guidance(x, text_tokens, layer), keep=keep,
-                                          grid=grid, windows=windows, **settings)
+        scores = prompt_guidance(x, text_tokens, layer)
+        res = getattr(ref.variants, name)(x, scores, keep=keep, grid=grid, windows=windows,
+                                          **settings)
     elif method == "random":
         res = ref.random_drop(x, n_keep=n_keep, seed=seed)
     elif method == "fastv":
-        res = ref.fastv_topk(x, prompt_guidance(x, text_tokens, layer), n_keep=n_keep)
+        scores = prompt_guidance(x, text_tokens, layer)
+        res = ref.fastv_topk(x, scores, n_keep=n_keep)
     elif method == "dart":
         res = ref.dart_prune(x, n_keep=n_keep)
     else:
         res = ref.pool2x2(x, grid=grid)
     return MergedImage(np.asarray(res.x, dtype=np.float32), np.asarray(res.kept), n,
-                       (time.perf_counter() - t0) * 1e3)
+                       (time.perf_counter() - t0) * 1e3, assign=np.asarray(res.assign),
+                       scores=scores, grid=grid)
