@@ -6,13 +6,15 @@ embedded shapes task. Accuracy per question type is the quality signal; the cost
 are averages per sample (vision encode, merge, LLM prefill, KV bytes after prefill, decode
 tokens/s). Timings are reported, never asserted.
 
-Methods here: off, embed (LightKV, prompt-guided), unguided (the same merge with equal
-weights, ToMe style), random, fastv, dart, pool (2x2 pooling: its budget is fixed, so it
-runs only at keep 0.25). The baselines come from the PyTorch reference (needs torch), and
-so do the LightKV variants `lightkv-protect` and `lightkv-absorb` (docs/merge-variants.md;
-not in the default list). `--split val` evaluates on the validation split, the one to
-choose settings on; the default `test` split is for the final report. Every accuracy comes
-with its 95 % Wilson interval.
+Methods here (embed mode's --method names): off, lightkv-protect (the default LightKV:
+prompt-guided, the prompt's top tokens never merged away), lightkv-paper (the published
+merge), unguided (the published merge with equal weights, ToMe style), random, fastv, dart,
+pool (2x2 pooling: its budget is fixed, so it runs only at keep 0.25). The baselines come
+from the PyTorch reference (needs torch), and so does the variant `lightkv-absorb`
+(docs/merge-variants.md; not in the default list). `--model-name` picks an embedded model.
+`--split val` evaluates on the validation split, the one to choose settings on; the
+default `test` split is for the final report. Every accuracy comes with its 95 % Wilson
+interval.
 """
 from __future__ import annotations
 
@@ -25,12 +27,8 @@ from collections import defaultdict
 from . import __version__
 
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
-DEFAULT_METHODS = ("off", "embed", "unguided", "random", "fastv", "dart", "pool")
-# bench name -> embed-mode method; the LightKV variants (docs/merge-variants.md) run under
-# their own names and are not in the default list
-_EMBED_METHOD = {"embed": "lightkv", "unguided": "unguided", "random": "random",
-                 "fastv": "fastv", "dart": "dart", "pool": "pool",
-                 "lightkv-protect": "lightkv-protect", "lightkv-absorb": "lightkv-absorb"}
+DEFAULT_METHODS = ("off", "lightkv-protect", "lightkv-paper", "unguided", "random", "fastv",
+                   "dart", "pool")
 SPLITS = ("test", "val")
 
 
@@ -75,6 +73,8 @@ def evaluate(chat, samples, image_of) -> dict:
 
 
 def run_bench(args) -> int:
+    from .embed_mode import METHODS, NATIVE_METHODS
+    from .embedded import DEFAULT_MODEL, embedded_model
     from .engine import VisionChat
     from .errors import InputError
     from .images import image_from_pil
@@ -83,9 +83,9 @@ def run_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(DEFAULT_METHODS)
     for m in methods:
-        if m != "off" and m not in _EMBED_METHOD:
+        if m != "off" and m not in METHODS:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(['off', *_EMBED_METHOD])})")
+                             f"{', '.join(['off', *METHODS])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
@@ -96,7 +96,7 @@ def run_bench(args) -> int:
     if split not in SPLITS:
         raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
                          f"model learnt from), got {split!r}")
-    if any(m not in ("off", "embed", "unguided") for m in methods):
+    if any(m != "off" and m not in NATIVE_METHODS for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
         import torch
@@ -108,6 +108,9 @@ def run_bench(args) -> int:
     image_of = (lambda s: image_from_pil(s.image, "sample"))
     if (args.model is None) != (args.mmproj is None):
         raise InputError("give both --model and --mmproj (or neither)")
+    model_name = getattr(args, "model_name", None)
+    if model_name is not None and args.model is not None:
+        raise InputError("give either --model-name or --model/--mmproj, not both")
 
     results = []
     runs = [("off", 1.0)] if "off" in methods else []
@@ -116,8 +119,9 @@ def run_bench(args) -> int:
     for i, (method, keep) in enumerate(runs, 1):
         t0 = time.perf_counter()
         chat = VisionChat(args.model, args.mmproj, mode="off" if method == "off" else "embed",
-                          keep=keep, method=_EMBED_METHOD.get(method, "lightkv"),
-                          seed=args.seed, max_tokens=4, n_threads=args.threads)
+                          keep=keep, method="lightkv-protect" if method == "off" else method,
+                          seed=args.seed, max_tokens=4, n_threads=args.threads,
+                          model_name=model_name)
         try:
             r = evaluate(chat, samples, image_of)
         finally:
@@ -128,8 +132,8 @@ def run_bench(args) -> int:
               + " ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
               + f"  prefill {r['t_prefill_ms']:.1f} ms  kv {r['kv_bytes'] / 1024:.1f} KiB"
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    from .embedded import embedded_model
-    model = Path(args.model or embedded_model()[0]).name  # no machine paths in results
+    # no machine paths in results
+    model = Path(args.model or embedded_model(model_name or DEFAULT_MODEL)[0]).name
     out = {"version": __version__, "model": model,
            "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "seed": args.seed, "split": split, "results": results}
@@ -146,7 +150,7 @@ def run_bench(args) -> int:
 
 def markdown_table(out: dict) -> str:
     """The results as a markdown table, rows grouped by kept fraction."""
-    rows = sorted(out["results"], key=lambda r: (-r["keep"], r["method"] != "embed",
+    rows = sorted(out["results"], key=lambda r: (-r["keep"], r["method"] != "lightkv-protect",
                                                   r["method"]))
     types = sorted({t for r in rows for t in r["per_type"]})
     head = ["method", "keep", "tokens kept", "accuracy", "95 % CI", *types, "encode ms",
@@ -159,7 +163,8 @@ def markdown_table(out: dict) -> str:
     for r in rows:
         cells = [r["method"], f"{r['keep']:.2f}",
                  f"{r['vision_tokens_kept']:.1f} / {r['vision_tokens_in']:.0f}",
-                 f"**{r['accuracy']:.3f}**" if r["method"] == "embed" else f"{r['accuracy']:.3f}",
+                 f"**{r['accuracy']:.3f}**" if r["method"] == "lightkv-protect"
+                 else f"{r['accuracy']:.3f}",
                  "{:.3f}-{:.3f}".format(*r["ci95"]) if "ci95" in r else "",
                  *[f"{r['per_type'].get(t, float('nan')):.3f}" for t in types],
                  f"{r['t_encode_ms']:.1f}", f"{r['t_merge_ms']:.2f}", f"{r['t_prefill_ms']:.1f}",

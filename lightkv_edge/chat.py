@@ -56,14 +56,34 @@ def _answer(chat, prompt, images, *, echo: bool) -> str:
     return "".join(pieces)
 
 
+def _check_show_merge(args) -> None:
+    """--show-merge is checked before any model loads: a writable image path, embed mode."""
+    if getattr(args, "show_merge", None) is None:
+        return
+    from .merge_picture import check_output_path
+    check_output_path(args.show_merge)
+    if args.mode != "embed":
+        raise InputError("--show-merge draws embed mode's merge (--mode embed)")
+    if args.keep >= 1.0:
+        raise InputError("--show-merge needs --keep below 1 (nothing is merged at 1)")
+
+
+def _show_merge(chat, args) -> None:
+    if getattr(args, "show_merge", None) is not None and chat.last_merges:
+        for p in chat.show_merge(args.show_merge):
+            print(f"(merge picture: {p})", file=sys.stderr)
+
+
 def run_chat(args) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise InputError("empty prompt (-p)")
+    _check_show_merge(args)
     images = [load_image(p) for p in args.images]  # fail fast, before loading a model
     chat = _open_chat(args)
     try:
         if args.prompt is not None:
             answer = _answer(chat, args.prompt, images, echo=not args.json)
+            _show_merge(chat, args)
             stats = chat.last_stats.as_dict()
             if args.json:
                 print(json.dumps({"answer": answer, "stats": stats}))
@@ -120,6 +140,7 @@ def _interactive(chat, pending, args) -> int:
         turns = len(chat.history)
         try:
             _answer(chat, line, sending, echo=True)
+            _show_merge(chat, args)
             if args.stats:
                 print(json.dumps(chat.last_stats.as_dict()), file=err)
         except KeyboardInterrupt:

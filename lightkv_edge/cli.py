@@ -9,7 +9,7 @@ import re
 import sys
 
 from . import __version__
-from .embed_mode import METHODS
+from .embed_mode import DEFAULT_METHOD, METHODS
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS
 from .errors import LightKVError
 
@@ -28,7 +28,8 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
            "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv",
-           "modes": "--modes", "keeps": "--keep", "run_timeout": "--run-timeout"}
+           "modes": "--modes", "keeps": "--keep", "run_timeout": "--run-timeout",
+           "show_merge": "--show-merge"}
 
 
 def user_message(e: Exception) -> str:
@@ -129,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of vision tokens kept, in (0, 1] (default 0.55)")
     lk.add_argument("--windows", type=_positive_int, default=None, metavar="N",
                     help="merge windows per side (default: chosen from the grid)")
-    lk.add_argument("--method", default="lightkv", metavar="NAME",
+    lk.add_argument("--method", default=DEFAULT_METHOD, metavar="NAME",
                     choices=METHODS,
-                    help="embed mode's reduction: lightkv (the published prompt-guided "
-                         "merge, default), lightkv-protect / lightkv-absorb (variants that "
-                         "keep the tokens the prompt points at: docs/merge-variants.md), or "
-                         "a baseline: unguided, random, fastv, dart, pool (the variants and "
-                         "baselines run on the PyTorch reference: they need torch)")
+                    help="embed mode's reduction: lightkv-protect (default: the prompt-"
+                         "guided LightKV merge in which the tokens the prompt points at "
+                         "are never merged away), lightkv-paper (the published merge), "
+                         "unguided (the same merge, equal weights), lightkv-absorb (a "
+                         "variant, docs/merge-variants.md), or a baseline: random, fastv, "
+                         "dart, pool (lightkv-absorb and the baselines run on the PyTorch "
+                         "reference: they need torch)")
     lk.add_argument("--schedule", metavar="L:W:R,...",
                     help="layer mode: merge after decoder layer L (0-based) with W windows "
                          "per side, dropping R of each window, e.g. 12:4:0.5,18:2:0.5 "
@@ -165,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end with one JSON line of statistics (tokens kept, KV bytes, ms)")
     out.add_argument("--json", action="store_true",
                      help="print the answer and statistics as one JSON object")
+    out.add_argument("--show-merge", metavar="OUT.png",
+                     help="embed mode: after each answer, write the image with the merge "
+                          "drawn over it (kept rows outlined, merge groups tinted, windows, "
+                          "the prompt's guidance as dots); the k-th further image of a turn "
+                          "goes to OUT-k.png")
     out.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
 
     bench = sub.add_parser(
@@ -184,8 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="held-out split: test (default, for reporting) or val (for "
                             "choosing settings)")
     bench.add_argument("--methods", metavar="LIST",
-                       help="comma-separated (default: off,embed,unguided,random,fastv,"
-                            "dart,pool)")
+                       help="comma-separated (default: off,lightkv-protect,lightkv-paper,"
+                            "unguided,random,fastv,dart,pool; also lightkv-absorb)")
+    bench.add_argument("--model-name", metavar="NAME", choices=EMBEDDED_MODELS,
+                       help="which embedded model: " + ", ".join(EMBEDDED_MODELS)
+                            + f" (default {DEFAULT_MODEL})")
     bench.add_argument("--keep", metavar="LIST",
                        help="comma-separated kept fractions (default 0.75,0.55,0.35,0.25,0.1)")
     bench.add_argument("-m", "--model", metavar="F", help="GGUF text model")

@@ -48,17 +48,38 @@ class MergedImage:
     kept: np.ndarray        # [M] original index of each row (ascending)
     n_in: int
     t_merge_ms: float
+    # what --show-merge draws: the row of every original token (-1: dropped), the prompt's
+    # guidance of every original token (None: unguided), the grid (rows, cols) the windows
+    # were cut on and the first stage's windows per side (None: not a windowed merge)
+    assign: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    grid: tuple[int, int] | None = None
+    windows: int | None = None
+
+
+def protected_count(protect: float, target: int, mode: str = "receive") -> int:
+    """Tokens LightKV-protect shields for a budget of `target` rows: round(protect * target),
+    at most target (mode "receive") or target - 1 (mode "keep"), as the reference's rule."""
+    if not (isinstance(protect, (int, float)) and 0.0 <= float(protect) <= 1.0):
+        raise ValueError(f"protect must be in [0, 1], got {protect!r}")
+    return min(round(float(protect) * target), target - (mode == "keep"))
 
 
 def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
-                keep: float, windows: int | None, layer=None) -> MergedImage:
+                keep: float, windows: int | None, layer=None, protect: float = 0.0,
+                protect_mode: str = "receive") -> MergedImage:
     """Merge one image's rows down to about `keep` of them, guided by the prompt's token ids
     `text_tokens` through `layer` (a native.GuidanceModel; None: unguided, all weights 1).
 
     One LightKV stage drops at most half of each window (r <= n_w // 2), so keeps below
     0.5 run further stages on what is left, as the paper's progressive schedule does.
     Unlike the published code (which re-squares the shortened sequence), every stage cuts
-    true 2D windows of the original grid."""
+    true 2D windows of the original grid.
+
+    protect (LightKV-protect, docs/merge-variants.md): the protected_count(protect, budget)
+    rows with the highest guidance, chosen once here, are never merge sources in any stage
+    (protect_mode "receive": they still absorb similar tokens; "keep": untouched). 0 is the
+    published merge exactly; it needs guidance (a layer)."""
     from . import native
 
     t0 = time.perf_counter()
@@ -67,6 +88,13 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     x = np.ascontiguousarray(embd, dtype=np.float32)
     kept = np.arange(n)
     scores = None if layer is None else prompt_guidance(x, text_tokens, layer)
+    if protect_mode not in native.PROTECT_MODES:
+        raise ValueError(f"protect_mode must be one of {', '.join(native.PROTECT_MODES)}")
+    p = protected_count(protect, target, protect_mode)
+    if p and scores is None:
+        raise ValueError("protection needs guidance (a layer)")
+    # protected rows are carried through the stages like the scores (flag[kept])
+    protected = native.protect_top(scores, p) if p else None
     # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
     # sequence): the survivors keep their original (row, col)
     if grid and grid[0] * grid[1] == n:
@@ -74,49 +102,68 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
     w = windows
+    assign = np.arange(n)                       # original token -> current row
+    first_windows = None
+    scores_in = scores
     while len(x) > target:
         w = min(w or default_windows(rows, cols), rows, cols)
         # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
         ratio = min((len(x) - target) / len(x) + 1e-9, 0.5)
         positions = np.stack([kept // cols, kept % cols], axis=1)
         res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=(rows, cols),
-                                   positions=positions)
+                                   positions=positions, protected=protected,
+                                   protect_mode=protect_mode)
         if len(res.kept) == len(x):
             if w == 1:
                 break  # nothing left to merge
             w = 1      # the remainder is below one token per window: one window
             continue
+        first_windows = first_windows or w
+        assign = res.assign[assign]
         if scores is not None:
             # a merged row carries the guidance of everything it absorbed
             scores = np.bincount(res.assign, weights=scores, minlength=len(res.kept))
             scores = scores.astype(np.float32)
         x, kept = res.x, kept[res.kept]
-    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3)
+        if protected is not None:
+            protected = protected[res.kept]
+    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
+                       scores=scores_in, grid=(rows, cols), windows=first_windows)
 
+
+# -- the native LightKV merges: method -> protected fraction of the budget ----------------
+# lightkv-protect (the default): the published merge, but the budget's top-guidance rows
+# are never sources (they keep what the prompt asks for and absorb what pruning would
+# drop; chosen on the validation split, docs/merge-variants.md); lightkv-paper: the
+# published merge (protection 0); unguided: the published merge with equal weights.
+DEFAULT_METHOD = "lightkv-protect"
+NATIVE_METHODS = {"lightkv-protect": 1.0, "lightkv-paper": 0.0, "unguided": 0.0}
 
 # -- baselines at the same budget (for the benchmark; they need the PyTorch reference) ---
-# LightKV variants that keep what the prompt asks for (docs/merge-variants.md), from the
-# PyTorch reference until the native port: name -> (reference function, its settings)
+# LightKV variants tried and not chosen (docs/merge-variants.md), from the PyTorch
+# reference: name -> (reference function, its settings)
 VARIANTS = {
-    "lightkv-protect": ("protected_reduce", {"protect": 1.0, "mode": "receive"}),
     "lightkv-absorb": ("absorb_reduce", {}),
 }
-METHODS = ("lightkv", "unguided", "random", "fastv", "dart", "pool", *VARIANTS)
-GUIDED_METHODS = ("lightkv", "fastv", *VARIANTS)   # the ones that need the prompt's guidance
+METHODS = (*NATIVE_METHODS, "random", "fastv", "dart", "pool", *VARIANTS)
+# the ones that need the prompt's guidance
+GUIDED_METHODS = ("lightkv-protect", "lightkv-paper", "fastv", *VARIANTS)
 
 
 def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
-                 keep: float, windows: int | None, method: str = "lightkv",
+                 keep: float, windows: int | None, method: str = DEFAULT_METHOD,
                  layer=None, seed: int = 0) -> MergedImage:
     """Cut one image's rows to about `keep` of them with `method`:
-    lightkv (guided merge), unguided (the same merge, all weights 1, ToMe style), random
-    (seeded drop), fastv (top-k by the prompt guidance score), dart (duplication
-    pruning), pool (2x2 average pooling: its budget is fixed at about a quarter), and the
-    LightKV variants of VARIANTS (lightkv-protect, lightkv-absorb: the prompt's top tokens
-    are kept and the rest is merged into them; docs/merge-variants.md)."""
-    if method in ("lightkv", "unguided"):
+    lightkv-protect (guided merge whose top-guidance rows are never sources, the default),
+    lightkv-paper (the published guided merge), unguided (the published merge, all weights
+    1, ToMe style), random (seeded drop), fastv (top-k by the prompt guidance score), dart
+    (duplication pruning), pool (2x2 average pooling: its budget is fixed at about a
+    quarter), and the reference variants of VARIANTS (docs/merge-variants.md). The first
+    three are native (no torch); the others need the PyTorch reference."""
+    if method in NATIVE_METHODS:
         return merge_image(embd, grid, text_tokens, keep=keep, windows=windows,
-                           layer=layer if method == "lightkv" else None)
+                           layer=layer if method != "unguided" else None,
+                           protect=NATIVE_METHODS[method])
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     from . import reference as ref
@@ -126,17 +173,21 @@ def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     x = np.ascontiguousarray(embd, dtype=np.float32)
     n_keep = max(1, math.ceil(keep * n))
     grid = grid if grid and grid[0] * grid[1] == n else None
+    scores = None
     if method in VARIANTS:
         name, settings = VARIANTS[method]
-        res = getattr(ref.variants, name)(x, prompt_guidance(x, text_tokens, layer), keep=keep,
-                                          grid=grid, windows=windows, **settings)
+        scores = prompt_guidance(x, text_tokens, layer)
+        res = getattr(ref.variants, name)(x, scores, keep=keep, grid=grid, windows=windows,
+                                          **settings)
     elif method == "random":
         res = ref.random_drop(x, n_keep=n_keep, seed=seed)
     elif method == "fastv":
-        res = ref.fastv_topk(x, prompt_guidance(x, text_tokens, layer), n_keep=n_keep)
+        scores = prompt_guidance(x, text_tokens, layer)
+        res = ref.fastv_topk(x, scores, n_keep=n_keep)
     elif method == "dart":
         res = ref.dart_prune(x, n_keep=n_keep)
     else:
         res = ref.pool2x2(x, grid=grid)
     return MergedImage(np.asarray(res.x, dtype=np.float32), np.asarray(res.kept), n,
-                       (time.perf_counter() - t0) * 1e3)
+                       (time.perf_counter() - t0) * 1e3, assign=np.asarray(res.assign),
+                       scores=scores, grid=grid)

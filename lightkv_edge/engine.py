@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import interrupts, mtmd
-from .embed_mode import GUIDED_METHODS, METHODS, reduce_image
+from .embed_mode import DEFAULT_METHOD, GUIDED_METHODS, METHODS, reduce_image
 from .errors import ClosedError, InputError, LightKVError, ModelError
 from .images import Image, as_image, resized
 from .model import LOG, VisionModel, llama_cpp
@@ -79,6 +79,7 @@ class _Turn:
     role: str
     content: str
     images: list = field(default_factory=list)
+    originals: list = field(default_factory=list)   # the images as given (show_merge)
 
 
 class _EmbdBatch:
@@ -112,7 +113,7 @@ class VisionChat:
                  mode: str = "embed", keep: float = 0.55, windows: int | None = None,
                  ctx_size: int = 4096, n_threads: int | None = None,
                  gpu_layers: int | None = None, temp: float = 0.0, seed: int = 0,
-                 max_tokens: int = 256, method: str = "lightkv", positions: str = "keep",
+                 max_tokens: int = 256, method: str = DEFAULT_METHOD, positions: str = "keep",
                  ignore_eos: bool = False, verbose: bool = False,
                  model_name: str | None = None, schedule: str | None = None,
                  kv: str = "compact"):
@@ -211,6 +212,9 @@ class VisionChat:
     def _forget(self) -> None:
         self.history: list[_Turn] = []
         self.last_stats: Stats | None = None
+        # (image as given, embed_mode.MergedImage) of the last turn's images (show_merge)
+        self.last_merges: list = []
+        self._merges: list = []
         self._clear_kv()
 
     def _clear_kv(self) -> None:
@@ -237,6 +241,24 @@ class VisionChat:
 
     def __exit__(self, *exc):
         self.close()
+
+    def show_merge(self, path) -> list:
+        """Write the picture of the last turn's merge (lightkv_edge.merge_picture: each image
+        at its own size, merge groups, kept rows, windows, guidance) to `path`; with several
+        images the k-th after the first goes to path's name + '-k' (e.g. out-2.png).
+        Returns the paths written. InputError if there is nothing to show (mode off, keep 1,
+        no image in the last turn) or the path is not writable."""
+        from .merge_picture import check_output_path, write_merge_picture
+        p = check_output_path(path)
+        if not self.last_merges:
+            raise InputError("no merge to show: the last turn had no image merged in embed "
+                             "mode (mode off, layer, or keep 1)", param="show_merge")
+        written = []
+        for k, (im, merged) in enumerate(self.last_merges, 1):
+            out = p if k == 1 else p.with_name(f"{p.stem}-{k}{p.suffix}")
+            rgb = np.frombuffer(im.rgb, np.uint8).reshape(im.height, im.width, 3)
+            written.append(write_merge_picture(out, rgb, merged))
+        return written
 
     # -- one turn -------------------------------------------------------------------------
     def ask(self, prompt: str, images=(), **kw) -> str:
@@ -266,7 +288,7 @@ class VisionChat:
         _check_settings(max_tokens=max_tokens)
         if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
             images = [images]
-        imgs = [as_image(im) for im in images]
+        originals = imgs = [as_image(im) for im in images]
         if self.image_size:
             imgs = [resized(im, self.image_size) for im in imgs]
         n_markers = prompt.count(self.marker)
@@ -278,7 +300,7 @@ class VisionChat:
         else:
             raise InputError(f"the prompt has {n_markers} image markers for {len(imgs)} "
                              "images", param="prompt")
-        turn = _Turn("user", content, imgs)
+        turn = _Turn("user", content, imgs, originals)
         text_for_guidance = prompt.replace(self.marker, " ")
         return self._stream(turn, text_for_guidance, max_tokens)
 
@@ -300,6 +322,7 @@ class VisionChat:
         images = [im for t in (self.history + [turn]) for im in t.images] \
             if not self.rendered else list(turn.images)
         stats = Stats(self.mode, self.keep if self.mode != "off" else 1.0)
+        self._merges = []
         try:
             chunks = self._tokenize(delta, images)
             try:
@@ -318,6 +341,10 @@ class VisionChat:
         self.history.append(turn)
         self.rendered = full
         self.last_stats = stats
+        # the image chunks come in order: the last turn's images are the last merges
+        k = len(turn.originals)
+        self.last_merges = list(zip(turn.originals, self._merges[len(self._merges) - k:])) \
+            if k and len(self._merges) >= k else []
 
         answer = bytearray()
         self._eog_piece = ""
@@ -504,6 +531,7 @@ class VisionChat:
                               method=self.method, layer=self._layer0, seed=self.seed)
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
+        self._merges.append(merged)
         if self.positions == "keep":
             # each kept row sits at its destination's original position ((t, h, w) for
             # M-RoPE); the image still spans its original extent

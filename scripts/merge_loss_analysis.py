@@ -59,7 +59,7 @@ def capture(split: str, n: int, seed: int, threads: int | None):
 
     engine.reduce_image = spy
     # keep 1.0 skips the merge step altogether; 0.999 still keeps all 64 (ceil) and runs it
-    chat = VisionChat(mode="embed", keep=0.999, method="lightkv", max_tokens=1,
+    chat = VisionChat(mode="embed", keep=0.999, method="lightkv-paper", max_tokens=1,
                       n_threads=threads)
     try:
         for s in samples:

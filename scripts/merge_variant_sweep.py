@@ -86,7 +86,7 @@ def main() -> int:
                                                   (time.perf_counter() - t0) * 1e3)
                 engine.reduce_image = reduce
                 t0 = time.perf_counter()
-                chat = VisionChat(mode="embed", keep=keep, method="lightkv", max_tokens=4,
+                chat = VisionChat(mode="embed", keep=keep, method="lightkv-paper", max_tokens=4,
                                   n_threads=a.threads)
                 try:
                     r = evaluate(chat, samples, image_of)

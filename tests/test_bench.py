@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_json_and_table(tmp_path):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "8",
-                        "--methods", "off,embed,unguided,random,pool", "--keep", "0.5,0.25",
+                        "--methods", "off,lightkv-protect,unguided,random,pool", "--keep", "0.5,0.25",
                         "-t", "2", "--json", str(out), "--markdown", str(md)],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -21,8 +21,8 @@ def test_bench_json_and_table(tmp_path):
         assert key in data
     runs = {(x["method"], x["keep"]) for x in data["results"]}
     # off once; every other method at every keep, pooling only where its budget allows
-    assert runs == {("off", 1.0), ("embed", 0.5), ("unguided", 0.5), ("random", 0.5),
-                    ("embed", 0.25), ("unguided", 0.25), ("random", 0.25), ("pool", 0.25)}
+    assert runs == {("off", 1.0), ("lightkv-protect", 0.5), ("unguided", 0.5), ("random", 0.5),
+                    ("lightkv-protect", 0.25), ("unguided", 0.25), ("random", 0.25), ("pool", 0.25)}
     for x in data["results"]:
         for key in ("method", "keep", "accuracy", "per_type", "n", "t_encode_ms",
                     "t_merge_ms", "t_prefill_ms", "kv_bytes", "decode_tps"):
@@ -31,8 +31,8 @@ def test_bench_json_and_table(tmp_path):
         assert set(x["per_type"]) <= {"colour", "count", "exists", "where"}
     by = {(x["method"], x["keep"]): x for x in data["results"]}
     # the same budget gives the same KV size, whatever the method
-    assert by[("embed", 0.5)]["kv_bytes"] == by[("random", 0.5)]["kv_bytes"]
-    assert by[("embed", 0.5)]["kv_bytes"] < by[("off", 1.0)]["kv_bytes"]
+    assert by[("lightkv-protect", 0.5)]["kv_bytes"] == by[("random", 0.5)]["kv_bytes"]
+    assert by[("lightkv-protect", 0.5)]["kv_bytes"] < by[("off", 1.0)]["kv_bytes"]
     assert "| method | keep |" in md.read_text()
 
 

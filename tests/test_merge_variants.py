@@ -114,7 +114,9 @@ def test_every_method_of_embed_mode_keeps_the_budget(layer, keep):
         assert len(m.kept) == math.ceil(keep * 64), method
         assert m.embd.shape == (len(m.kept), d) and np.all(np.diff(m.kept) > 0)
         checked.append(method)
-    assert {"lightkv-protect", "lightkv-absorb"} <= set(checked)
+    assert {"lightkv-protect", "lightkv-paper", "unguided", "random", "fastv", "dart",
+            "lightkv-absorb"} <= set(checked)
+    assert keep != 0.25 or "pool" in checked
     assert set(embed_mode.VARIANTS) <= set(embed_mode.GUIDED_METHODS)
 
 

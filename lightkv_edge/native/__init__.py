@@ -27,10 +27,12 @@ import numpy as np
 
 __all__ = ["GuidanceModel", "MergePlan", "MergeResult", "NativeMemoryError", "backends",
            "guidance_scores_from_qk", "gguf_fields", "gguf_has_tensor", "lightkv_merge",
-           "set_num_threads", "last_n_splits"]
+           "protect_top", "PROTECT_MODES", "set_num_threads", "last_n_splits"]
 
 # lightkv_status
 _OK, _INVALID, _OOM, _BACKEND, _NUMERIC, _INTERNAL = range(6)
+# lightkv_protect_mode, by name: what a protected token is in its window (never a source)
+PROTECT_MODES = {"receive": 0, "keep": 1}
 
 
 class _MergeParams(C.Structure):
@@ -63,6 +65,7 @@ def _load():
         from .._libs import lib_path
         lib = C.CDLL(str(lib_path("lightkv")))
         p_ctx, p_res, f32p, i64p = C.c_void_p, C.c_void_p, C.POINTER(C.c_float), C.POINTER(C.c_int64)
+        u8p = C.POINTER(C.c_uint8)
         sig = {
             "lightkv_api_version": (C.c_int, []),
             "lightkv_last_error": (C.c_char_p, [p_ctx]),
@@ -79,6 +82,9 @@ def _load():
                                                C.POINTER(_MergeParams), i64p, C.POINTER(p_res)]),
             "lightkv_merge_plan_create_at": (C.c_int, [p_ctx, C.c_int64, C.c_int64, C.POINTER(_MergeParams),
                                                        i64p, C.POINTER(C.c_void_p)]),
+            "lightkv_merge_plan_create_protected": (C.c_int, [p_ctx, C.c_int64, C.c_int64, C.POINTER(_MergeParams),
+                                                              i64p, u8p, C.c_int32, C.POINTER(C.c_void_p)]),
+            "lightkv_protect_top": (C.c_int, [f32p, C.c_int64, C.c_int64, u8p]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
@@ -312,6 +318,41 @@ def _i64p(a: np.ndarray):
     return a.ctypes.data_as(C.POINTER(C.c_int64))
 
 
+def _protection(protected, n: int, mode) -> tuple[np.ndarray | None, int]:
+    """(protected mask as uint8 [n] or None, lightkv_protect_mode), checked: ValueError if bad."""
+    if mode not in PROTECT_MODES:
+        raise ValueError(f"protect_mode must be one of {', '.join(PROTECT_MODES)}, got {mode!r}")
+    if protected is None:
+        return None, PROTECT_MODES[mode]
+    a = np.asarray(protected.detach().cpu().numpy() if hasattr(protected, "detach") else protected)
+    if a.dtype != bool:
+        raise ValueError(f"protected must be a boolean mask, got dtype {a.dtype}")
+    if a.shape != (n,):
+        raise ValueError(f"protected must have shape [{n}], got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.uint8), PROTECT_MODES[mode]
+
+
+def _u8p(a: np.ndarray | None):
+    return None if a is None else a.ctypes.data_as(C.POINTER(C.c_uint8))
+
+
+def protect_top(scores, count) -> np.ndarray:
+    """The protected set of LightKV-protect (the reference's rule, computed by liblightkv):
+    a boolean [N] mask of the `count` highest scores, equal scores to the lower index.
+    scores [N] finite, >= 0; count in [0, N]."""
+    sa = _float32_array(scores, "scores", 1)
+    n = sa.shape[0]
+    count = _int(count, "count")
+    if not 0 <= count <= n:
+        raise ValueError(f"count must be in [0, {n}], got {count}")
+    out = np.zeros(n, np.uint8)
+    lib = _load()
+    st = lib.lightkv_protect_top(_f32p(sa), n, count, _u8p(out))
+    if st != _OK:
+        _raise(st, lib.lightkv_last_error(None))
+    return out.astype(bool)
+
+
 def _params(n: int, windows, ratio, grid, threshold, with_positions: bool = False) -> _MergeParams:
     p = _MergeParams()
     p.windows = _int(windows, "windows")
@@ -359,7 +400,7 @@ def _result(lib, res, n: int, d: int) -> MergeResult:
 
 
 def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, positions=None, backend=None,
-                  _force_cpu_ops=None) -> MergeResult:
+                  protected=None, protect_mode="receive", _force_cpu_ops=None) -> MergeResult:
     """One LightKV merge stage of the N vision tokens x [N, D] (see the reference).
 
     scores: [N] guidance weights >= 0, or None (unguided, all weights 1). windows: windows
@@ -371,21 +412,29 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
     (required; N <= rows * cols: the survivors of earlier stages, in ascending original
     order; inside the grid, distinct): true 2D windows of the original grid for a later
     stage of a progressive schedule (as reference.MergeState.step).
+    protected: None, or bool [N]: tokens that are never sources (LightKV-protect; choose them
+    with protect_top). protect_mode: "receive" (they stay destinations, the default) or
+    "keep" (no role: they pass untouched). As reference.variants.protected_stage.
     """
     xa = _float32_array(x, "x", 2)
     n, d = xa.shape
     sa = _scores(scores, n)
     p = _params(n, windows, ratio, grid, threshold, positions is not None)
     pa = _positions(positions, n, grid)
+    ma, mode = _protection(protected, n, protect_mode)
 
     ctx = _context(backend, _force_cpu_ops)
     res = C.c_void_p()
     key = (n, d, p.windows, p.ratio, p.grid_rows, p.grid_cols, p.use_threshold, p.threshold,
-           None if pa is None else pa.tobytes())
+           None if pa is None else pa.tobytes(), None if ma is None else (ma.tobytes(), mode))
 
     def create():
         h = C.c_void_p()
-        if pa is None:
+        if ma is not None:
+            st = ctx.lib.lightkv_merge_plan_create_protected(ctx.h, n, d, C.byref(p),
+                                                             None if pa is None else _i64p(pa),
+                                                             _u8p(ma), mode, C.byref(h))
+        elif pa is None:
             st = ctx.lib.lightkv_merge_plan_create(ctx.h, n, d, C.byref(p), C.byref(h))
         else:
             st = ctx.lib.lightkv_merge_plan_create_at(ctx.h, n, d, C.byref(p), _i64p(pa), C.byref(h))

@@ -143,6 +143,37 @@ LIGHTKV_API lightkv_status lightkv_merge_run_at(lightkv_context * ctx, const flo
                                                 const float * scores, const lightkv_merge_params * params,
                                                 const int64_t * positions, lightkv_merge_result ** out);
 
+/* --- protection (method lightkv-protect, docs/merge-variants.md) ---------------------------
+ * The tokens the prompt points at are never merge sources, so they survive every stage intact
+ * but for what they absorb. Inside each window the UNPROTECTED tokens alternate source /
+ * destination in ascending input index (without protection this is exactly the published
+ * alternation); a protected token is, by protect_mode: */
+typedef enum lightkv_protect_mode {
+    LIGHTKV_PROTECT_RECEIVE = 0, /* a destination too (in ascending index among the others):
+                                    it may absorb similar sources (the lightkv-protect default) */
+    LIGHTKV_PROTECT_KEEP    = 1, /* no role at all: it passes the stage untouched */
+} lightkv_protect_mode;
+/* A window's budget becomes r = min(floor(ratio * n_w), n_w / 2, its sources), n_w still
+ * counting every token of the window; r = 0 when it has no destination. Everything else (top-r
+ * sources by best cosine, ties, threshold, weights, output order) as lightkv_merge_plan_run.
+ * protect: [n] 0 / 1 per token (1 = protected; another value is LIGHTKV_ERR_INVALID_ARGUMENT),
+ * or NULL: no protection, exactly lightkv_merge_plan_create_at / lightkv_merge_run_at.
+ * A progressive schedule chooses the protected set once (lightkv_protect_top on the first
+ * stage's scores) and carries each kept row's flag to the next stage. */
+LIGHTKV_API lightkv_status lightkv_merge_plan_create_protected(lightkv_context * ctx, int64_t n, int64_t d,
+                                                               const lightkv_merge_params * params,
+                                                               const int64_t * positions,
+                                                               const uint8_t * protect, int32_t protect_mode,
+                                                               lightkv_merge_plan ** out);
+LIGHTKV_API lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                                       const float * scores, const lightkv_merge_params * params,
+                                                       const int64_t * positions, const uint8_t * protect,
+                                                       int32_t protect_mode, lightkv_merge_result ** out);
+/* The protected set of the reference (lightkv_edge.reference.variants): the `count` tokens
+ * with the highest scores, equal scores to the lower index. scores [n] finite, >= 0 (may be
+ * NULL when count == 0); count in [0, n]; out_mask: caller-owned [n], 1 = protected. */
+LIGHTKV_API lightkv_status lightkv_protect_top(const float * scores, int64_t n, int64_t count, uint8_t * out_mask);
+
 LIGHTKV_API int64_t         lightkv_merge_result_rows(const lightkv_merge_result * r);   /* M */
 LIGHTKV_API int64_t         lightkv_merge_result_tokens(const lightkv_merge_result * r); /* N */
 LIGHTKV_API int64_t         lightkv_merge_result_dim(const lightkv_merge_result * r);    /* D */

@@ -182,7 +182,11 @@ namespace {
 
 struct window {
     std::vector<int64_t> tokens;  // ascending original index
-    int64_t              budget;  // r
+    // roles, ascending input index: unprotected tokens alternate source / destination;
+    // protected ones are never sources (LIGHTKV_PROTECT_RECEIVE: destinations too;
+    // LIGHTKV_PROTECT_KEEP: no role). Without protection src = tokens[0::2], dst = tokens[1::2].
+    std::vector<int64_t> src, dst;
+    int64_t              budget = 0;  // r
 };
 
 // Part index of every coordinate of an axis of `len` cut into `w` parts, the first len % w
@@ -204,6 +208,8 @@ struct lightkv_merge_plan {
     lightkv_context *    ctx = nullptr;
     int64_t              n = 0, d = 0;
     lightkv_merge_params params{};
+    std::vector<uint8_t> protect;      // [n] 1 = protected (empty: none)
+    int32_t              protect_mode = LIGHTKV_PROTECT_RECEIVE;
     std::vector<window>  windows;      // non-empty windows
     std::vector<int64_t> active;       // windows with budget > 0 (those that need similarity)
     int64_t              s_pad = 0;    // max sources in an active window
@@ -339,20 +345,45 @@ void build_plan(lightkv_merge_plan & plan, const int64_t * positions = nullptr) 
         }
     }
     plan.rows_without_threshold = plan.n;
+    const bool receive = plan.protect_mode == LIGHTKV_PROTECT_RECEIVE;
     for (auto & w : all) {
         if (w.tokens.empty()) continue;
-        w.budget = budget((int64_t) w.tokens.size(), plan.params.ratio);
+        int64_t free = 0;  // unprotected tokens seen so far in this window
+        for (int64_t t : w.tokens) {
+            if (!plan.protect.empty() && plan.protect[t]) {
+                if (receive) w.dst.push_back(t);  // ascending: the tie rule "lowest index" holds
+            } else {
+                (free++ % 2 == 0 ? w.src : w.dst).push_back(t);
+            }
+        }
+        // n_w counts every token of the window (as published); a window merges at most
+        // its sources, and nothing without a destination
+        w.budget = w.dst.empty() ? 0
+                 : std::min(budget((int64_t) w.tokens.size(), plan.params.ratio), (int64_t) w.src.size());
         plan.rows_without_threshold -= w.budget;
         plan.windows.push_back(std::move(w));
     }
     for (size_t wi = 0; wi < plan.windows.size(); wi++) {
         const window & w = plan.windows[wi];
         if (w.budget == 0) continue;
-        const int64_t nw = (int64_t) w.tokens.size();
         plan.active.push_back((int64_t) wi);
-        plan.s_pad = std::max(plan.s_pad, (nw + 1) / 2);
-        plan.d_pad = std::max(plan.d_pad, nw / 2);
+        plan.s_pad = std::max(plan.s_pad, (int64_t) w.src.size());
+        plan.d_pad = std::max(plan.d_pad, (int64_t) w.dst.size());
     }
+}
+
+// protect: NULL or [n] of 0 / 1; mode: a lightkv_protect_mode
+void set_protection(lightkv_merge_plan & plan, const uint8_t * protect, int32_t mode) {
+    if (mode != LIGHTKV_PROTECT_RECEIVE && mode != LIGHTKV_PROTECT_KEEP) {
+        LKV_INVALID("protect_mode must be LIGHTKV_PROTECT_RECEIVE (0) or LIGHTKV_PROTECT_KEEP (1), got %d", (int) mode);
+    }
+    plan.protect_mode = mode;
+    plan.protect.clear();
+    if (!protect || plan.n <= 0) return;
+    for (int64_t i = 0; i < plan.n; i++) {
+        if (protect[i] > 1) LKV_INVALID("protect must hold 0 or 1 per token (index %lld is %d)", (long long) i, (int) protect[i]);
+    }
+    plan.protect.assign(protect, protect + plan.n);
 }
 
 // Scan x: finite, and the exponent of 2 that keeps the similarity's sums of squares inside
@@ -399,14 +430,11 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
         checked_mul(checked_mul(s_pad, d_pad, "similarity"), n_act, "similarity");
         for (int64_t j = 0; j < d_pad; j++) ramp[j] = (float) (d_pad - j);
         for (int64_t a = 0; a < n_act; a++) {
-            const auto & tok = plan.windows[plan.active[a]].tokens;
-            for (size_t p = 0; p < tok.size(); p++) {
-                if (p % 2 == 0) {
-                    idx_src[a * s_pad + p / 2] = (int32_t) tok[p];
-                } else {
-                    idx_dst[a * d_pad + p / 2] = (int32_t) tok[p];
-                    mask[a * d_pad + p / 2]    = 0.0f;
-                }
+            const window & w = plan.windows[plan.active[a]];
+            for (size_t p = 0; p < w.src.size(); p++) idx_src[a * s_pad + p] = (int32_t) w.src[p];
+            for (size_t p = 0; p < w.dst.size(); p++) {
+                idx_dst[a * d_pad + p] = (int32_t) w.dst[p];
+                mask[a * d_pad + p]    = 0.0f;
             }
         }
         plan.g1_in_meta = new_meta_context(4);
@@ -490,15 +518,14 @@ std::vector<int64_t> match_sources(lightkv_merge_plan & plan, int rescale_exp) {
     std::vector<int64_t> order;
     for (int64_t a = 0; a < n_act; a++) {
         const window & w   = plan.windows[plan.active[a]];
-        const int64_t  nw  = (int64_t) w.tokens.size();
-        const int64_t  ns  = (nw + 1) / 2;
-        const int64_t  nd  = nw / 2;
+        const int64_t  ns  = (int64_t) w.src.size();
+        const int64_t  nd  = (int64_t) w.dst.size();
         const float *  cos = best_cos.data() + a * s_pad;
         const int32_t * sl = best_slot.data() + a * s_pad;
         for (int64_t k = 0; k < ns; k++) {
             if (!std::isfinite(cos[k])) {
                 fail(LIGHTKV_ERR_NUMERIC, "the similarity of token %lld is not finite (values too large for float32?)",
-                     (long long) w.tokens[2 * k]);
+                     (long long) w.src[k]);
             }
             if (sl[k] < 0 || sl[k] >= nd) fail(LIGHTKV_ERR_INTERNAL, "best destination slot %d out of range", (int) sl[k]);
         }
@@ -508,7 +535,7 @@ std::vector<int64_t> match_sources(lightkv_merge_plan & plan, int rescale_exp) {
         for (int64_t c = 0; c < w.budget; c++) {
             const int64_t k = order[c];
             if (use_thr && (double) cos[k] < thr) continue;
-            dst_of[w.tokens[2 * k]] = w.tokens[2 * sl[k] + 1];
+            dst_of[w.src[k]] = w.dst[sl[k]];
         }
     }
     return dst_of;
@@ -790,6 +817,13 @@ lightkv_status lightkv_merge_plan_create(lightkv_context * ctx, int64_t n, int64
 lightkv_status lightkv_merge_plan_create_at(lightkv_context * ctx, int64_t n, int64_t d,
                                             const lightkv_merge_params * params, const int64_t * positions,
                                             lightkv_merge_plan ** out) {
+    return lightkv_merge_plan_create_protected(ctx, n, d, params, positions, nullptr, LIGHTKV_PROTECT_RECEIVE, out);
+}
+
+lightkv_status lightkv_merge_plan_create_protected(lightkv_context * ctx, int64_t n, int64_t d,
+                                                   const lightkv_merge_params * params, const int64_t * positions,
+                                                   const uint8_t * protect, int32_t protect_mode,
+                                                   lightkv_merge_plan ** out) {
     return guarded(ctx, [&] {
         if (!out) LKV_INVALID("out must not be NULL");
         *out = nullptr;
@@ -800,6 +834,7 @@ lightkv_status lightkv_merge_plan_create_at(lightkv_context * ctx, int64_t n, in
         plan->n = n;
         plan->d = d;
         plan->params = *params;
+        set_protection(*plan, protect, protect_mode);
         build_plan(*plan, positions);
         *out = plan.release();
     });
@@ -839,6 +874,14 @@ lightkv_status lightkv_merge_run(lightkv_context * ctx, const float * x, int64_t
 lightkv_status lightkv_merge_run_at(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
                                     const float * scores, const lightkv_merge_params * params,
                                     const int64_t * positions, lightkv_merge_result ** out) {
+    return lightkv_merge_run_protected(ctx, x, n, d, scores, params, positions, nullptr,
+                                       LIGHTKV_PROTECT_RECEIVE, out);
+}
+
+lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                           const float * scores, const lightkv_merge_params * params,
+                                           const int64_t * positions, const uint8_t * protect,
+                                           int32_t protect_mode, lightkv_merge_result ** out) {
     return guarded(ctx, [&] {
         if (!out) LKV_INVALID("out must not be NULL");
         *out = nullptr;
@@ -849,8 +892,26 @@ lightkv_status lightkv_merge_run_at(lightkv_context * ctx, const float * x, int6
         plan.n = n;
         plan.d = d;
         plan.params = *params;
+        set_protection(plan, protect, protect_mode);
         build_plan(plan, positions);
         run_plan(plan, x, scores, out);
+    });
+}
+
+lightkv_status lightkv_protect_top(const float * scores, int64_t n, int64_t count, uint8_t * out_mask) {
+    return guarded(nullptr, [&] {
+        if (n < 0) LKV_INVALID("n must be >= 0, got %lld", (long long) n);
+        if (n > MAX_TOKENS) LKV_INVALID("n = %lld tokens is more than the supported %lld", (long long) n, (long long) MAX_TOKENS);
+        if (count < 0 || count > n) LKV_INVALID("count must be in [0, %lld], got %lld", (long long) n, (long long) count);
+        if (n > 0 && !out_mask) LKV_INVALID("out_mask must not be NULL");
+        if (count > 0 && !scores) LKV_INVALID("protecting %lld tokens needs their scores", (long long) count);
+        validate_scores(scores, n);
+        std::vector<int64_t> order((size_t) n);
+        std::iota(order.begin(), order.end(), 0);
+        // the highest scores first; equal scores: the lower index first (stable)
+        std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return scores[i] > scores[j]; });
+        std::fill(out_mask, out_mask + n, (uint8_t) 0);
+        for (int64_t k = 0; k < count; k++) out_mask[order[k]] = 1;
     });
 }
 
