@@ -10,7 +10,10 @@ Methods here: off, embed (LightKV, prompt-guided), unguided (the same merge with
 weights, ToMe style), random, fastv, dart, pool (2x2 pooling: its budget is fixed, so it
 runs only at keep 0.25). The baselines come from the PyTorch reference (needs torch), and
 so do the LightKV variants `lightkv-protect` and `lightkv-absorb` (docs/merge-variants.md;
-not in the default list). `--split val` evaluates on the validation split, the one to
+not in the default list). `layer` and `layer-exact` are layer mode (docs/layer-mode.md)
+with the KV policies compact and exact and the default schedule for each keep (keep = the
+layer-averaged kept fraction; `keep_run` is that fraction as run); a keep the model's depth
+cannot reach is reported as skipped (not in the default list either). `--split val` evaluates on the validation split, the one to
 choose settings on; the default `test` split is for the final report. Every accuracy comes
 with its 95 % Wilson interval.
 """
@@ -31,6 +34,8 @@ DEFAULT_METHODS = ("off", "embed", "unguided", "random", "fastv", "dart", "pool"
 _EMBED_METHOD = {"embed": "lightkv", "unguided": "unguided", "random": "random",
                  "fastv": "fastv", "dart": "dart", "pool": "pool",
                  "lightkv-protect": "lightkv-protect", "lightkv-absorb": "lightkv-absorb"}
+# bench name -> layer mode's KV policy
+_LAYER_KV = {"layer": "compact", "layer-exact": "exact"}
 SPLITS = ("test", "val")
 
 
@@ -61,7 +66,7 @@ def evaluate(chat, samples, image_of) -> dict:
         total[s.qtype] += 1
         correct[s.qtype] += _first_word(answer) == s.answer
         for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
-                  "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded"):
+                  "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded", "keep"):
             sums[k] += getattr(st, k)
     n = sum(total.values())
     k = sum(correct.values())
@@ -71,6 +76,7 @@ def evaluate(chat, samples, image_of) -> dict:
               "vision_tokens_in", "vision_tokens_kept"):
         out[k] = sums[k] / max(n, 1)
     out["decode_tps"] = sums["n_decoded"] / max(sums["t_decode_ms"] / 1e3, 1e-9)
+    out["keep_run"] = sums["keep"] / max(n, 1)
     return out
 
 
@@ -83,9 +89,9 @@ def run_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(DEFAULT_METHODS)
     for m in methods:
-        if m != "off" and m not in _EMBED_METHOD:
+        if m != "off" and m not in _EMBED_METHOD and m not in _LAYER_KV:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(['off', *_EMBED_METHOD])})")
+                             f"{', '.join(['off', *_EMBED_METHOD, *_LAYER_KV])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
@@ -96,7 +102,7 @@ def run_bench(args) -> int:
     if split not in SPLITS:
         raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
                          f"model learnt from), got {split!r}")
-    if any(m not in ("off", "embed", "unguided") for m in methods):
+    if any(m not in ("off", "embed", "unguided", *_LAYER_KV) for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
         import torch
@@ -115,11 +121,19 @@ def run_bench(args) -> int:
              and not (m == "pool" and abs(k - 0.25) > 1e-9)]
     for i, (method, keep) in enumerate(runs, 1):
         t0 = time.perf_counter()
-        chat = VisionChat(args.model, args.mmproj, mode="off" if method == "off" else "embed",
+        mode = "off" if method == "off" else "layer" if method in _LAYER_KV else "embed"
+        chat = VisionChat(args.model, args.mmproj, mode=mode,
                           keep=keep, method=_EMBED_METHOD.get(method, "lightkv"),
+                          kv=_LAYER_KV.get(method, "compact"),
                           seed=args.seed, max_tokens=4, n_threads=args.threads)
         try:
             r = evaluate(chat, samples, image_of)
+        except InputError as e:
+            if mode != "layer" or e.param != "keep":
+                raise
+            # a keep this model's depth cannot reach in layer mode: the other rows go on
+            print(f"[{i}/{len(runs)}] {method:9s} keep {keep:.2f}  skipped: {e}", flush=True)
+            continue
         finally:
             chat.close()
         r = {"method": method, "keep": keep, **r}
