@@ -117,12 +117,16 @@ def layer_keep_fraction(stages, n_layer: int) -> float:
 
 def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage, ...]:
     """The paper's schedule scaled to the depth: merges after layers 12-18-24 of 32 with
-    4-2-1 windows (clipped to the grid), one ratio for all stages chosen so that the
-    layer-averaged kept fraction is `keep`. A stage drops at most half of a window (the
-    bipartite matching), so ratios stay <= 0.5. A keep those layers cannot reach even at
-    0.5 (the paper's own layers stop at ~0.57) moves the merges earlier, all by one factor
-    of depth (12f-18f-24f of 32, the latest that reaches `keep`; distinct layers, at most
-    n_layer - 2); a keep below what merges after the first layers reach is refused."""
+    4-2-1 windows, one ratio for all stages chosen so that the layer-averaged kept fraction
+    is `keep`. A stage drops at most half of a window (the bipartite matching), so ratios
+    stay <= 0.5. A keep those layers cannot reach even at 0.5 (the paper's own layers stop
+    at ~0.57) moves the merges earlier, all by one factor of depth (12f-18f-24f of 32, the
+    latest that reaches `keep`; distinct layers, at most n_layer - 2); a keep below what
+    merges after the first layers reach is refused.
+    grid (rows, cols): windows are clipped to a quarter of the smaller side (a first-stage
+    window of at least 4x4 rows: on small grids whole-row budgets would otherwise round
+    most of the ratio away; the paper's 24x24 keeps 4-2-1), and the ratio is chosen on the
+    rows the merge will really drop (per window floor(ratio * rows)), the nearest to keep."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if n_layer < 2:
@@ -135,11 +139,15 @@ def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage
             x = max(round(f * l * n_layer / _PAPER_DEPTH), layers[-1] + 1 if layers else 0)
             if x <= n_layer - 2:
                 layers.append(x)
-        windows = [min(w, side) if side else w for w in _PAPER_WINDOWS[:len(layers)]]
+        windows = [min(w, max(1, side // 4)) if side else w
+                   for w in _PAPER_WINDOWS[:len(layers)]]
         return [Stage(l, w, r) for l, w in zip(layers, windows)]
 
     def frac(f, r):
-        return layer_keep_fraction(stages_at(f, r), n_layer)
+        stages = stages_at(f, r)
+        if not side:
+            return layer_keep_fraction(stages, n_layer)
+        return _as_run_keep(stages, n_layer, int(grid[0]) * int(grid[1]))
 
     if keep >= 1.0:
         return tuple(stages_at(1.0, 0.0))
@@ -155,7 +163,24 @@ def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if frac(f, mid) > keep else (lo, mid)
-    return tuple(stages_at(f, hi))
+    # whole rows make frac a step function: the step just above keep may be nearer
+    r = lo if lo > 0 and abs(frac(f, lo) - keep) < abs(frac(f, hi) - keep) else hi
+    return tuple(stages_at(f, r))
+
+
+def _as_run_keep(stages, n_layer: int, n: int) -> float:
+    """The layer-averaged kept fraction of n image rows under `stages` (no threshold), the
+    rows spread evenly over each stage's windows: each window drops floor(ratio * rows),
+    at most half (lightkv.h's budget)."""
+    _, sched = _native_schedule(stages, n_layer)
+    report, cur = sched.report(n), n
+    for s in stages:
+        w = s.windows * s.windows
+        per = cur / w
+        out = cur - w * min(math.floor(s.ratio * per), math.floor(per / 2))
+        report.stage(cur, out)
+        cur = out
+    return report.keep_fraction
 
 
 # ---------------------------------------------------------------------------------------

@@ -605,6 +605,13 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
         # each layer range keeps its rows: all, then 32 and 48 vision rows fewer
         assert st.kv_cells == 3 * off_cells - 32 - 48
         assert chat.ask("Is there a square?")          # later turns see every range
+    with _engine_chat(mode="layer", keep=0.6) as chat:   # the default schedule, 3 layers
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        # windows 2 (a quarter of the 8x8 grid's side); whole rows: 64 -> 32 -> 16 rows,
+        # (1 + 1/2 + 1/4) / 3 = 0.583, the step nearest 0.6 (the next is 0.646)
+        assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
+        assert st.keep == pytest.approx(7 / 12)
     from lightkv_edge.errors import InputError
     with pytest.raises(InputError, match="use positions 'keep'") as e:
         _engine_chat(mode="layer", kv="exact", positions="renumber")
@@ -618,6 +625,7 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
     (["--schedule", "0:0:0.5"], "windows"),
     (["--schedule", "x"], "--schedule"),
     (["--keep", "0.3"], "--schedule"),                 # below what the default reaches
+    (["--keep", "0.55"], "--schedule"),                # 3 layers reach 0.583 at most
 ])
 def test_cli_layer_mode_bad_input_is_one_line(args, why):
     import subprocess
