@@ -590,7 +590,7 @@ def _grid_rc(n: int, grid) -> tuple[int, int]:
 # Gemma 3's image rows attend to each other both ways (one batch, non-causal mask); layer
 # mode's split decodes and per-layer cells assume a causal turn, and Gemma 3's graph (with
 # sliding-window layers) is not among the patched ones
-_NON_CAUSAL = ("layer mode does not support images with non-causal attention (Gemma 3); "
+_NON_CAUSAL = ("images with non-causal attention (Gemma 3) are not supported in layer mode; "
                "use --mode embed")
 
 

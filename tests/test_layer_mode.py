@@ -798,3 +798,22 @@ def test_exact_with_zero_ratios_answers_as_off(tiny):
             assert np.max(np.abs(a - b)) < 1e-4
     finally:
         c.close()
+
+
+def test_non_causal_images_are_refused_before_the_encoder(tmp_path, monkeypatch):
+    """An image libmtmd decodes non-causally (Gemma 3) is refused by layer mode with one
+    line before the vision encoder runs; the conversation is unchanged. (Gemma 3 itself is
+    refused earlier, by architecture: tests/test_families.py; here the embedded model is
+    told its images are non-causal.)"""
+    from lightkv_edge import mtmd
+    from lightkv_edge.errors import InputError
+    from lightkv_edge.tasks import shapes
+    s = shapes.dataset("test", 1, seed=3)[0]
+    img = tmp_path / "s.png"
+    s.image.save(img)
+    with _engine_chat(mode="layer", schedule="0:2:0.5,1:1:0.5") as chat:
+        monkeypatch.setattr(mtmd, "decode_use_non_causal", lambda *a: True)
+        monkeypatch.setattr(mtmd, "encode_chunk", lambda *a: pytest.fail("encoder ran"))
+        with pytest.raises(InputError, match="non-causal attention .*--mode embed"):
+            chat.ask(s.question, [img])
+        assert chat.n_cells == 0
