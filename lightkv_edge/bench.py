@@ -11,10 +11,13 @@ prompt-guided, the prompt's top tokens never merged away), lightkv-paper (the pu
 merge), unguided (the published merge with equal weights, ToMe style), random, fastv, dart,
 pool (2x2 pooling: its budget is fixed, so it runs only at keep 0.25). The baselines come
 from the PyTorch reference (needs torch), and so does the variant `lightkv-absorb`
-(docs/merge-variants.md; not in the default list). `--model-name` picks an embedded model.
-`--split val` evaluates on the validation split, the one to choose settings on; the
-default `test` split is for the final report. Every accuracy comes with its 95 % Wilson
-interval.
+(docs/merge-variants.md; not in the default list). `layer` and `layer-exact` are layer
+mode (docs/layer-mode.md) with the KV policies compact and exact and the default schedule
+for each keep (keep = the layer-averaged kept fraction; `keep_run` is that fraction as
+run); a keep the model's depth cannot reach is reported as skipped (not in the default
+list either). `--model-name` picks an embedded model. `--split val` evaluates on the
+validation split, the one to choose settings on; the default `test` split is for the
+final report. Every accuracy comes with its 95 % Wilson interval.
 """
 from __future__ import annotations
 
@@ -29,7 +32,18 @@ from . import __version__
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 DEFAULT_METHODS = ("off", "lightkv-protect", "lightkv-paper", "unguided", "random", "fastv",
                    "dart", "pool")
+# bench name -> layer mode's KV policy
+_LAYER_KV = {"layer": "compact", "layer-exact": "exact"}
 SPLITS = ("test", "val")
+
+
+def _chat_settings(method: str, keep: float) -> dict:
+    """VisionChat's mode settings of a bench row."""
+    if method == "off":
+        return {"mode": "off"}
+    if method in _LAYER_KV:
+        return {"mode": "layer", "keep": keep, "kv": _LAYER_KV[method]}
+    return {"mode": "embed", "keep": keep, "method": method}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -59,7 +73,7 @@ def evaluate(chat, samples, image_of) -> dict:
         total[s.qtype] += 1
         correct[s.qtype] += _first_word(answer) == s.answer
         for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
-                  "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded"):
+                  "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded", "keep"):
             sums[k] += getattr(st, k)
     n = sum(total.values())
     k = sum(correct.values())
@@ -69,6 +83,7 @@ def evaluate(chat, samples, image_of) -> dict:
               "vision_tokens_in", "vision_tokens_kept"):
         out[k] = sums[k] / max(n, 1)
     out["decode_tps"] = sums["n_decoded"] / max(sums["t_decode_ms"] / 1e3, 1e-9)
+    out["keep_run"] = sums["keep"] / max(n, 1)
     return out
 
 
@@ -83,9 +98,9 @@ def run_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(DEFAULT_METHODS)
     for m in methods:
-        if m != "off" and m not in METHODS:
+        if m != "off" and m not in METHODS and m not in _LAYER_KV:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(['off', *METHODS])})")
+                             f"{', '.join(['off', *METHODS, *_LAYER_KV])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
@@ -96,7 +111,7 @@ def run_bench(args) -> int:
     if split not in SPLITS:
         raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
                          f"model learnt from), got {split!r}")
-    if any(m != "off" and m not in NATIVE_METHODS for m in methods):
+    if any(m != "off" and m not in NATIVE_METHODS and m not in _LAYER_KV for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
         import torch
@@ -118,12 +133,17 @@ def run_bench(args) -> int:
              and not (m == "pool" and abs(k - 0.25) > 1e-9)]
     for i, (method, keep) in enumerate(runs, 1):
         t0 = time.perf_counter()
-        chat = VisionChat(args.model, args.mmproj, mode="off" if method == "off" else "embed",
-                          keep=keep, method="lightkv-protect" if method == "off" else method,
+        chat = VisionChat(args.model, args.mmproj, **_chat_settings(method, keep),
                           seed=args.seed, max_tokens=4, n_threads=args.threads,
                           model_name=model_name)
         try:
             r = evaluate(chat, samples, image_of)
+        except InputError as e:
+            if method not in _LAYER_KV or e.param != "keep":
+                raise
+            # a keep this model's depth cannot reach in layer mode: the other rows go on
+            print(f"[{i}/{len(runs)}] {method:9s} keep {keep:.2f}  skipped: {e}", flush=True)
+            continue
         finally:
             chat.close()
         r = {"method": method, "keep": keep, **r}

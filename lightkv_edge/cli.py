@@ -143,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layer mode: merge after decoder layer L (0-based) with W windows "
                          "per side, dropping R of each window, e.g. 12:4:0.5,18:2:0.5 "
                          "(default: the paper's 12-18-24 of 32 layers, windows 4-2-1, "
-                         "scaled to the model's depth, with the ratio that gives --keep "
-                         "as the layer-averaged kept fraction)")
+                         "scaled to the model's depth, earlier if --keep needs it, with "
+                         "the ratio that gives --keep as the layer-averaged kept fraction)")
     lk.add_argument("--kv", choices=("compact", "exact"), default="compact",
                     help="layer mode's KV policy: compact (every layer keeps only the final "
-                         "merged rows; cells are freed) or exact (the paper's per-layer "
-                         "visibility; not built yet)")
+                         "merged rows; cells are freed) or exact (the paper's semantics: "
+                         "each layer keeps the rows it ran on; more cells than off)")
     gen = chat.add_argument_group("generation")
     gen.add_argument("-n", "--max-tokens", type=_positive_int, default=256, metavar="N",
                      help="most tokens to generate per answer (default 256)")

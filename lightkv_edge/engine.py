@@ -126,9 +126,11 @@ class VisionChat:
         self.schedule = None
         if mode == "layer":
             from . import layer_mode
-            if kv not in layer_mode.KV_POLICIES:
-                raise InputError(f"kv policy {kv!r} is not built (available: "
-                                 f"{', '.join(layer_mode.KV_POLICIES)})", param="kv")
+            try:
+                layer_mode.check_policies(positions, kv)
+            except ValueError as e:
+                raise InputError(str(e), param="kv" if "KV policy" in str(e)
+                                 else "positions") from None
             if schedule is not None:
                 try:
                     self.schedule = layer_mode.parse_schedule(schedule)
@@ -397,8 +399,14 @@ class VisionChat:
         if not chunk_list or mtmd.chunk_get_type(chunk_list[-1]) != mtmd.CHUNK_TEXT:
             raise InputError("the prompt must end with text after the last image",
                              param="prompt")
-        # embed keeps ceil(keep * n); layer mode holds every row until its first merge
+        # embed keeps ceil(keep * n); layer mode holds every row until its first merge;
+        # layer mode's exact policy keeps each range's rows in their own cells: at most
+        # every row once per range of layers (stages + 1; the default has 3 stages)
         keep = self.keep if self.mode == "embed" else 1.0
+        copies = 1
+        if self.mode == "layer" and self.kv == "exact" and any(
+                mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE for c in chunk_list):
+            copies = (len(self.schedule) if self.schedule else 3) + 1
         need = 0
         for c in chunk_list:
             n = mtmd.chunk_get_n_tokens(c)
@@ -410,6 +418,7 @@ class VisionChat:
                         f"decoded in one batch, but this context takes {self.m.n_ubatch} "
                         "(raise ctx_size); the conversation is unchanged", param="ctx_size")
             need += n
+        need *= copies
         if self.n_cells + need + 1 > self.m.n_ctx:
             raise InputError(f"this message needs {need} tokens but only "
                              f"{self.m.n_ctx - self.n_cells} of the context's {self.m.n_ctx} "
@@ -479,7 +488,7 @@ class VisionChat:
         stats.stages = [dict(st) for st in res.stages]
         stats.keep = res.keep_fraction
         stats.cells_freed = res.cells_freed
-        self.n_cells += len(res.cells)
+        self.n_cells += sum(len(cells) for _, _, cells in res.layer_cells)
         self.n_past = n_past
 
     def _eval_stock(self, chunk, logits_last: bool, stats: Stats) -> None:

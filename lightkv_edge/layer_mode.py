@@ -17,9 +17,13 @@ patches (native/patches/0003, 0004):
     ...      and so on; the last range ends at the model's depth and gives the logits.
 
 After the prefill every layer holds exactly the final rows (text + final vision cells):
-KV policy `compact`, the semantics of `lightkv_edge.reference.prefill_with_merge(...,
-kv_policy="compact")`, which is this module's ground truth. Schedule layers are 0-based
-and a merge at layer l merges what layer l outputs (the reference's convention).
+KV policy `compact`. KV policy `exact` (the paper's semantics) frees and compacts nothing:
+each range's rows stay in their own cells, seen only by that range's layers (patch 0005,
+llama_kv_cells_set_layers), so every layer keeps the rows it ran on. Ground truth of both:
+`lightkv_edge.reference.prefill_with_merge(..., kv_policy=...)`. Schedule layers are
+0-based and a merge at layer l merges what layer l outputs (the reference's convention).
+The schedule's rules and the run's report (kept fraction, cells freed) are liblightkv's
+(lightkv_schedule, lightkv_schedule_report in native/include/lightkv.h).
 
 Entry points:
     LayerRunner(model, ctx, ...)       a llama.cpp model + context (raw pointers)
@@ -40,7 +44,7 @@ from ._libs import lib_path, use_our_llama_cpp
 
 llama_cpp = use_our_llama_cpp()
 
-KV_POLICIES = ("compact",)          # "exact" (per-layer visibility) is not built yet
+KV_POLICIES = ("compact", "exact")
 POSITION_POLICIES = ("keep", "renumber")
 
 # the paper's schedule on a 32-layer model: merges after layers 12, 18 and 24
@@ -73,85 +77,110 @@ def parse_schedule(text: str) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def check_schedule(stages, n_layer: int, grids=()) -> tuple[Stage, ...]:
-    """Validate before any compute: layers strictly increasing in [0, n_layer - 1) (a merge
-    after the last layer would save nothing and leave no layer to run), windows >= 1 and
-    no larger than the smallest side of any image's grid, ratios in [0, 1)."""
+def check_schedule(stages, n_layer: int, grids=(), *, kv: str = "compact",
+                   positions: str = "keep") -> tuple[Stage, ...]:
+    """Validate before any compute, with liblightkv's rules (lightkv_schedule_create, the
+    one home of them): layers strictly increasing in [0, n_layer - 1) (a merge after the
+    last layer would save nothing and leave no layer to run), windows >= 1 and no larger
+    than the smallest side of any image's grid, ratios in [0, 1), known policies."""
+    return _native_schedule(stages, n_layer, grids, kv=kv, positions=positions)[0]
+
+
+def _native_schedule(stages, n_layer, grids=(), *, kv="compact", positions="keep"):
+    from . import native
     stages = tuple(s if isinstance(s, Stage) else Stage(*s) for s in stages)
-    if not stages:
-        raise ValueError("the layer-mode schedule has no stage")
-    for s in stages:
+    for s in stages:       # the types here; the values in liblightkv
         if isinstance(s.layer, bool) or not isinstance(s.layer, (int, np.integer)):
             raise ValueError(f"schedule layer must be an integer, got {s.layer!r}")
-        if not 0 <= s.layer < n_layer - 1:
-            raise ValueError(f"schedule layer {s.layer} is outside [0, {n_layer - 1}) "
-                             f"for a model of {n_layer} layers")
-        if isinstance(s.windows, bool) or not isinstance(s.windows, (int, np.integer)) \
-                or s.windows < 1:
+        if isinstance(s.windows, bool) or not isinstance(s.windows, (int, np.integer)):
             raise ValueError(f"schedule windows must be an integer >= 1, got {s.windows!r}")
-        if not (isinstance(s.ratio, (int, float, np.floating)) and 0.0 <= float(s.ratio) < 1.0):
+        if isinstance(s.ratio, bool) or not isinstance(s.ratio, (int, float, np.floating)):
             raise ValueError(f"schedule ratio must be in [0, 1), got {s.ratio!r}")
-        for rows, cols in grids:
-            if s.windows > min(rows, cols):
-                raise ValueError(f"schedule windows {s.windows} exceed the image grid "
-                                 f"{rows}x{cols}")
-    layers = [s.layer for s in stages]
-    if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"schedule layers must be strictly increasing, got {layers}")
-    return stages
+    sched = native.LayerSchedule([(s.layer, s.windows, s.ratio) for s in stages], n_layer,
+                                 kv=kv, positions=positions)
+    for rows, cols in grids:
+        sched.check_grid(rows, cols)
+    return stages, sched
 
 
 def check_policies(positions: str, kv: str) -> None:
-    """The position and KV policies layer mode has."""
-    if positions not in POSITION_POLICIES:
-        raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
-                         f"got {positions!r}")
-    if kv not in KV_POLICIES:
-        raise ValueError(f"KV policy {kv!r} is not available in layer mode "
-                         f"(built: {', '.join(KV_POLICIES)})")
+    """The position and KV policies layer mode has (liblightkv's lightkv_policies_check)."""
+    from . import native
+    native.check_layer_policies(kv, positions)
 
 
 def layer_keep_fraction(stages, n_layer: int) -> float:
     """The paper's kept fraction: the vision rows present at each layer, averaged over the
     layers, if every stage kept exactly (1 - ratio) of its rows."""
-    frac, present, prev = 0.0, 1.0, 0
-    for s in stages:
-        frac += present * (s.layer + 1 - prev)
-        prev = s.layer + 1
-        present *= 1.0 - s.ratio
-    frac += present * (n_layer - prev)
-    return frac / n_layer
+    return _native_schedule(stages, n_layer)[1].keep_fraction
 
 
 def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage, ...]:
     """The paper's schedule scaled to the depth: merges after layers 12-18-24 of 32 with
-    4-2-1 windows (clipped to the grid), one ratio for all stages chosen so that the
-    layer-averaged kept fraction is `keep`. A stage drops at most half of a window (the
-    bipartite matching), so ratios stay <= 0.5; a keep below what that reaches is refused."""
+    4-2-1 windows, one ratio for all stages chosen so that the layer-averaged kept fraction
+    is `keep`. A stage drops at most half of a window (the bipartite matching), so ratios
+    stay <= 0.5. A keep those layers cannot reach even at 0.5 (the paper's own layers stop
+    at ~0.57) moves the merges earlier, all by one factor of depth (12f-18f-24f of 32, the
+    latest that reaches `keep`; distinct layers, at most n_layer - 2); a keep below what
+    merges after the first layers reach is refused.
+    grid (rows, cols): windows are clipped to a quarter of the smaller side (a first-stage
+    window of at least 4x4 rows: on small grids whole-row budgets would otherwise round
+    most of the ratio away; the paper's 24x24 keeps 4-2-1), and the ratio is chosen on the
+    rows the merge will really drop (per window floor(ratio * rows)), the nearest to keep."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if n_layer < 2:
         raise ValueError("layer mode needs a model of at least 2 layers")
-    layers = sorted({min(n_layer - 2, max(0, round(l * n_layer / _PAPER_DEPTH)))
-                     for l in _PAPER_LAYERS})
     side = min(grid) if grid else None
-    windows = [min(w, side) if side else w for w in _PAPER_WINDOWS[:len(layers)]]
 
-    def frac(r):
-        return layer_keep_fraction([Stage(l, w, r) for l, w in zip(layers, windows)], n_layer)
+    def stages_at(f: float, r: float):
+        layers = []
+        for l in _PAPER_LAYERS:
+            x = max(round(f * l * n_layer / _PAPER_DEPTH), layers[-1] + 1 if layers else 0)
+            if x <= n_layer - 2:
+                layers.append(x)
+        windows = [min(w, max(1, side // 4)) if side else w
+                   for w in _PAPER_WINDOWS[:len(layers)]]
+        return [Stage(l, w, r) for l, w in zip(layers, windows)]
 
-    lo, hi = 0.0, 0.5
+    def frac(f, r):
+        stages = stages_at(f, r)
+        if not side:
+            return layer_keep_fraction(stages, n_layer)
+        return _as_run_keep(stages, n_layer, int(grid[0]) * int(grid[1]))
+
     if keep >= 1.0:
-        r = 0.0
-    elif frac(hi) > keep:
-        raise ValueError(f"keep {keep} is below what the default schedule reaches on "
-                         f"{n_layer} layers ({frac(hi):.3f}); give --schedule")
-    else:
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if frac(mid) > keep else (lo, mid)
-        r = hi
-    return tuple(Stage(l, w, r) for l, w in zip(layers, windows))
+        return tuple(stages_at(1.0, 0.0))
+    steps = 64
+    f = next((k / steps for k in range(steps, -1, -1) if frac(k / steps, 0.5) <= keep), None)
+    if f is None:
+        low = stages_at(0.0, 0.5)
+        raise ValueError(f"keep {keep} is below what layer mode reaches on {n_layer} layers "
+                         f"({frac(0.0, 0.5):.3f}, merges after layers "
+                         f"{', '.join(str(s.layer) for s in low)} at ratio 0.5); "
+                         "give a higher --keep or --schedule")
+    lo, hi = 0.0, 0.5
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if frac(f, mid) > keep else (lo, mid)
+    # whole rows make frac a step function: the step just above keep may be nearer
+    r = lo if lo > 0 and abs(frac(f, lo) - keep) < abs(frac(f, hi) - keep) else hi
+    return tuple(stages_at(f, r))
+
+
+def _as_run_keep(stages, n_layer: int, n: int) -> float:
+    """The layer-averaged kept fraction of n image rows under `stages` (no threshold), the
+    rows spread evenly over each stage's windows: each window drops floor(ratio * rows),
+    at most half (lightkv.h's budget)."""
+    _, sched = _native_schedule(stages, n_layer)
+    report, cur = sched.report(n), n
+    for s in stages:
+        w = s.windows * s.windows
+        per = cur / w
+        out = cur - w * min(math.floor(s.ratio * per), math.floor(per / 2))
+        report.stage(cur, out)
+        cur = out
+    return report.keep_fraction
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,6 +197,8 @@ for _name, _res, _args in (
                                             _i32p, _f32p, C.c_int32, _i32p]),
         ("llama_kv_cells_rm", C.c_bool, [C.c_void_p, C.c_int32, _i32p]),
         ("llama_kv_cells_get", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32, _i32p, _f32p, _f32p]),
+        ("llama_kv_cells_set_layers", C.c_bool, [C.c_void_p, C.c_int32, _i32p, C.c_int32,
+                                                 C.c_int32]),
         ("llama_set_position_gaps", None, [C.c_void_p, C.c_bool])):
     _fn = getattr(_l, _name)
     _fn.restype, _fn.argtypes = _res, _args
@@ -183,6 +214,13 @@ _EVAL_CB = C.CFUNCTYPE(C.c_bool, C.c_void_p, C.c_bool, C.c_void_p)
 
 def _ip(a: np.ndarray):
     return a.ctypes.data_as(_i32p)
+
+
+def kv_cells_set_layers(ctx, cells, il_begin: int, il_end: int) -> None:
+    """Make the occupied `cells` visible only to layers [il_begin, il_end) (patch 0005)."""
+    c = np.ascontiguousarray(cells, dtype=np.int32)
+    if not _l.llama_kv_cells_set_layers(ctx, len(c), _ip(c), int(il_begin), int(il_end)):
+        raise RuntimeError("llama.cpp could not restrict the KV cells to a layer range")
 
 
 def kv_cells_get(ctx, layer: int, cells, n_embd_k: int, n_embd_v: int):
@@ -263,6 +301,9 @@ class LayerPrefill:
     vision_out: int
     keep_fraction: float                # layer-averaged kept fraction, as run
     cells_freed: int
+    # the turn's live cells by the layers that see them: [(il_begin, il_end, cells)];
+    # compact: one entry, every layer; exact: one per range of layers between merges
+    layer_cells: list = field(default_factory=list)
     t_guidance_ms: float = 0.0
     t_merge_ms: float = 0.0
     t_compact_ms: float = 0.0
@@ -356,7 +397,8 @@ class LayerRunner:
                     raise ValueError("a text segment needs one token per position column")
             else:
                 raise ValueError(f"unknown segment kind {s.kind!r}")
-        stages = check_schedule(stages, self.n_layer, grids)
+        stages, sched = _native_schedule(stages, self.n_layer, grids, kv=kv,
+                                         positions=positions)
         n_pos = 4 if self.use_mrope else 1
         for s in segments:
             if s.pos.shape[0] != n_pos and not (s.kind == "text" and s.pos.shape[0] == 1):
@@ -379,8 +421,10 @@ class LayerRunner:
         bounds = [0] + [s.layer + 1 for s in stages] + [self.n_layer]
         n_vis = sum(r.seg.n for r in rows if r.seg.kind == "image")
         report, present = [], [n_vis]
+        run_report = sched.report(n_vis)      # liblightkv: the numbers of the run
         t_guid = t_merge = t_compact = 0.0
         prev_cells = None        # the cells of the rows entering this range
+        layer_cells = []         # exact: (il_begin, il_end, cells) of each range
         maps = None              # per rows: (assign into the new rows, weight) of the merge
         cells_before = None
         logits = None
@@ -390,11 +434,15 @@ class LayerRunner:
                 last = k == len(bounds) - 2
                 if not _l.llama_set_layer_range(self.ctx, a, b):
                     raise RuntimeError(f"llama.cpp refused the layer range [{a}, {b})")
-                if prev_cells is not None:
+                if prev_cells is not None and kv == "compact":
                     # the rows enter the range in fresh cells: free the turn's cells (their
                     # K/V of layers < a stay in the tensors until the compaction reads them)
                     if not _l.llama_kv_cells_rm(self.ctx, len(prev_cells), _ip(prev_cells)):
                         raise RuntimeError("llama.cpp could not free the turn's KV cells")
+                elif prev_cells is not None:
+                    # exact: the previous range's cells stay, seen by its layers only
+                    kv_cells_set_layers(self.ctx, prev_cells, bounds[k - 1], a)
+                    layer_cells.append((bounds[k - 1], a, prev_cells))
                 self._qk.want(None if last else b - 1)
                 _l.llama_set_eval_callback(self.ctx, None if last else
                                            C.cast(self._qk.cb, C.c_void_p), None)
@@ -414,11 +462,14 @@ class LayerRunner:
                 new_cells = np.concatenate([r.cells for r in rows])
                 if cells_before is None:
                     cells_before = len(new_cells)
-                if maps is not None:
+                if maps is not None and kv == "compact":
                     t0 = time.perf_counter()
                     self._compact(prev_cells, maps, rows, a)
                     t_compact += (time.perf_counter() - t0) * 1e3
                 if last:
+                    if kv == "exact":
+                        kv_cells_set_layers(self.ctx, new_cells, a, b)
+                        layer_cells.append((a, b, new_cells))
                     out = llama_cpp.llama_get_logits_ith(self.ctx, -1)
                     logits = np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy()
                     break
@@ -474,6 +525,7 @@ class LayerRunner:
                                "ratio": stage.ratio, "vision_in": vis_in,
                                "vision_out": vis_out})
                 present.append(vis_out)
+                run_report.stage(vis_in, vis_out)
                 prev_cells = new_cells
         finally:
             _l.llama_set_eval_callback(self.ctx, None, None)
@@ -481,14 +533,15 @@ class LayerRunner:
             _l.llama_set_layer_range(self.ctx, 0, -1)
 
         final_cells = np.concatenate([r.cells for r in rows])
-        spans = np.diff(bounds)
-        keep_fraction = float(sum(p * s for p, s in zip(present, spans)) /
-                              (self.n_layer * n_vis)) if n_vis else 1.0
+        if kv == "compact":
+            layer_cells = [(0, self.n_layer, final_cells)]
+        run_report.cells(cells_before, sum(len(c) for _, _, c in layer_cells))
         return LayerPrefill(
             logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],
             cells=final_cells, positions=np.concatenate([r.pos for r in rows], axis=1),
             stages=report, vision_in=n_vis, vision_out=present[-1],
-            keep_fraction=keep_fraction, cells_freed=cells_before - len(final_cells),
+            keep_fraction=run_report.keep_fraction, cells_freed=run_report.cells_freed,
+            layer_cells=layer_cells,
             t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact)
 
     def _qk_arrays(self, layer: int):
@@ -534,6 +587,13 @@ def _grid_rc(n: int, grid) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 # a turn as libmtmd chunks (what the engine holds)
 # ---------------------------------------------------------------------------------------
+# Gemma 3's image rows attend to each other both ways (one batch, non-causal mask); layer
+# mode's split decodes and per-layer cells assume a causal turn, and Gemma 3's graph (with
+# sliding-window layers) is not among the patched ones
+_NON_CAUSAL = ("images with non-causal attention (Gemma 3) are not supported in layer mode; "
+               "use --mode embed")
+
+
 def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, float]:
     """libmtmd chunks of one turn -> (segments, the position after them, encoder ms).
     Images are encoded here (the vision tower runs once, as in every mode)."""
@@ -551,7 +611,7 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             n_past += len(toks)
         elif kind == mtmd.CHUNK_IMAGE:
             if mtmd.decode_use_non_causal(vm.mctx, ch):
-                raise ValueError("layer mode does not support non-causal image attention yet")
+                raise ValueError(_NON_CAUSAL)
             t0 = time.perf_counter()
             if mtmd.encode_chunk(vm.mctx, ch) != 0:
                 raise RuntimeError("the vision encoder failed")
@@ -582,9 +642,12 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     grids = []                      # checked before the vision encoder runs
     for ch in chunks:
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
+            if mtmd.decode_use_non_causal(vm.mctx, ch):
+                raise ValueError(_NON_CAUSAL)
             n = mtmd.chunk_get_n_tokens(ch)
             grids.append(_grid_rc(n, mtmd.image_grid(ch, vm.use_mrope)))
-    check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids)
+    check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids, kv=kv,
+                   positions=positions)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past)

@@ -42,3 +42,25 @@ def test_bench_bad_arguments():
                            capture_output=True, text=True, cwd=REPO, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_layer_rows(tmp_path):
+    """`layer` and `layer-exact` rows at the asked keeps, the layer-averaged keep as run
+    beside them; a keep the embedded 3-layer model cannot reach in layer mode (0.35 <
+    0.583) is skipped with its reason, and the other rows go on."""
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "4",
+                        "--methods", "off,layer,layer-exact", "--keep", "0.75,0.35",
+                        "-t", "2", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    by = {(x["method"], x["keep"]): x for x in json.loads(out.read_text())["results"]}
+    assert set(by) == {("off", 1.0), ("layer", 0.75), ("layer-exact", 0.75)}
+    assert r.stdout.count("skipped") == 2 and "--schedule" in r.stdout
+    for m in ("layer", "layer-exact"):
+        assert abs(by[m, 0.75]["keep_run"] - 0.75) < 0.05      # merge budgets are whole rows
+        assert by[m, 0.75]["vision_tokens_kept"] < by[m, 0.75]["vision_tokens_in"]
+    # compact frees the merged-away cells; exact keeps every layer range's rows (more
+    # cells than off: the text rows once per range)
+    assert by["layer", 0.75]["kv_bytes"] < by["off", 1.0]["kv_bytes"] \
+        < by["layer-exact", 0.75]["kv_bytes"]

@@ -239,3 +239,17 @@ def test_merge_gets_no_fake_grid(family, images, monkeypatch):
     for n, grid in seen:
         assert n == FAMILIES[fam]["per_chunk"]
         assert grid is None or (min(grid) > 1 and grid[0] * grid[1] == n), grid
+
+
+def test_layer_mode_refuses_gemma3_in_one_line(converted, images):
+    """Gemma 3 (non-causal image rows, a graph our layer patches do not cover): `chat
+    --mode layer` is refused before any compute with one line and exit code 2."""
+    text, mmproj = converted["gemma3"]
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "chat", str(images[0]),
+                        "-p", PROMPT, "--model", str(text), "--mmproj", str(mmproj),
+                        "--mode", "layer"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "layer mode" in lines[0] and "architecture" in lines[0]
+    assert "Traceback" not in r.stderr

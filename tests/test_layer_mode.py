@@ -122,14 +122,14 @@ def _stock(c: Ctx, t1, img, t2):
     return c.logits()
 
 
-def _reference(hf, m, t1, img, t2, stages, positions):
+def _reference(hf, m, t1, img, t2, stages, positions, kv_policy="compact"):
     from lightkv_edge.reference import Schedule, prefill_with_merge
     emb = m.weights["token_embd.weight"].astype(np.float64)
     x = np.concatenate([emb[t1], img.astype(np.float64), emb[t2]])
     sched = Schedule(tuple(s.layer for s in stages), tuple(s.windows for s in stages),
                      tuple(s.ratio for s in stages))
     return prefill_with_merge(hf, torch.from_numpy(x), [(len(t1), N_IMG, GRID)], sched,
-                              positions=positions, kv_policy="compact")
+                              positions=positions, kv_policy=kv_policy)
 
 
 STAGES = (Stage(0, 2, 0.5), Stage(1, 1, 0.5))
@@ -246,7 +246,9 @@ def test_bad_policies_raise(tiny):
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
         with pytest.raises(ValueError, match="not available"):
-            run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+            run.prefill(_segments(t1, img, t2), STAGES, kv="lossy")
+        with pytest.raises(ValueError, match="use positions 'keep'"):
+            run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions="renumber")
         with pytest.raises(ValueError, match="positions"):
             run.prefill(_segments(t1, img, t2), STAGES, positions="shift")
         with pytest.raises(ValueError, match="end with text"):
@@ -270,8 +272,55 @@ def test_schedule_helpers():
     assert layer_mode.layer_keep_fraction(s, 32) == pytest.approx(0.6, abs=1e-9)
     s = layer_mode.default_schedule(28, keep=0.7, grid=(3, 5))
     assert [x.layer for x in s] == [10, 16, 21] and max(x.windows for x in s) <= 3
+    # below what the paper's layers reach at ratio 0.5 (0.574 on 32, 0.576 on 28 layers):
+    # the merges move earlier, all by one factor, and the ratio makes the keep exact
+    for n, keep in ((32, 0.55), (28, 0.55), (32, 0.3)):
+        s = layer_mode.default_schedule(n, keep=keep)
+        assert layer_mode.layer_keep_fraction(s, n) == pytest.approx(keep, abs=1e-9)
+        assert len(s) == 3 and all(x.ratio <= 0.5 for x in s)
+        assert [x.layer for x in s] < [round(l * n / 32) for l in (12, 18, 24)]
+    assert [x.layer for x in layer_mode.default_schedule(28, keep=0.55)] == [10, 14, 19]
+    # the embedded 3-layer model: merges after layers 0 and 1 reach 0.583 at most
+    assert [x.layer for x in layer_mode.default_schedule(3, keep=0.6)] == [0, 1]
+    with pytest.raises(ValueError, match=r"below .*0\.583.*--schedule"):
+        layer_mode.default_schedule(3, keep=0.55)
     with pytest.raises(ValueError, match="below"):
-        layer_mode.default_schedule(32, keep=0.3)
+        layer_mode.default_schedule(32, keep=0.1)
+
+
+def test_schedule_and_report_live_in_liblightkv():
+    """lightkv_schedule / lightkv_schedule_report (lightkv.h): the one home of the
+    schedule's rules and of the numbers a run reports."""
+    from lightkv_edge import native
+    s = native.LayerSchedule([(0, 2, 0.5), (1, 1, 0.5)], 4, kv="exact")
+    assert s.keep_fraction == pytest.approx((1 + 0.5 + 0.25 * 2) / 4)
+    s.check_grid(8, 8)
+    with pytest.raises(ValueError, match="exceed the image grid"):
+        s.check_grid(1, 8)
+    r = s.report(64)
+    r.stage(64, 32)
+    with pytest.raises(ValueError, match="do not follow"):
+        r.stage(30, 16)                        # in must be the previous stage's out
+    r.stage(32, 16)
+    with pytest.raises(ValueError, match="every stage"):
+        r.stage(16, 8)
+    r.cells(80, 32)
+    assert r.stages == [(64, 32), (32, 16)] and r.cells_freed == 48
+    assert r.keep_fraction == pytest.approx((1 + 0.5 + 0.25 * 2) / 4)
+    r.cells(80, 80 + 48 + 32)                  # exact adds cells: nothing freed
+    assert r.cells_freed == 0
+    for kw, why in ((dict(kv="exact", positions="renumber"), "use positions 'keep'"),
+                    (dict(kv="lossy"), "not available"), (dict(positions="x"), "positions"),
+                    (dict(threshold=float("nan")), "threshold")):
+        with pytest.raises(ValueError, match=why):
+            native.LayerSchedule([(0, 2, 0.5)], 4, **kw)
+    for stages, why in (([(0, 2, float("nan"))], "ratio"), ([(-1, 2, 0.5)], "outside"),
+                        ([], "no stage")):
+        with pytest.raises(ValueError, match=why):
+            native.LayerSchedule(stages, 4)
+    with pytest.raises(ValueError, match="use positions 'keep'"):
+        native.check_layer_policies("exact", "renumber")
+    native.check_layer_policies("exact", "keep")
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,8 +352,9 @@ def _qwen_turn(vm, question="what colour is the circle?"):
     return chunks, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))]
 
 
-@pytest.mark.parametrize("positions", ["keep", "renumber"])
-def test_embedded_qwen2vl_matches_reference(qwen_f32, positions):
+@pytest.mark.parametrize("positions, kv", [("keep", "compact"), ("renumber", "compact"),
+                                           ("keep", "exact")])
+def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
     from transformers import Qwen2VLForConditionalGeneration
 
     from lightkv_edge import mtmd
@@ -321,7 +371,7 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions):
         img = next(s for s in segs if s.kind == "image")
         stages = (Stage(0, 2, 0.5), Stage(1, 1, 0.5))
         res, n_past, _ = layer_mode.prefill_chunks(vm, chunks, stages, n_past=0,
-                                                   positions=positions)
+                                                   positions=positions, kv=kv)
 
         # the reference: the same rows (libmtmd's image embeddings) at the real M-RoPE
         # positions of the original rows; "renumber": (p, p, p) once the rows are merged
@@ -345,7 +395,7 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions):
         x = torch.cat(rows)
         sched = Schedule((0, 1), (2, 1), (0.5, 0.5))
         ref = prefill_with_merge(shim, x, [(start_img, img.n, img.grid)], sched,
-                                 positions=positions, kv_policy="compact")
+                                 positions=positions, kv_policy=kv)
         if positions == "keep":
             assert ref.next_position == S      # table[S] is the real next position, `end`
         assert res.kept[0].tolist() == (ref.kept[start_img:start_img + res.vision_out]
@@ -369,6 +419,9 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions):
         assert toks == ref_toks
         n_text = sum(s.n for s in segs if s.kind == "text")
         assert len(res.cells) == n_text + res.vision_out < S
+        if kv == "exact":     # each layer range keeps the rows it ran on, in its own cells
+            assert [(a, b, len(c)) for a, b, c in res.layer_cells] == [
+                (0, 1, S), (1, 2, ref.keys[1].shape[1]), (2, 3, len(res.cells))]
     finally:
         mtmd.chunks_free(handle)
         vm.close()
@@ -545,6 +598,24 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
         assert abs(st.keep - (1 + 0.5 + 0.25) / 3) < 0.02    # layer-averaged, as run
         assert chat.ask("Is there a square?")          # the compacted image stays usable
         assert chat.last_stats.vision_tokens_in == 0
+    with _engine_chat(mode="layer", kv="exact", schedule="0:2:0.5,1:1:0.5") as chat:
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        assert st.vision_tokens_kept == 16 and st.cells_freed == 0
+        # each layer range keeps its rows: all, then 32 and 48 vision rows fewer
+        assert st.kv_cells == 3 * off_cells - 32 - 48
+        assert chat.ask("Is there a square?")          # later turns see every range
+    with _engine_chat(mode="layer", keep=0.6) as chat:   # the default schedule, 3 layers
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        # windows 2 (a quarter of the 8x8 grid's side); whole rows: 64 -> 32 -> 16 rows,
+        # (1 + 1/2 + 1/4) / 3 = 0.583, the step nearest 0.6 (the next is 0.646)
+        assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
+        assert st.keep == pytest.approx(7 / 12)
+    from lightkv_edge.errors import InputError
+    with pytest.raises(InputError, match="use positions 'keep'") as e:
+        _engine_chat(mode="layer", kv="exact", positions="renumber")
+    assert e.value.param == "kv"
 
 
 @pytest.mark.parametrize("args, why", [
@@ -553,8 +624,8 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
     (["--schedule", "0:1:1.0"], "ratio"),
     (["--schedule", "0:0:0.5"], "windows"),
     (["--schedule", "x"], "--schedule"),
-    (["--kv", "exact"], "not built"),
     (["--keep", "0.3"], "--schedule"),                 # below what the default reaches
+    (["--keep", "0.55"], "--schedule"),                # 3 layers reach 0.583 at most
 ])
 def test_cli_layer_mode_bad_input_is_one_line(args, why):
     import subprocess
@@ -566,3 +637,183 @@ def test_cli_layer_mode_bad_input_is_one_line(args, why):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert why in lines[0] and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# KV policy `exact` (patch 0005: per-layer visibility of cells)
+# ---------------------------------------------------------------------------------------
+def test_cell_layers_hide_cells_and_undo_to_stock(tiny):
+    """Patch 0005 alone: cells restricted to layers [0, 2) change what a later token
+    computes; made visible to every layer again, the graph is the stock one and the
+    logits are bit-identical to never having restricted them. Bad calls are refused."""
+    m, model = tiny
+    rng = np.random.default_rng(3)
+    prompt = np.array([BOS] + list(rng.integers(259, m.n_vocab, 19)), np.int32)
+    c = Ctx(model)
+    try:
+        c.decode_tokens(prompt, np.arange(20))
+        c.decode_tokens([300], [20])
+        want = c.logits()
+        cells = np.arange(5, 12)                     # the prompt's cells (a fresh cache)
+        layer_mode.kv_cells_set_layers(c.ctx, cells, 0, 2)
+        assert llama_cpp.llama_memory_seq_rm(c.mem, 0, 20, -1)
+        c.decode_tokens([300], [20])
+        hidden = c.logits()
+        assert np.max(np.abs(hidden - want)) > 1e-2  # layers 2, 3 no longer see 7 rows
+        layer_mode.kv_cells_set_layers(c.ctx, cells, 0, N_LAYER)
+        assert llama_cpp.llama_memory_seq_rm(c.mem, 0, 20, -1)
+        c.decode_tokens([300], [20])
+        assert np.array_equal(c.logits(), want)
+        for bad in ((cells, 2, 2), (cells, -1, 2), (cells, 0, N_LAYER + 1),
+                    (np.array([200]), 0, 1), (np.array([-1]), 0, 1)):
+            with pytest.raises(RuntimeError, match="restrict"):
+                layer_mode.kv_cells_set_layers(c.ctx, *bad)
+    finally:
+        c.close()
+
+
+def test_exact_matches_reference(tiny, hf):
+    """Policy exact on the tiny llama: every layer sees the rows present when it ran
+    (layer 0 all 80, layer 1 the 48 after the first merge, layers 2-3 the 32 after the
+    second), as reference.prefill_with_merge(kv_policy="exact"): same kept rows, logits,
+    8 greedy tokens and per-layer cached K/V."""
+    from tests.helpers.layer_ref import greedy_after_prefill
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        assert res.kept[0].tolist() == (ref.kept[len(t1):len(t1) + res.vision_out]
+                                        - len(t1)).tolist()
+        assert [(a, b, len(cells)) for a, b, cells in res.layer_cells] == [
+            (0, 1, S), (1, 2, S - 32), (2, 4, S - 48)]
+        all_cells = np.concatenate([cells for _, _, cells in res.layer_cells])
+        assert len(set(all_cells.tolist())) == len(all_cells) and res.cells_freed == 0
+        # the tolerances of test_compact_matches_reference (f16 cache, f32 compute), with
+        # no compaction here: a row hidden from, or shown to, a wrong layer moves the
+        # logits by > 0.1 (test_cell_layers_hide_cells_...; test_merging_changes_...)
+        assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2
+        toks, logits = c.greedy(res.logits, S)
+        assert toks == ref_toks
+        for a, b in zip(logits, ref_logits):
+            assert np.max(np.abs(a - b.numpy())) < 1e-2
+        hd = m.head_dim
+        for a, b, cells in res.layer_cells:
+            for li in range(a, b):
+                k, v = layer_mode.kv_cells_get(c.ctx, li, cells, m.n_head_kv * hd,
+                                               m.n_head_kv * hd)
+                k = k.reshape(-1, m.n_head_kv, hd)
+                k_hf = np.concatenate([k[..., 0::2], k[..., 1::2]], -1)
+                rk = ref.keys[li].numpy().transpose(1, 0, 2)
+                rv = ref.values[li].numpy().transpose(1, 0, 2).reshape(len(cells), -1)
+                assert np.max(np.abs(k_hf - rk)) < 2e-2, li     # f16 storage, as above
+                assert np.max(np.abs(v - rv)) < 2e-2, li
+    finally:
+        c.close()
+
+
+def test_exact_second_text_turn_matches_reference(tiny, hf):
+    """A later turn (6 tokens in one batch) on top of an exact prefill sees, in each
+    layer, that layer's rows: the reference decodes the same tokens on its per-layer
+    cache; then 8 greedy tokens agree."""
+    from tests.helpers.layer_ref import greedy_after_prefill
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    turn2 = [int(x) for x in np.random.default_rng(8).integers(259, m.n_vocab, 6)]
+    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref_toks, ref_logits = greedy_after_prefill(hf, ref, len(turn2) + STEPS, forced=turn2)
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        c.decode_tokens(turn2, np.arange(S, S + len(turn2)))
+        got = c.logits()
+        want = ref_logits[len(turn2)].numpy()        # after the turn's last token
+        assert np.max(np.abs(got - want)) < 1e-2     # as in test_exact_matches_reference
+        toks, _ = c.greedy(got, S + len(turn2))
+        assert toks == ref_toks[len(turn2):]
+    finally:
+        c.close()
+
+
+def test_exact_second_image_turn_leaves_the_first_untouched(tiny):
+    """A second exact turn with an image: the first turn's cells of every range keep
+    their K/V bit for bit, and its own ranges get their own cells."""
+    m, model = tiny
+    t1, img, t2 = _turn(m, seed=5)
+    u1, img2, u2 = _turn(m, seed=6)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model, n_ctx=512)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        first = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        nk = m.n_head_kv * m.head_dim
+        before = {(li, j): layer_mode.kv_cells_get(c.ctx, li, cells, nk, nk)
+                  for j, (a, b, cells) in enumerate(first.layer_cells) for li in range(a, b)}
+        segs = _segments(u1[1:], img2, u2)
+        for s in segs:
+            s.pos = s.pos + S
+        second = run.prefill(segs, STAGES, kv="exact")
+        old = set(np.concatenate([x for _, _, x in first.layer_cells]).tolist())
+        new = set(np.concatenate([x for _, _, x in second.layer_cells]).tolist())
+        assert not old & new
+        for j, (a, b, cells) in enumerate(first.layer_cells):
+            for li in range(a, b):
+                k, v = layer_mode.kv_cells_get(c.ctx, li, cells, nk, nk)
+                assert np.array_equal(k, before[li, j][0])
+                assert np.array_equal(v, before[li, j][1])
+        assert np.isfinite(second.logits).all()
+    finally:
+        c.close()
+
+
+def test_exact_with_zero_ratios_answers_as_off(tiny):
+    """Ratios all 0 under exact: each range recomputes the same rows into its own cells
+    and hides the others, so the answer is off's (not bit for bit: the KQ rows are longer,
+    with -inf entries, which changes the summation blocks; 1e-4 is far below the f16
+    cache's 1e-3 level and far above what a wrong visibility gives, > 0.1)."""
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model)
+    try:
+        want = _stock(c, t1, img, t2)
+        want_toks, want_logits = c.greedy(want, S)
+    finally:
+        c.close()
+    c = Ctx(model, n_ctx=512)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        res = run.prefill(_segments(t1, img, t2), (Stage(0, 2, 0.0), Stage(2, 1, 0.0)),
+                          kv="exact")
+        assert np.max(np.abs(res.logits - want)) < 1e-4
+        toks, logits = c.greedy(res.logits, S)
+        assert toks == want_toks
+        for a, b in zip(logits, want_logits):
+            assert np.max(np.abs(a - b)) < 1e-4
+    finally:
+        c.close()
+
+
+def test_non_causal_images_are_refused_before_the_encoder(tmp_path, monkeypatch):
+    """An image libmtmd decodes non-causally (Gemma 3) is refused by layer mode with one
+    line before the vision encoder runs; the conversation is unchanged. (Gemma 3 itself is
+    refused earlier, by architecture: tests/test_families.py; here the embedded model is
+    told its images are non-causal.)"""
+    from lightkv_edge import mtmd
+    from lightkv_edge.errors import InputError
+    from lightkv_edge.tasks import shapes
+    s = shapes.dataset("test", 1, seed=3)[0]
+    img = tmp_path / "s.png"
+    s.image.save(img)
+    with _engine_chat(mode="layer", schedule="0:2:0.5,1:1:0.5") as chat:
+        monkeypatch.setattr(mtmd, "decode_use_non_causal", lambda *a: True)
+        monkeypatch.setattr(mtmd, "encode_chunk", lambda *a: pytest.fail("encoder ran"))
+        with pytest.raises(InputError, match="non-causal attention .*--mode embed"):
+            chat.ask(s.question, [img])
+        assert chat.n_cells == 0

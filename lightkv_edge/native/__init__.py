@@ -44,6 +44,16 @@ class _ContextParams(C.Structure):
     _fields_ = [("backend", C.c_char_p), ("n_threads", C.c_int32), ("force_cpu_ops", C.c_char_p)]
 
 
+class _Stage(C.Structure):
+    _fields_ = [("layer", C.c_int32), ("windows", C.c_int32), ("ratio", C.c_double)]
+
+
+class _ScheduleParams(C.Structure):
+    _fields_ = [("stages", C.POINTER(_Stage)), ("n_stages", C.c_int32),
+                ("use_threshold", C.c_int32), ("threshold", C.c_double),
+                ("kv", C.c_int32), ("positions", C.c_int32)]
+
+
 class _GuidanceInfo(C.Structure):
     _fields_ = [("n_embd", C.c_int64), ("n_embd_inp", C.c_int64), ("n_vocab", C.c_int64),
                 ("n_head", C.c_int64), ("n_head_kv", C.c_int64), ("head_dim", C.c_int64),
@@ -108,6 +118,21 @@ def _load():
             "lightkv_guidance_model_info": (C.c_int, [C.c_void_p, C.POINTER(_GuidanceInfo)]),
             "lightkv_guidance_model_scores": (C.c_int, [C.c_void_p, f32p, C.c_int64, C.POINTER(C.c_int32),
                                                         C.c_int64, f32p]),
+            "lightkv_policies_check": (C.c_int, [C.c_int32, C.c_int32]),
+            "lightkv_schedule_create": (C.c_int, [C.POINTER(_ScheduleParams), C.c_int32,
+                                                  C.POINTER(C.c_void_p)]),
+            "lightkv_schedule_free": (None, [C.c_void_p]),
+            "lightkv_schedule_check_grid": (C.c_int, [C.c_void_p, C.c_int64, C.c_int64]),
+            "lightkv_schedule_keep_fraction": (C.c_double, [C.c_void_p]),
+            "lightkv_schedule_report_create": (C.c_int, [C.c_void_p, C.c_int64,
+                                                         C.POINTER(C.c_void_p)]),
+            "lightkv_schedule_report_free": (None, [C.c_void_p]),
+            "lightkv_schedule_report_stage": (C.c_int, [C.c_void_p, C.c_int64, C.c_int64]),
+            "lightkv_schedule_report_cells": (C.c_int, [C.c_void_p, C.c_int64, C.c_int64]),
+            "lightkv_schedule_report_n_stages": (C.c_int32, [C.c_void_p]),
+            "lightkv_schedule_report_stage_rows": (C.c_int, [C.c_void_p, C.c_int32, i64p, i64p]),
+            "lightkv_schedule_report_keep_fraction": (C.c_double, [C.c_void_p]),
+            "lightkv_schedule_report_cells_freed": (C.c_int64, [C.c_void_p]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -662,4 +687,113 @@ class GuidanceModel:
     def __del__(self):
         if getattr(self, "_h", None):
             self._ctx.lib.lightkv_guidance_model_free(self._h)
+            self._h = None
+
+
+# ------------------------------------------------------------------ layer mode's schedule
+KV_POLICIES = {"compact": 0, "exact": 1}          # lightkv_kv_policy
+POSITION_POLICIES = {"keep": 0, "renumber": 1}    # lightkv_positions_policy
+
+
+def _policy_ids(kv: str, positions: str) -> tuple[int, int]:
+    if positions not in POSITION_POLICIES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_POLICIES)}, "
+                         f"got {positions!r}")
+    if kv not in KV_POLICIES:
+        raise ValueError(f"KV policy {kv!r} is not available in layer mode "
+                         f"(built: {', '.join(KV_POLICIES)})")
+    return KV_POLICIES[kv], POSITION_POLICIES[positions]
+
+
+def check_layer_policies(kv: str, positions: str) -> None:
+    """The KV and position policies of layer mode, alone (lightkv_policies_check)."""
+    lib = _load()
+    st = lib.lightkv_policies_check(*_policy_ids(kv, positions))
+    if st:
+        _raise(st, lib.lightkv_last_error(None))
+
+
+class LayerSchedule:
+    """A validated layer-mode schedule (liblightkv's lightkv_schedule): stages of
+    (layer, windows, ratio) for a model of n_layer layers, with the KV and position
+    policies. Bad values raise ValueError naming them."""
+
+    def __init__(self, stages, n_layer: int, *, kv: str = "compact", positions: str = "keep",
+                 threshold: float | None = None):
+        lib = _load()
+        kv_id, pos_id = _policy_ids(kv, positions)
+        arr = (_Stage * max(1, len(stages)))(*[_Stage(int(layer), int(w), float(r))
+                                                for layer, w, r in stages])
+        p = _ScheduleParams(arr, len(stages), threshold is not None,
+                            0.0 if threshold is None else float(threshold), kv_id, pos_id)
+        h = C.c_void_p()
+        st = lib.lightkv_schedule_create(C.byref(p), int(n_layer), C.byref(h))
+        if st:
+            _raise(st, lib.lightkv_last_error(None))
+        self._lib, self._h = lib, h
+        self.stages, self.n_layer, self.kv, self.positions = tuple(stages), int(n_layer), kv, positions
+
+    def check_grid(self, rows: int, cols: int) -> None:
+        st = self._lib.lightkv_schedule_check_grid(self._h, int(rows), int(cols))
+        if st:
+            _raise(st, self._lib.lightkv_last_error(None))
+
+    @property
+    def keep_fraction(self) -> float:
+        """Layer-averaged kept fraction if every stage keeps exactly (1 - ratio)."""
+        return float(self._lib.lightkv_schedule_keep_fraction(self._h))
+
+    def report(self, vision_rows: int) -> "LayerReport":
+        return LayerReport(self, vision_rows)
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self._lib.lightkv_schedule_free(self._h)
+            self._h = None
+
+
+class LayerReport:
+    """What one layer-mode prefill did (lightkv_schedule_report): each stage's vision rows
+    in/out, the layer-averaged kept fraction as run, and the KV cells freed."""
+
+    def __init__(self, schedule: LayerSchedule, vision_rows: int):
+        lib = schedule._lib
+        h = C.c_void_p()
+        st = lib.lightkv_schedule_report_create(schedule._h, int(vision_rows), C.byref(h))
+        if st:
+            _raise(st, lib.lightkv_last_error(None))
+        self._lib, self._h, self._schedule = lib, h, schedule   # the report points at it
+
+    def _check(self, st):
+        if st:
+            _raise(st, self._lib.lightkv_last_error(None))
+
+    def stage(self, vision_in: int, vision_out: int) -> None:
+        self._check(self._lib.lightkv_schedule_report_stage(self._h, int(vision_in),
+                                                            int(vision_out)))
+
+    def cells(self, before: int, after: int) -> None:
+        self._check(self._lib.lightkv_schedule_report_cells(self._h, int(before), int(after)))
+
+    @property
+    def stages(self) -> list[tuple[int, int]]:
+        out = []
+        for i in range(self._lib.lightkv_schedule_report_n_stages(self._h)):
+            a, b = C.c_int64(), C.c_int64()
+            self._check(self._lib.lightkv_schedule_report_stage_rows(self._h, i, C.byref(a),
+                                                                     C.byref(b)))
+            out.append((a.value, b.value))
+        return out
+
+    @property
+    def keep_fraction(self) -> float:
+        return float(self._lib.lightkv_schedule_report_keep_fraction(self._h))
+
+    @property
+    def cells_freed(self) -> int:
+        return int(self._lib.lightkv_schedule_report_cells_freed(self._h))
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self._lib.lightkv_schedule_report_free(self._h)
             self._h = None

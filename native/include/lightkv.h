@@ -267,6 +267,79 @@ LIGHTKV_API lightkv_status lightkv_guidance_model_scores(lightkv_guidance_model 
                                                          const int32_t * text_tokens, int64_t n_text,
                                                          float * out_scores);
 
+/* --- layer mode: the schedule and its report ------------------------------------------------ */
+/* Layer mode merges each image's rows after given decoder layers of the LLM (docs/layer-mode.md).
+ * The prefill itself is driven from lightkv_edge/layer_mode.py over the patched llama.cpp (it
+ * needs llama_decode, libmtmd and the eval callback; liblightkv links ggml only). What a
+ * schedule is, which ones are valid, and what a run reports live here, once.
+ *
+ * A stage merges what decoder layer `layer` (0-based) outputs, in windows x windows windows
+ * of each image's original grid, dropping `ratio` of each window's rows. Valid schedules
+ * (else LIGHTKV_ERR_INVALID_ARGUMENT naming the bad value): at least one stage; layers
+ * strictly increasing in [0, n_layer - 1) (a merge after the last layer saves nothing);
+ * windows >= 1; ratio in [0, 1); a finite threshold when use_threshold; kv and positions
+ * known, and not (EXACT, RENUMBER): exact keeps the rows before each merge at their original
+ * positions, beyond a renumbered sequence's next position, where llama.cpp's causal mask
+ * would hide them from every later token. */
+typedef enum lightkv_kv_policy {
+    LIGHTKV_KV_COMPACT = 0,  /* after the prefill every layer holds only the final rows     */
+    LIGHTKV_KV_EXACT   = 1,  /* each layer keeps the rows it ran on (more cells than off)   */
+} lightkv_kv_policy;
+
+typedef enum lightkv_positions_policy {
+    LIGHTKV_POSITIONS_KEEP     = 0,  /* a merged row keeps its destination's position      */
+    LIGHTKV_POSITIONS_RENUMBER = 1,  /* the turn's rows are renumbered after each merge    */
+} lightkv_positions_policy;
+
+typedef struct lightkv_stage {
+    int32_t layer;
+    int32_t windows;
+    double  ratio;
+} lightkv_stage;
+
+typedef struct lightkv_schedule_params {
+    const lightkv_stage *    stages;
+    int32_t                  n_stages;
+    int32_t                  use_threshold;  /* nonzero: sources below threshold never merge */
+    double                   threshold;
+    lightkv_kv_policy        kv;
+    lightkv_positions_policy positions;
+} lightkv_schedule_params;
+
+typedef struct lightkv_schedule        lightkv_schedule;
+typedef struct lightkv_schedule_report lightkv_schedule_report;
+
+/* Validate (see above) for a model of n_layer decoder layers and copy the parameters. */
+LIGHTKV_API lightkv_status lightkv_schedule_create(const lightkv_schedule_params * params, int32_t n_layer,
+                                                   lightkv_schedule ** out);
+LIGHTKV_API void           lightkv_schedule_free(lightkv_schedule * s);
+/* The policy pair alone (what lightkv_schedule_create checks of it), before any schedule. */
+LIGHTKV_API lightkv_status lightkv_policies_check(int32_t kv, int32_t positions);
+/* An image of grid rows x cols under this schedule: every stage's windows <= min(rows, cols). */
+LIGHTKV_API lightkv_status lightkv_schedule_check_grid(const lightkv_schedule * s, int64_t rows, int64_t cols);
+/* The paper's kept fraction if every stage keeps exactly (1 - ratio): the vision rows present
+ * at each layer, averaged over the n_layer layers. */
+LIGHTKV_API double         lightkv_schedule_keep_fraction(const lightkv_schedule * s);
+
+/* What a prefill did: create with the turn's vision rows, add each stage's vision rows in
+ * and out in order, then the turn's KV cells before and after (compact frees cells; exact
+ * adds a range of cells per stage). */
+LIGHTKV_API lightkv_status lightkv_schedule_report_create(const lightkv_schedule * s, int64_t vision_rows,
+                                                          lightkv_schedule_report ** out);
+LIGHTKV_API void           lightkv_schedule_report_free(lightkv_schedule_report * r);
+LIGHTKV_API lightkv_status lightkv_schedule_report_stage(lightkv_schedule_report * r, int64_t vision_in,
+                                                         int64_t vision_out);
+LIGHTKV_API lightkv_status lightkv_schedule_report_cells(lightkv_schedule_report * r, int64_t cells_before,
+                                                         int64_t cells_after);
+LIGHTKV_API int32_t        lightkv_schedule_report_n_stages(const lightkv_schedule_report * r); /* added so far */
+/* stage i's vision rows in / out (any pointer may be NULL) */
+LIGHTKV_API lightkv_status lightkv_schedule_report_stage_rows(const lightkv_schedule_report * r, int32_t i,
+                                                              int64_t * vision_in, int64_t * vision_out);
+/* the layer-averaged kept fraction as run (1 with no vision rows); needs every stage added */
+LIGHTKV_API double         lightkv_schedule_report_keep_fraction(const lightkv_schedule_report * r);
+/* cells_before - cells_after when that is positive, else 0 */
+LIGHTKV_API int64_t        lightkv_schedule_report_cells_freed(const lightkv_schedule_report * r);
+
 #ifdef __cplusplus
 }
 #endif

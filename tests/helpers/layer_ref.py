@@ -53,9 +53,11 @@ def hf_llama_from_tiny(m, dtype=torch.float64):
 
 
 @torch.no_grad()
-def greedy_after_prefill(model, pre, n: int, rope=None) -> tuple[list[int], list[torch.Tensor]]:
+def greedy_after_prefill(model, pre, n: int, rope=None, forced=None
+                         ) -> tuple[list[int], list[torch.Tensor]]:
     """n greedy tokens after the prefill `pre` (the first is argmax of pre.logits);
-    returns (tokens, logits of each step's input, the first being pre.logits)."""
+    returns (tokens, logits of each step's input, the first being pre.logits).
+    forced: the first len(forced) steps decode these instead (a later turn's prompt)."""
     from lightkv_edge.reference.llm import _rope_fn, layer_qkv
     base = model.model
     rope = rope or _rope_fn(model)
@@ -65,8 +67,9 @@ def greedy_after_prefill(model, pre, n: int, rope=None) -> tuple[list[int], list
     tokens, all_logits = [], [logits]
     pos = pre.next_position
     emb = model.get_input_embeddings()
-    for _ in range(n):
-        tok = int(torch.argmax(logits))
+    for step in range(n):
+        tok = int(forced[step]) if forced is not None and step < len(forced) \
+            else int(torch.argmax(logits))
         tokens.append(tok)
         h = emb(torch.tensor([[tok]])).to(emb.weight.dtype)
         cos, sin = base.rotary_emb(h, torch.tensor([[pos]]))
