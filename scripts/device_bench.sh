@@ -102,7 +102,7 @@ run() {
     IFS=$'\t' read -r _ text mmproj <<< "$line"
     "$py" -m lightkv_edge cost -m "$text" --mmproj "$mmproj" -ngl 999 \
       --modes off,embed,layer --keep 0.55,0.25 --runs 5 --long-tokens 512 \
-      --json "$out/cost-$m.json" --markdown "$out/cost-$m.md" || say "cost of $m failed"
+      --json "$out/cost-${m}.json" --markdown "$out/cost-${m}.md" || say "cost of $m failed"
   done
 }
 
