@@ -28,7 +28,8 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
            "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv",
-           "evict": "--evict", "decode_evict": "--decode-evict"}
+           "evict": "--evict", "decode_evict": "--decode-evict",
+           "evict_layers": "--evict-layers", "evict_window": "--evict-window"}
 
 
 def user_message(e: Exception) -> str:

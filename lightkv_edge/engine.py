@@ -157,7 +157,7 @@ class VisionChat:
         except ValueError as e:
             raise InputError(str(e), param="decode_evict") from None
         if decode_evict is not None and evict is None:
-            raise InputError("decode-evict needs evict (the kept fraction)",
+            raise InputError("decode_evict needs evict (the kept fraction)",
                              param="decode_evict")
         self._evictor = None
         self._window_q = None

@@ -40,7 +40,7 @@ def keep_count(n: int, keep: float) -> int:
 def check_keep(keep) -> float:
     if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)) \
             or not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"evict keep must be a number in (0, 1], got {keep!r}")
+        raise ValueError(f"evict (the kept fraction) must be a number in (0, 1], got {keep!r}")
     return float(keep)
 
 
@@ -48,7 +48,8 @@ def check_every(every) -> int | None:
     if every is None:
         return None
     if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-        raise ValueError(f"decode-evict interval must be an integer >= 1, got {every!r}")
+        raise ValueError("decode_evict (the re-scoring interval) must be an integer >= 1, "
+                         f"got {every!r}")
     return int(every)
 
 
@@ -102,11 +103,11 @@ class Evictor:
             layers = range(self.n_layer)
         layers = sorted(set(int(x) for x in layers))
         if not layers or layers[0] < 0 or layers[-1] >= self.n_layer:
-            raise ValueError(f"evict layers must be in [0, {self.n_layer}), got {layers}")
+            raise ValueError(f"evict_layers must be in [0, {self.n_layer}), got {layers}")
         self.layers = layers
         if window is not None and (isinstance(window, bool) or
                                    not isinstance(window, (int, np.integer)) or window < 1):
-            raise ValueError(f"evict window must be an integer >= 1, got {window!r}")
+            raise ValueError(f"evict_window must be an integer >= 1, got {window!r}")
         self.window = window
         if not _l.llama_set_layer_range(ctx, 0, self.n_layer):
             raise ValueError("KV eviction does not cover this model's architecture (the "
