@@ -32,6 +32,21 @@ _EMBED_METHOD = {"embed": "lightkv", "unguided": "unguided", "random": "random",
                  "fastv": "fastv", "dart": "dart", "pool": "pool",
                  "lightkv-protect": "lightkv-protect", "lightkv-absorb": "lightkv-absorb"}
 SPLITS = ("test", "val")
+# KV eviction (docs/eviction.md), not in the default list: `evict` on top of off keeps KEEP
+# of each image's cells after the prefill; `embed+evict` reaches the same budget in two
+# halves, the merge keeping sqrt(KEEP) and the eviction sqrt(KEEP) of what is left
+_EVICT_METHODS = ("evict", "embed+evict")
+
+
+def _chat_settings(method: str, keep: float) -> dict:
+    """VisionChat's mode settings of a bench row."""
+    if method == "off":
+        return {"mode": "off"}
+    if method == "evict":
+        return {"mode": "off", "evict": keep}
+    if method == "embed+evict":
+        return {"mode": "embed", "keep": keep ** 0.5, "evict": keep ** 0.5}
+    return {"mode": "embed", "keep": keep, "method": _EMBED_METHOD[method]}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -63,6 +78,8 @@ def evaluate(chat, samples, image_of) -> dict:
         for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
                   "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded"):
             sums[k] += getattr(st, k)
+        if st.evict_vision_before:      # the vision cells the cache holds after eviction
+            sums["vision_tokens_kept"] += st.evict_vision_after - st.vision_tokens_kept
     n = sum(total.values())
     k = sum(correct.values())
     out = {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": list(wilson(k, n)),
@@ -83,9 +100,9 @@ def run_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(DEFAULT_METHODS)
     for m in methods:
-        if m != "off" and m not in _EMBED_METHOD:
+        if m != "off" and m not in _EMBED_METHOD and m not in _EVICT_METHODS:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(['off', *_EMBED_METHOD])})")
+                             f"{', '.join(['off', *_EMBED_METHOD, *_EVICT_METHODS])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
@@ -96,7 +113,7 @@ def run_bench(args) -> int:
     if split not in SPLITS:
         raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
                          f"model learnt from), got {split!r}")
-    if any(m not in ("off", "embed", "unguided") for m in methods):
+    if any(m not in ("off", "embed", "unguided", *_EVICT_METHODS) for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
         import torch
@@ -115,8 +132,7 @@ def run_bench(args) -> int:
              and not (m == "pool" and abs(k - 0.25) > 1e-9)]
     for i, (method, keep) in enumerate(runs, 1):
         t0 = time.perf_counter()
-        chat = VisionChat(args.model, args.mmproj, mode="off" if method == "off" else "embed",
-                          keep=keep, method=_EMBED_METHOD.get(method, "lightkv"),
+        chat = VisionChat(args.model, args.mmproj, **_chat_settings(method, keep),
                           seed=args.seed, max_tokens=4, n_threads=args.threads)
         try:
             r = evaluate(chat, samples, image_of)

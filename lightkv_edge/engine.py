@@ -477,12 +477,7 @@ class VisionChat:
                 if (self.mode == "off" or self.keep >= 1.0) and ev is None:
                     self._eval_image_stock(chunk, stats)
                 elif self.mode == "off" or self.keep >= 1.0:
-                    # every row, decoded by us (so that their cells are logged)
-                    embd = self._encode(chunk, stats)
-                    stats.vision_tokens_kept += len(embd)
-                    self._decode_image_rows(chunk, embd, mtmd.image_positions(
-                        chunk, self.n_past, self.m.use_mrope), mtmd.chunk_get_n_pos(chunk),
-                        stats)
+                    self._eval_image_logged(chunk, stats)
                 else:
                     if text_ids is None:
                         text_ids = np.asarray(self.m.tokenize(guidance_text), np.int32)
@@ -543,6 +538,7 @@ class VisionChat:
         """The whole turn through layer_mode: merges between decoder layers, KV compacted."""
         from . import layer_mode
         n_layer = self._layer_runner.n_layer
+        ev = self._evictor
         try:
             stages = self.schedule
             if stages is None:
@@ -552,7 +548,6 @@ class VisionChat:
                 stages = layer_mode.default_schedule(
                     n_layer, self.keep, grid=(min(sides), min(sides)) if sides else None)
             t0 = time.perf_counter()
-            ev = self._evictor
             res, n_past, t_enc = layer_mode.prefill_chunks(
                 self.m, chunk_list, stages, n_past=self.n_past, positions=self.positions,
                 kv=self.kv, runner=self._layer_runner,
@@ -560,6 +555,9 @@ class VisionChat:
         except ValueError as e:
             raise InputError(f"layer mode: {e}",
                              param="schedule" if self.schedule else "keep") from None
+        finally:
+            if ev:     # layer mode ends with the stock range: record the cells again
+                ev.arm()
         t_total = (time.perf_counter() - t0) * 1e3
         stats.t_encode_ms += t_enc
         stats.t_merge_ms += res.t_guidance_ms + res.t_merge_ms + res.t_compact_ms
@@ -572,9 +570,7 @@ class VisionChat:
         stats.cells_freed = res.cells_freed
         self.n_cells += len(res.cells)
         self.n_past = n_past
-        if ev:
-            # log the final cells (eviction scores them), and record cells again
-            ev.arm()
+        if ev:      # log the final cells: the eviction scores them
             row, j = 0, 0
             for c in chunk_list:
                 if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE:
@@ -624,6 +620,14 @@ class VisionChat:
             raise ModelError(f"llama.cpp failed to decode the image: {LOG.last_error()}")
         self.n_cells += len(embd)
         self.n_past = new_n_past.value
+
+    def _eval_image_logged(self, chunk, stats: Stats) -> None:
+        """Every row of the image, as libmtmd's helper decodes them, but by us, so that
+        the eviction learns their cells."""
+        embd = self._encode(chunk, stats)
+        stats.vision_tokens_kept += len(embd)
+        pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
+        self._decode_image_rows(chunk, embd, pos, mtmd.chunk_get_n_pos(chunk), stats)
 
     def _eval_image_merged(self, chunk, text_ids: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
