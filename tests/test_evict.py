@@ -157,8 +157,10 @@ class _Ctx:
             self.ev.start_decoding()
         for i in range(n):
             toks.append(int(np.argmax(all_logits[-1])))
-            self.decode(np.array([toks[-1]]), pos + i, logits_last=True) if not self.ev else \
+            if self.ev:
                 self._decode_generated(toks[-1], pos + i)
+            else:
+                self.decode(np.array([toks[-1]]), pos + i, logits_last=True)
             all_logits.append(self.logits())
         if self.ev:
             self.ev.stop_decoding()
