@@ -28,6 +28,7 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "max_tokens": "-n/--max-tokens", "temp": "--temp", "seed": "--seed",
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
            "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv",
+           "modes": "--modes", "keeps": "--keep", "run_timeout": "--run-timeout",
            "evict": "--evict", "decode_evict": "--decode-evict",
            "evict_layers": "--evict-layers", "evict_window": "--evict-window"}
 
@@ -217,6 +218,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mmproj", metavar="F", help="GGUF vision projector")
     bench.add_argument("-t", "--threads", type=_positive_int, default=None,
                        help="CPU threads (default: all cores)")
+
+    cost = sub.add_parser(
+        "cost", help="what each mode costs on a model: time, KV cache, memory",
+        description="Cost of off and of each LightKV mode at each kept fraction on one "
+                    "GGUF pair, side by side: vision encode, merge, LLM prefill, time to "
+                    "first token, KV bytes, decode speed of a short and a long answer, "
+                    "peak RSS. One fresh process per run (a warm-up turn first), "
+                    "configurations interleaved, medians with min and max, ratios to off "
+                    "paired run by run. Full-depth random-weight models of real shapes: "
+                    "scripts/make_shape_models.py.",
+        epilog="example:\n  python -m lightkv_edge cost -m text.gguf --mmproj mmproj.gguf "
+               "--modes off,embed --keep 0.55,0.25 --runs 5 --json cost.json --plots docs/bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cost.add_argument("-m", "--model", metavar="F", help="GGUF text model (required)")
+    cost.add_argument("--mmproj", metavar="F", help="its GGUF vision projector (required)")
+    cost.add_argument("--modes", default="off,embed", metavar="LIST",
+                      help="comma-separated: off, embed, layer (default off,embed)")
+    cost.add_argument("--keep", metavar="LIST",
+                      help="kept fractions of every mode but off (default 0.75,0.55,0.35,0.25,0.1)")
+    cost.add_argument("--runs", type=_positive_int, default=5,
+                      help="timed runs per configuration, each in a fresh process (default 5)")
+    cost.add_argument("--image", metavar="F",
+                      help="the picture (default: a synthetic one of --image-size pixels)")
+    cost.add_argument("--image-size", type=_positive_int, default=672, metavar="PX",
+                      help="side of the synthetic picture (default 672: 576 tokens on Qwen2-VL)")
+    cost.add_argument("--short-tokens", type=_positive_int, default=16, metavar="N",
+                      help="tokens of the short answer (default 16)")
+    cost.add_argument("--long-tokens", type=_positive_int, default=512, metavar="N",
+                      help="tokens of the long answer (default 512)")
+    cost.add_argument("-c", "--ctx-size", type=_positive_int, default=4096, metavar="N",
+                      help="context size (default 4096)")
+    cost.add_argument("-t", "--threads", type=_positive_int, default=None,
+                      help="CPU threads (default: all cores)")
+    cost.add_argument("-ngl", "--gpu-layers", type=_nonneg_int, default=None, metavar="N",
+                      help="layers to offload to the GPU (default: all when a GPU exists)")
+    cost.add_argument("--run-timeout", type=_positive_int, default=1800, metavar="S",
+                      help="give up on a run after S seconds (default 1800)")
+    cost.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    cost.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
+    cost.add_argument("--plots", metavar="DIR", help="write the cost pictures (PNG) there")
     return ap
 
 
@@ -251,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
+        if args.command == "cost":
+            from .bench_cost import run_cost
+            return run_cost(args)
         ap.print_help()
         return 2
     except LightKVError as e:

@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
                          "FORWARDED like the command-line flags")
     ap.add_argument("--flags-out", metavar="FILE",
                     help="write the forwarded flags here, as comma-separated Python strings")
+    ap.add_argument("--print-cmake-args", action="store_true",
+                    help="print the CMake arguments of our llama.cpp build, one a line (for "
+                         "building a packed tree by hand: scripts/device_bench.sh)")
     args, rest = ap.parse_known_args(argv)
+    if args.print_cmake_args:
+        print("\n".join(BASE_ARGS))
+        return 0
     try:
         candidates = rest + (read_cache_vars(args.cache_vars) if args.cache_vars else [])
     except OSError as e:

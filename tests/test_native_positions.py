@@ -196,6 +196,8 @@ BAD_POSITIONS = {
     "row past grid": (np.where(np.arange(12).reshape(6, 2) == 10, 4, _P), (4, 4), 2),
     "col past grid": (np.where(np.arange(12).reshape(6, 2) == 11, 4, _P), (4, 4), 2),
     "duplicate": (np.concatenate([_P[:5], _P[2:3]]), (4, 4), 2),
+    # 2**80 cells: the duplicate check cannot use an int64 cell index there
+    "duplicate, grid past int64 cells": (np.concatenate([_P[:5], _P[2:3]]) * 2 ** 38, (2 ** 40, 2 ** 40), 2),
     "grid too small": (_P, (2, 2), 1),
     "grid zero": (_P, (0, 4), 1),
     "windows > side": (_P, (4, 4), 5),

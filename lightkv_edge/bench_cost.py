@@ -1,0 +1,285 @@
+"""`python -m lightkv_edge cost`: what each mode costs on a given model, measured side by side.
+
+Quality is `bench`'s job (the embedded shapes task); this is the cost of a configuration on
+any GGUF pair, e.g. the full-depth random-weight models of `scripts/make_shape_models.py`
+(speed and memory do not depend on the weight values) or a real model.
+
+How it measures, so the figures can be trusted on a small, shared machine:
+- one fresh process per (configuration, run): the model is loaded, one warm-up turn runs,
+  then one timed turn with a short answer and one with a long answer (end-of-generation
+  ignored, so every configuration decodes the same number of tokens); peak RSS is that
+  process's own (`ru_maxrss`), so configurations do not share a heap;
+- runs are interleaved: run 1 of every configuration, then run 2 of every configuration,
+  ..., the order rotated each round, so a drift of the machine's speed hits all alike;
+- each figure is reported as the median over the runs with its min and max; ratios to
+  `off` are taken run by run (run i of a configuration over run i of `off`) and their
+  median reported, as `farm`-style A/B timing does.
+
+Per configuration: vision tokens in and kept, vision encode ms, merge (and guidance) ms,
+LLM prefill ms, time to first token (encode + merge + prefill + the first sampled token,
+measured around the streaming call), KV cells and bytes after the prefill, decode tokens/s
+for the short and the long answer, and peak RSS. Threads: --threads for llama.cpp and our
+merge; BLAS/OpenMP pools of the worker are set to 1 (stated in the report).
+Timings are reported, never asserted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+MODES = ("off", "embed", "layer")
+DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
+PROMPT = "Describe the objects in this picture and their colours."
+# figures a worker reports, in the order of the table
+FIGURES = ("vision_tokens_in", "vision_tokens_kept", "t_encode_ms", "t_merge_ms",
+           "t_prefill_ms", "ttft_ms", "kv_cells", "kv_bytes", "decode_tps_short",
+           "decode_tps_long", "peak_rss_mb")
+TIMED = ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "ttft_ms", "decode_tps_short",
+         "decode_tps_long")
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    keep: float          # 1.0 for off
+
+    @property
+    def name(self) -> str:
+        return "off" if self.mode == "off" else f"{self.mode}@{self.keep:g}"
+
+
+def parse_configs(modes: str, keeps: str | None) -> list[Config]:
+    """`off` once, then every other mode at every kept fraction."""
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in names if m not in MODES]
+    if bad or not names:
+        raise InputError(f"unknown mode {', '.join(bad) or repr(modes)} "
+                         f"(choose from {', '.join(MODES)})", param="modes")
+    try:
+        ks = [float(k) for k in keeps.split(",")] if keeps else list(DEFAULT_KEEPS)
+    except ValueError:
+        raise InputError(f"keeps must be a comma-separated list of numbers, got {keeps!r}",
+                         param="keeps") from None
+    if not ks or any(not 0 < k <= 1 for k in ks):
+        raise InputError(f"every one of keeps must be in (0, 1], got {keeps}", param="keeps")
+    out = [Config("off", 1.0)] if "off" in names else []
+    out += [Config(m, k) for m in names if m != "off" for k in ks]
+    return out
+
+
+def synthetic_image(size: int):
+    """A deterministic picture with structure (discs on a gradient, mild noise), size^2 px:
+    the cost does not depend on what the picture shows, only on its size."""
+    import numpy as np
+
+    from .images import Image
+    rng = np.random.default_rng(size)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([180 * xx + 40, 160 * yy + 50, 120 * (1 - xx) + 60], -1)
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.04, 0.12)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    img += rng.normal(0, 6, img.shape)
+    rgb = np.clip(img, 0, 255).astype(np.uint8)
+    return Image(f"synthetic-{size}px", size, size, np.ascontiguousarray(rgb).tobytes())
+
+
+# ------------------------------------------------------------------------ one run (worker)
+def measure(job: dict) -> dict:
+    """One configuration in this process: warm-up turn, a short and a long timed turn."""
+    import resource
+
+    from .engine import VisionChat
+    from .images import as_image
+
+    image = as_image(job["image"]) if job.get("image") else synthetic_image(job["image_size"])
+    chat = VisionChat(job["model"], job["mmproj"], mode=job["mode"], keep=job["keep"],
+                      n_threads=job["threads"], ctx_size=job["ctx_size"],
+                      gpu_layers=job.get("gpu_layers"), ignore_eos=True)
+    try:
+        chat.ask(PROMPT, [image], max_tokens=2)           # warm-up: caches, graphs, pages
+        out: dict = {}
+        for key, n_tokens in (("short", job["short_tokens"]), ("long", job["long_tokens"])):
+            chat.reset()
+            t0 = time.perf_counter()
+            ttft = None
+            for _ in chat.stream(PROMPT, [image], max_tokens=n_tokens):
+                if ttft is None:
+                    ttft = (time.perf_counter() - t0) * 1e3
+            st = chat.last_stats
+            out[f"decode_tps_{key}"] = st.decode_tps
+            out[f"n_decoded_{key}"] = st.n_decoded
+            if key == "short":      # the prefill figures of the first timed turn
+                out.update(vision_tokens_in=st.vision_tokens_in,
+                           vision_tokens_kept=st.vision_tokens_kept,
+                           t_encode_ms=st.t_encode_ms, t_merge_ms=st.t_merge_ms,
+                           t_prefill_ms=st.t_prefill_ms, ttft_ms=ttft,
+                           kv_cells=st.kv_cells, kv_bytes=st.kv_bytes)
+    finally:
+        chat.close()
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _worker_main(argv: list[str]) -> int:
+    from .errors import LightKVError
+
+    job = json.loads(argv[0])
+    try:
+        result = measure(job)
+    except LightKVError as e:      # the parent shows this one line
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------ the sweep
+def _run_worker(job: dict, timeout: float) -> dict:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lightkv_edge.bench_cost", json.dumps(job)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"one run of {job['mode']}@{job['keep']} took over {timeout:.0f} s "
+                         "(raise --run-timeout, or fewer --long-tokens)",
+                         param="run_timeout") from None
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise InputError(f"a run of {job['mode']}@{job['keep']} failed: {tail}", param="model")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def summarize(configs: list[Config], runs: dict[str, list[dict]]) -> list[dict]:
+    """Median / min / max of every figure, and run-by-run ratios to off."""
+    rows = []
+    base = runs.get("off")
+    for c in configs:
+        rs = runs[c.name]
+        row = {"config": c.name, "mode": c.mode, "keep": c.keep,
+               **{f: _spread([r[f] for r in rs]) for f in FIGURES}}
+        if base and c.mode != "off":
+            row["vs_off"] = {f: _spread([r[f] / b[f] for r, b in zip(rs, base) if b[f]])
+                             for f in ("t_prefill_ms", "ttft_ms", "kv_bytes",
+                                       "decode_tps_long", "peak_rss_mb")}
+        rows.append(row)
+    return rows
+
+
+def run_cost(args) -> int:
+    from .model import check_gguf
+
+    configs = parse_configs(args.modes, args.keep)
+    if not args.model or not args.mmproj:
+        raise InputError("give both --model and --mmproj (the text model and its vision "
+                         "projector)", param="model")
+    check_gguf(args.model, "model")
+    check_gguf(args.mmproj, "mmproj")
+    if args.image:
+        from .images import load_image
+        load_image(args.image)            # a bad picture fails here, not in every run
+    for path in (args.json, args.markdown):
+        _check_writable(path)
+    if args.plots:
+        try:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot make the plots folder {args.plots}: {e.strerror}",
+                             param="plots") from None
+        _check_writable(str(Path(args.plots) / "cost.png"))
+    job_base = dict(model=str(Path(args.model).resolve()), mmproj=str(Path(args.mmproj).resolve()),
+                    image=args.image, image_size=args.image_size, threads=args.threads,
+                    ctx_size=args.ctx_size, gpu_layers=args.gpu_layers,
+                    short_tokens=args.short_tokens, long_tokens=args.long_tokens)
+    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+    total = args.runs * len(configs)
+    t_start = time.perf_counter()
+    done = 0
+    for i in range(args.runs):
+        order = configs[i % len(configs):] + configs[:i % len(configs)]   # rotated
+        for c in order:
+            r = _run_worker(dict(job_base, mode=c.mode, keep=c.keep), args.run_timeout)
+            runs[c.name].append(r)
+            done += 1
+            eta = (time.perf_counter() - t_start) / done * (total - done)
+            print(f"[{done}/{total}] {c.name:12s} prefill {r['t_prefill_ms']:8.1f} ms  "
+                  f"ttft {r['ttft_ms']:8.1f} ms  kv {r['kv_bytes'] / 2**20:7.2f} MiB  "
+                  f"decode {r['decode_tps_long']:6.1f} tok/s  rss {r['peak_rss_mb']:6.0f} MB"
+                  f"  (eta {eta:.0f} s)", file=sys.stderr, flush=True)
+    # runs[name][i] is round i of every configuration: the ratios to off pair by round
+    out = {"model": Path(args.model).name, "mmproj": Path(args.mmproj).name,
+           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "cpu_count": os.cpu_count(), "threads": args.threads,
+           "blas_threads": 1, "runs": args.runs, "warmup_turns": 1,
+           "image": args.image or f"synthetic {args.image_size}x{args.image_size}",
+           "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+           "rows": summarize(configs, runs), "raw": runs}
+    print(markdown_table(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(out))
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plots:
+        from .bench_plots import cost_plots
+        for p in cost_plots(out, Path(args.plots)):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def _check_writable(path: str | None) -> None:
+    if not path:
+        return
+    d = Path(path).resolve().parent
+    if not d.is_dir() or not os.access(d, os.W_OK):
+        raise InputError(f"cannot write {path}: {d} is not a writable folder", param="output")
+
+
+def markdown_table(out: dict) -> str:
+    """Medians with [min, max] over the runs; the x columns are the run-by-run ratios to off."""
+    def cell(row, f, fmt):
+        s = row[f]
+        return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+
+    def ratio(row, f):
+        return "" if "vs_off" not in row else f"{row['vs_off'][f]['median']:.2f}x"
+
+    head = ["config", "tokens kept", "encode ms", "merge ms", "prefill ms", "prefill vs off",
+            "TTFT ms", "TTFT vs off", "KV MiB", "decode tok/s (short)",
+            f"decode tok/s ({out['long_tokens']})", "peak RSS MB"]
+    lines = [f"Model `{out['model']}` + `{out['mmproj']}`; image {out['image']}; "
+             f"{out['machine']}, {out['cpu_count']} CPUs, {out['threads'] or 'all'} threads "
+             f"(BLAS/OpenMP pools 1); {out['runs']} runs per configuration after one warm-up "
+             "turn each, one process per run, configurations interleaved. Median [min, max].",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in out["rows"]:
+        lines.append("| " + " | ".join([
+            r["config"],
+            f"{r['vision_tokens_kept']['median']:.0f} / {r['vision_tokens_in']['median']:.0f}",
+            cell(r, "t_encode_ms", "{:.0f}"), cell(r, "t_merge_ms", "{:.1f}"),
+            cell(r, "t_prefill_ms", "{:.0f}"), ratio(r, "t_prefill_ms"),
+            cell(r, "ttft_ms", "{:.0f}"), ratio(r, "ttft_ms"),
+            f"{r['kv_bytes']['median'] / 2**20:.2f}",
+            cell(r, "decode_tps_short", "{:.1f}"), cell(r, "decode_tps_long", "{:.1f}"),
+            f"{r['peak_rss_mb']['median']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
