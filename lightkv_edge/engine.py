@@ -23,6 +23,9 @@ Modes:
 - layer: a turn with images is prefilled by layer_mode.py: the rows run through the
          decoder up to each scheduled layer, the image rows are merged there, guided by
          that layer's attention, and the KV cache is compacted to the final rows.
+On top of any mode, evict=KEEP frees the least attended vision cells after each turn's
+prefill (and every decode_evict tokens while answering): evict.py. The engine then decodes
+the turn's rows itself, so that the eviction learns their KV cells.
 """
 from __future__ import annotations
 
