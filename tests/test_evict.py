@@ -236,6 +236,55 @@ def test_eviction_changes_the_answer_measurably(tiny, hf):
     assert max(float(torch.max(torch.abs(x - y))) for x, y in zip(a[1:], b[1:])) > 0.1
 
 
+@pytest.mark.parametrize("keep, every", [(0.5, 2), (0.25, None)])
+def test_layer_mode_then_eviction_matches_reference(tiny, hf, keep, every):
+    """Layer mode (merges after layers 0 and 1, KV compacted), then the eviction scored on
+    the final cells with the window's queries of each layer as that layer ran: against
+    reference.prefill_with_merge(kv_policy="compact") followed by reference/evict.py."""
+    from lightkv_edge.layer_mode import LayerRunner, Segment, Stage
+    from lightkv_edge.reference import Schedule, prefill_with_merge
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    s1, s2 = len(t1), len(t1) + N_IMG
+    s, w, grid = s2 + len(t2), len(t2), (8, 8)
+    emb = m.weights["token_embd.weight"].astype(np.float64)
+    x = torch.from_numpy(np.concatenate([emb[t1], img.astype(np.float64), emb[t2]]))
+    ref = prefill_with_merge(hf, x, [(s1, N_IMG, grid)], Schedule((0, 1), (2, 1), (0.5, 0.5)),
+                             positions="keep", kv_policy="compact")
+    is_img = (ref.kept >= s1) & (ref.kept < s2)
+    cache = R.Cache(list(ref.keys), list(ref.values), ref.positions.clone(),
+                    torch.where(is_img, 0, -1), ref.kept.clone())
+    R.evict(hf, cache, [q[:, -w:] for q in ref.queries], ref.positions[-w:], keep)
+    ref_kept = (cache.row[cache.image == 0] - s1).tolist()
+    ref_toks, ref_logits = R.generate(hf, cache, ref.logits, ref.next_position, STEPS,
+                                      keep=keep, every=every)
+
+    c = _Ctx(model, None)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        c.ev = ev = E.Evictor(model, c.ctx, keep=keep, decode_every=every)
+        segs = [Segment("text", np.arange(s1)[None], tokens=t1),
+                Segment("image", np.arange(s1, s2)[None], embd=img, grid=grid),
+                Segment("text", np.arange(s2, s)[None], tokens=t2)]
+        res = run.prefill(segs, (Stage(0, 2, 0.5), Stage(1, 1, 0.5)), observe_q=ev.layers)
+        ev.arm()                       # the runner ends with the stock range
+        image, n_vis = ev.new_image(), res.vision_out
+        for lo, hi, im in ((0, s1, -1), (s1, s1 + n_vis, image), (s1 + n_vis, None, -1)):
+            ev.add_cells(res.cells[lo:hi], res.positions[0, lo:hi], im)
+        assert sorted(res.window_q) == list(range(N_LAYER))
+        assert np.max(np.abs(res.logits - ref.logits.numpy())) < TOL
+        ev.evict(res.window_q, np.arange(s2, s), [image])
+        assert res.kept[0][c.kept_rows()].tolist() == ref_kept
+        toks, step_logits = c.greedy(res.logits, s)
+        assert toks == ref_toks
+        for a, b in zip(step_logits, ref_logits):
+            assert np.max(np.abs(a - b.numpy())) < TOL
+        assert res.kept[0][c.kept_rows()].tolist() == \
+            (cache.row[cache.image == 0] - s1).tolist()
+    finally:
+        c.close()
+
+
 def test_keep_one_is_exactly_no_eviction_tiny(tiny):
     """Scoring that frees nothing (eval callback on, cells logged) leaves llama.cpp's
     logits bit for bit those of plain decodes."""
