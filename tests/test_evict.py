@@ -6,6 +6,7 @@ lightkv_edge/reference/evict.py.
   tests/helpers/layer_ref.py): 6 text tokens | an "image" of 64 random embedding rows | 10
   text tokens, in batches of 24; the eviction after the prefill keeps the reference's
   cells, and the greedy tokens with decode-time eviction are the reference's;
+- layer mode then eviction on the tiny llama: the reference's compact prefill and eviction;
 - the embedded Qwen2-VL model (M-RoPE) in f32, through VisionChat: the same;
 - eviction that keeps everything is `off` exactly (tokens and logits);
 - cells and KV bytes drop by the evicted fraction; multi-turn keeps working; embed and
