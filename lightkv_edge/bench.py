@@ -35,6 +35,10 @@ DEFAULT_METHODS = ("off", "lightkv-protect", "lightkv-paper", "unguided", "rando
 # bench name -> layer mode's KV policy
 _LAYER_KV = {"layer": "compact", "layer-exact": "exact"}
 SPLITS = ("test", "val")
+# KV eviction (docs/eviction.md), not in the default list: `evict` on top of off keeps KEEP
+# of each image's cells after the prefill; `embed+evict` reaches the same budget in two
+# halves, the merge keeping sqrt(KEEP) and the eviction sqrt(KEEP) of what is left
+_EVICT_METHODS = ("evict", "embed+evict")
 
 
 def _chat_settings(method: str, keep: float) -> dict:
@@ -43,6 +47,10 @@ def _chat_settings(method: str, keep: float) -> dict:
         return {"mode": "off"}
     if method in _LAYER_KV:
         return {"mode": "layer", "keep": keep, "kv": _LAYER_KV[method]}
+    if method == "evict":
+        return {"mode": "off", "evict": keep}
+    if method == "embed+evict":
+        return {"mode": "embed", "keep": keep ** 0.5, "evict": keep ** 0.5}
     return {"mode": "embed", "keep": keep, "method": method}
 
 
@@ -75,6 +83,8 @@ def evaluate(chat, samples, image_of) -> dict:
         for k in ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "kv_bytes",
                   "vision_tokens_in", "vision_tokens_kept", "t_decode_ms", "n_decoded", "keep"):
             sums[k] += getattr(st, k)
+        if st.evict_vision_before:      # the vision cells the cache holds after eviction
+            sums["vision_tokens_kept"] += st.evict_vision_after - st.vision_tokens_kept
     n = sum(total.values())
     k = sum(correct.values())
     out = {"n": n, "correct": k, "accuracy": k / max(n, 1), "ci95": list(wilson(k, n)),
@@ -98,9 +108,9 @@ def run_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
         list(DEFAULT_METHODS)
     for m in methods:
-        if m != "off" and m not in METHODS and m not in _LAYER_KV:
+        if m != "off" and m not in METHODS and m not in _LAYER_KV and m not in _EVICT_METHODS:
             raise InputError(f"unknown method {m!r} (choose from "
-                             f"{', '.join(['off', *METHODS, *_LAYER_KV])})")
+                             f"{', '.join(['off', *METHODS, *_LAYER_KV, *_EVICT_METHODS])})")
     try:
         keeps = [float(k) for k in args.keep.split(",")] if args.keep else list(DEFAULT_KEEPS)
     except ValueError:
@@ -111,7 +121,8 @@ def run_bench(args) -> int:
     if split not in SPLITS:
         raise InputError(f"--split must be one of {', '.join(SPLITS)} (train is what the "
                          f"model learnt from), got {split!r}")
-    if any(m != "off" and m not in NATIVE_METHODS and m not in _LAYER_KV for m in methods):
+    if any(m != "off" and m not in (*NATIVE_METHODS, *_LAYER_KV, *_EVICT_METHODS)
+           for m in methods):
         # the baselines run on the PyTorch reference; torch's own OpenMP pool would spin
         # against llama.cpp's threads and slow every later row (seen: prefill 5x slower)
         import torch

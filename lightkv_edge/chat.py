@@ -40,7 +40,9 @@ def _open_chat(args):
                       gpu_layers=args.gpu_layers, temp=args.temp, seed=args.seed,
                       max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                       verbose=args.verbose, model_name=args.model_name,
-                      schedule=args.schedule, kv=args.kv, method=args.method)
+                      schedule=args.schedule, kv=args.kv, method=args.method,
+                      evict=args.evict, decode_evict=args.decode_evict,
+                      evict_layers=args.evict_layers, evict_window=args.evict_window)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

@@ -29,7 +29,9 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "n_threads": "-t/--threads", "gpu_layers": "-ngl/--gpu-layers",
            "model_name": "--model-name", "schedule": "--schedule", "kv": "--kv",
            "modes": "--modes", "keeps": "--keep", "run_timeout": "--run-timeout",
-           "show_merge": "--show-merge"}
+           "show_merge": "--show-merge",
+           "evict": "--evict", "decode_evict": "--decode-evict",
+           "evict_layers": "--evict-layers", "evict_window": "--evict-window"}
 
 
 def user_message(e: Exception) -> str:
@@ -67,6 +69,16 @@ def _nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        v = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of layers: {text!r}")
+    if any(x < 0 for x in v):
+        raise argparse.ArgumentTypeError(f"layers must be >= 0, got {text}")
     return v
 
 
@@ -149,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layer mode's KV policy: compact (every layer keeps only the final "
                          "merged rows; cells are freed) or exact (the paper's semantics: "
                          "each layer keeps the rows it ran on; more cells than off)")
+    ev = chat.add_argument_group("KV eviction (docs/eviction.md; any mode)")
+    ev.add_argument("--evict", type=_fraction, default=None, metavar="KEEP",
+                    help="after each turn's prefill keep KEEP of every image's vision KV "
+                         "cells, those its question attends to most, and free the rest "
+                         "(llama/qwen2/qwen2-vl text models)")
+    ev.add_argument("--decode-evict", type=_positive_int, default=None, metavar="N",
+                    help="while answering, every N tokens re-score the vision cells with "
+                         "those N tokens' attention and keep KEEP of each image's "
+                         "remaining cells (needs --evict)")
+    ev.add_argument("--evict-layers", type=_layer_list, default=None, metavar="L,L,...",
+                    help="decoder layers whose attention is summed (default: all)")
+    ev.add_argument("--evict-window", type=_positive_int, default=None, metavar="N",
+                    help="the last N text rows of the turn observe (default: all the text "
+                         "after its last image)")
     gen = chat.add_argument_group("generation")
     gen.add_argument("-n", "--max-tokens", type=_positive_int, default=256, metavar="N",
                      help="most tokens to generate per answer (default 256)")

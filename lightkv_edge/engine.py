@@ -23,6 +23,9 @@ Modes:
 - layer: a turn with images is prefilled by layer_mode.py: the rows run through the
          decoder up to each scheduled layer, the image rows are merged there, guided by
          that layer's attention, and the KV cache is compacted to the final rows.
+On top of any mode, evict=KEEP frees the least attended vision cells after each turn's
+prefill (and every decode_evict tokens while answering): evict.py. The engine then decodes
+the turn's rows itself, so that the eviction learns their KV cells.
 """
 from __future__ import annotations
 
@@ -65,6 +68,14 @@ class Stats:
     # kept fraction as run, the paper's definition)
     stages: list = field(default_factory=list)
     cells_freed: int = 0
+    # KV eviction (evict.py): this turn's vision cells and the KV bytes before and after
+    # the eviction at the end of the prefill, and the cells freed while decoding
+    evict_vision_before: int = 0
+    evict_vision_after: int = 0
+    evict_kv_bytes_before: int = 0
+    evict_kv_bytes_after: int = 0
+    evict_decode_freed: int = 0
+    t_evict_ms: float = 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -116,7 +127,9 @@ class VisionChat:
                  max_tokens: int = 256, method: str = DEFAULT_METHOD, positions: str = "keep",
                  ignore_eos: bool = False, verbose: bool = False,
                  model_name: str | None = None, schedule: str | None = None,
-                 kv: str = "compact"):
+                 kv: str = "compact", evict: float | None = None,
+                 decode_evict: int | None = None, evict_layers=None,
+                 evict_window: int | None = None):
         _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
                         n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
                         max_tokens=max_tokens, method=method, positions=positions)
@@ -139,6 +152,21 @@ class VisionChat:
         elif schedule is not None:
             raise InputError("a schedule is for mode 'layer'", param="schedule")
         self.kv = kv
+        from . import evict as _evict
+        try:
+            if evict is not None:
+                _evict.check_keep(evict)
+        except ValueError as e:
+            raise InputError(str(e), param="evict") from None
+        try:
+            _evict.check_every(decode_evict)
+        except ValueError as e:
+            raise InputError(str(e), param="decode_evict") from None
+        if decode_evict is not None and evict is None:
+            raise InputError("decode_evict needs evict (the kept fraction)",
+                             param="decode_evict")
+        self._evictor = None
+        self._window_q = None
         if model is not None and model_name is not None:
             raise InputError("give either model files or an embedded model_name, not both",
                              param="model_name")
@@ -175,6 +203,14 @@ class VisionChat:
             # merged rows keep their original positions: the sequence jumps forward over
             # the merged-away ones, which our patch 0001 lets llama.cpp accept
             _set_position_gaps(self.m.ctx, True)
+        if evict is not None:
+            try:    # the architecture, layers and window, checked before any compute
+                self._evictor = _evict.Evictor(
+                    self.m.model, self.m.ctx, keep=evict, layers=evict_layers,
+                    window=evict_window, decode_every=decode_evict)
+            except ValueError as e:
+                self.close()
+                raise InputError(str(e), param="evict") from None
         self._eog_tokens = None
         # the merge's ggml graphs are small: they run with the LLM's thread count, so an
         # oversubscribed machine does not make their thread barriers spin
@@ -225,6 +261,8 @@ class VisionChat:
         self.n_past = 0           # next position (M-RoPE images advance it by their extent)
         self.n_cells = 0          # KV cells in use
         self.rendered = ""        # the conversation text the KV cache holds
+        if self._evictor:
+            self._evictor.clear()
 
     def close(self) -> None:
         """Free the model; later calls raise ClosedError. Closing twice is harmless."""
@@ -418,6 +456,11 @@ class VisionChat:
                         f"decoded in one batch, but this context takes {self.m.n_ubatch} "
                         "(raise ctx_size); the conversation is unchanged", param="ctx_size")
             need += n
+            if self._evictor and mtmd.chunk_get_type(c) != mtmd.CHUNK_TEXT and \
+                    mtmd.decode_use_non_causal(self.m.mctx, c):
+                raise InputError("KV eviction needs causal image attention (this model's "
+                                 "images attend both ways); nothing was evicted",
+                                 param="evict")
         need *= copies
         if self.n_cells + need + 1 > self.m.n_ctx:
             raise InputError(f"this message needs {need} tokens but only "
@@ -436,33 +479,105 @@ class VisionChat:
             self._clear_kv()
         else:
             self.n_past, self.n_cells = n_past, n_cells
+            if self._evictor:
+                self._evictor.observe(False)
+                self._evictor.log.drop_from(n_past)
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self, chunks, guidance_text: str, stats: Stats) -> None:
         chunk_list = list(self._chunks(chunks))
-        if self.mode == "layer" and any(mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE
-                                        for c in chunk_list):
-            return self._prefill_layer_mode(chunk_list, stats)
+        has_image = any(mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE for c in chunk_list)
+        ev = self._evictor
+        images_before = ev.n_images if ev else 0
+        if self.mode == "layer" and has_image:
+            self._prefill_layer_mode(chunk_list, stats)
+            if ev:
+                self._evict_after_prefill(stats, images=range(images_before, ev.n_images))
+            return
         text_ids = None
         for i, chunk in enumerate(chunk_list):
             last = i == len(chunk_list) - 1
             kind = mtmd.chunk_get_type(chunk)
             if kind == mtmd.CHUNK_TEXT:
-                self._eval_stock(chunk, last, stats)
+                if ev is None:
+                    self._eval_stock(chunk, last, stats)
+                else:
+                    # the text after the turn's last image is the observation window
+                    window = last and has_image
+                    ev.observe(window)
+                    try:
+                        self._eval_text_tracked(chunk, last, stats)
+                        if window:
+                            self._window_q = ev.take_queries()
+                    finally:
+                        if window:
+                            ev.observe(False)
             elif kind == mtmd.CHUNK_IMAGE:
-                if self.mode == "off" or self.keep >= 1.0:
+                if (self.mode == "off" or self.keep >= 1.0) and ev is None:
                     self._eval_image_stock(chunk, stats)
+                elif self.mode == "off" or self.keep >= 1.0:
+                    self._eval_image_logged(chunk, stats)
                 else:
                     if text_ids is None:
                         text_ids = np.asarray(self.m.tokenize(guidance_text), np.int32)
                     self._eval_image_merged(chunk, text_ids, stats)
             else:
                 raise InputError("audio input is not supported")
+        if ev and has_image:
+            self._evict_after_prefill(stats, images=range(images_before, ev.n_images))
+
+    def _evict_after_prefill(self, stats: Stats, images) -> None:
+        """Score this turn's images with its window and free what the budget leaves out."""
+        ev = self._evictor
+        t0 = time.perf_counter()
+        images = list(images)
+        q = self._window_q
+        self._window_q = None
+        rows = len(next(iter(q.values())))
+        w = rows if ev.window is None else min(ev.window, rows)
+        # the window's positions: the turn's last w rows (text: one position a row)
+        q_pos = np.arange(self.n_past - w, self.n_past, dtype=np.int32)
+        q = {li: a[-w:] for li, a in q.items()}
+        stats.evict_vision_before = ev.vision_cells(images)
+        stats.evict_kv_bytes_before = self.m.kv_bytes()
+        freed = ev.evict(q, q_pos, images)
+        self.n_cells -= freed
+        stats.evict_vision_after = ev.vision_cells(images)
+        stats.evict_kv_bytes_after = self.m.kv_bytes()
+        stats.t_evict_ms += (time.perf_counter() - t0) * 1e3
+
+    def _eval_text_tracked(self, chunk, logits_last: bool, stats: Stats) -> None:
+        """The text chunk as mtmd_helper_eval_chunk_single decodes it (batches of n_batch
+        tokens, logits for the last one), with each batch's cells logged for eviction."""
+        cnt = ctypes.c_size_t()
+        p = mtmd.chunk_get_tokens_text(chunk, ctypes.byref(cnt))
+        toks = [p[i] for i in range(cnt.value)]
+        t0 = time.perf_counter()
+        nb = self.m.n_batch
+        for s in range(0, len(toks), nb):
+            e = min(s + nb, len(toks))
+            b = llama_cpp.llama_batch_init(e - s, 0, 1)
+            try:
+                b.n_tokens = e - s
+                for i in range(e - s):
+                    b.token[i], b.pos[i] = toks[s + i], self.n_past + s + i
+                    b.n_seq_id[i], b.seq_id[i][0] = 1, 0
+                    b.logits[i] = logits_last and s + i == len(toks) - 1
+                if llama_cpp.llama_decode(self.m.ctx, b) != 0:
+                    raise ModelError(f"llama.cpp failed to evaluate the prompt: "
+                                     f"{LOG.last_error()}")
+            finally:
+                llama_cpp.llama_batch_free(b)
+            self._evictor.record(e - s, self.n_past + np.arange(s, e))
+        stats.t_prefill_ms += (time.perf_counter() - t0) * 1e3
+        self.n_cells += len(toks)
+        self.n_past += len(toks)
 
     def _prefill_layer_mode(self, chunk_list, stats: Stats) -> None:
         """The whole turn through layer_mode: merges between decoder layers, KV compacted."""
         from . import layer_mode
         n_layer = self._layer_runner.n_layer
+        ev = self._evictor
         try:
             stages = self.schedule
             if stages is None:
@@ -474,10 +589,14 @@ class VisionChat:
             t0 = time.perf_counter()
             res, n_past, t_enc = layer_mode.prefill_chunks(
                 self.m, chunk_list, stages, n_past=self.n_past, positions=self.positions,
-                kv=self.kv, runner=self._layer_runner)
+                kv=self.kv, runner=self._layer_runner,
+                observe_q=ev.layers if ev else ())
         except ValueError as e:
             raise InputError(f"layer mode: {e}",
                              param="schedule" if self.schedule else "keep") from None
+        finally:
+            if ev:     # layer mode ends with the stock range: record the cells again
+                ev.arm()
         t_total = (time.perf_counter() - t0) * 1e3
         stats.t_encode_ms += t_enc
         stats.t_merge_ms += res.t_guidance_ms + res.t_merge_ms + res.t_compact_ms
@@ -490,6 +609,17 @@ class VisionChat:
         stats.cells_freed = res.cells_freed
         self.n_cells += sum(len(cells) for _, _, cells in res.layer_cells)
         self.n_past = n_past
+        if ev:      # log the final cells: the eviction scores them
+            row, j = 0, 0
+            for c in chunk_list:
+                if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE:
+                    n, image = len(res.kept[j]), ev.new_image()
+                    j += 1
+                else:
+                    n, image = mtmd.chunk_get_n_tokens(c), -1
+                ev.add_cells(res.cells[row:row + n], res.positions[0, row:row + n], image)
+                row += n
+            self._window_q = res.window_q
 
     def _eval_stock(self, chunk, logits_last: bool, stats: Stats) -> None:
         new_n_past = ctypes.c_int32(self.n_past)  # the helper adds to it for text
@@ -530,6 +660,14 @@ class VisionChat:
         self.n_cells += len(embd)
         self.n_past = new_n_past.value
 
+    def _eval_image_logged(self, chunk, stats: Stats) -> None:
+        """Every row of the image, as libmtmd's helper decodes them, but by us, so that
+        the eviction learns their cells."""
+        embd = self._encode(chunk, stats)
+        stats.vision_tokens_kept += len(embd)
+        pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
+        self._decode_image_rows(chunk, embd, pos, mtmd.chunk_get_n_pos(chunk), stats)
+
     def _eval_image_merged(self, chunk, text_ids: np.ndarray, stats: Stats) -> None:
         embd = self._encode(chunk, stats)
         all_pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
@@ -555,23 +693,33 @@ class VisionChat:
             else:
                 pos = (self.n_past + np.arange(m_kept, dtype=np.int32))[None, :]
             extent = m_kept
+        self._decode_image_rows(chunk, merged.embd, pos, extent, stats)
+
+    def _decode_image_rows(self, chunk, embd: np.ndarray, pos: np.ndarray, extent: int,
+                           stats: Stats) -> None:
+        """Decode image rows (embeddings) at pos [n_pos, n] in batches of n_batch, as
+        libmtmd's helper does; the image then spans `extent` positions."""
         non_causal = bool(mtmd.decode_use_non_causal(self.m.mctx, chunk))
+        ev = self._evictor
+        image = ev.new_image() if ev else -1
         t0 = time.perf_counter()
         if non_causal:
             llama_cpp.llama_set_causal_attn(self.m.ctx, False)
         try:
             nb = self.m.n_batch
-            for s in range(0, len(merged.kept), nb):
-                e = min(s + nb, len(merged.kept))
-                batch = _EmbdBatch(merged.embd[s:e], pos[:, s:e].reshape(-1), pos.shape[0])
+            for s in range(0, len(embd), nb):
+                e = min(s + nb, len(embd))
+                batch = _EmbdBatch(embd[s:e], pos[:, s:e].reshape(-1), pos.shape[0])
                 if llama_cpp.llama_decode(self.m.ctx, batch.batch) != 0:
                     raise ModelError(f"llama.cpp failed to decode the image: "
                                      f"{LOG.last_error()}")
+                if ev:
+                    ev.record(e - s, pos[0, s:e], image)
         finally:
             if non_causal:
                 llama_cpp.llama_set_causal_attn(self.m.ctx, True)
         stats.t_prefill_ms += (time.perf_counter() - t0) * 1e3
-        self.n_cells += len(merged.kept)
+        self.n_cells += len(embd)
         self.n_past += extent
 
     # -- decoding -------------------------------------------------------------------------
@@ -603,6 +751,17 @@ class VisionChat:
         always agree."""
         sampler = self._make_sampler()
         self._eog_piece = ""
+        ev = self._evictor
+        if ev:
+            ev.start_decoding()
+            try:
+                yield from self._generate_tokens(sampler, max_tokens, stats, answer, ev)
+            finally:
+                ev.stop_decoding()
+        else:
+            yield from self._generate_tokens(sampler, max_tokens, stats, answer, None)
+
+    def _generate_tokens(self, sampler, max_tokens: int, stats: Stats, answer: bytearray, ev):
         token_arr = (llama_cpp.llama_token * 1)()
         pos = np.zeros(1, dtype=np.int32)
         for _ in range(max_tokens):
@@ -621,6 +780,11 @@ class VisionChat:
                     raise ModelError(f"llama.cpp failed to decode: {LOG.last_error()}")
                 self.n_past += 1
                 self.n_cells += 1
+                if ev:
+                    # LightVLM's decoding stage: every N tokens, re-score and evict
+                    freed = ev.decoded(self.n_past - 1)
+                    self.n_cells -= freed
+                    stats.evict_decode_freed += freed
                 if self.m.is_eog(token):
                     self._eog_piece = self.m.piece(token).decode("utf-8", "replace")
                     stats.stop = "eog"

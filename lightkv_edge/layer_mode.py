@@ -248,6 +248,11 @@ class _QKCapture:
                                                   f"Kcur-{layer}".encode()}
         self.got = {n: [] for n in self.names}
 
+    def want_q(self, layers):
+        """Qcur of several layers (KV eviction's observation window, lightkv_edge/evict.py)."""
+        self.names = {f"Qcur-{layer}".encode() for layer in layers}
+        self.got = {n: [] for n in self.names}
+
     def _on_eval(self, t, ask, _ud):
         name = _ggml.ggml_get_name(t)
         if name not in self.names or _ggml.ggml_op_desc(t) != b"ROPE":
@@ -307,6 +312,8 @@ class LayerPrefill:
     t_guidance_ms: float = 0.0
     t_merge_ms: float = 0.0
     t_compact_ms: float = 0.0
+    # observe_q: {layer: [rows of the last segment, n_head * head_dim]} Qcur after RoPE
+    window_q: dict = field(default_factory=dict)
 
 
 class LayerRunner:
@@ -376,10 +383,12 @@ class LayerRunner:
 
     # -- the prefill ------------------------------------------------------------------------
     def prefill(self, segments: list[Segment], stages, *, positions: str = "keep",
-                kv: str = "compact", turn_start: int | None = None) -> LayerPrefill:
+                kv: str = "compact", turn_start: int | None = None,
+                observe_q=()) -> LayerPrefill:
         """Prefill one turn (its segments in order; the last must be text) under `stages`.
         turn_start: first position of the turn, for positions="renumber" (default: the
-        first segment's first position)."""
+        first segment's first position). observe_q: layers whose queries of the last
+        (text) segment come back in window_q (KV eviction's window, evict.py)."""
         check_policies(positions, kv)
         if not segments or segments[-1].kind != "text":
             raise ValueError("the turn must end with text (the logits to sample from)")
@@ -428,6 +437,7 @@ class LayerRunner:
         maps = None              # per rows: (assign into the new rows, weight) of the merge
         cells_before = None
         logits = None
+        window_q = {}
         try:
             for k in range(len(bounds) - 1):
                 a, b = bounds[k], bounds[k + 1]
@@ -444,7 +454,10 @@ class LayerRunner:
                     kv_cells_set_layers(self.ctx, prev_cells, bounds[k - 1], a)
                     layer_cells.append((bounds[k - 1], a, prev_cells))
                 self._qk.want(None if last else b - 1)
-                _l.llama_set_eval_callback(self.ctx, None if last else
+                observed = [f"Qcur-{li}".encode() for li in observe_q if a <= li < b]
+                self._qk.names |= set(observed)
+                self._qk.got.update({n: [] for n in observed})
+                _l.llama_set_eval_callback(self.ctx, None if last and not observed else
                                            C.cast(self._qk.cb, C.c_void_p), None)
                 for r in rows:
                     r.h, cells = [], []
@@ -459,6 +472,10 @@ class LayerRunner:
                             r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
                                        .copy())
                     r.cells = np.concatenate(cells)
+                for name in observed:    # the last segment is decoded last in every range
+                    got = np.concatenate(self._qk.got[name]).reshape(-1, self.n_head *
+                                                                     self.head_dim)
+                    window_q[int(name.split(b"-")[1])] = got[-len(rows[-1].orig):]
                 new_cells = np.concatenate([r.cells for r in rows])
                 if cells_before is None:
                     cells_before = len(new_cells)
@@ -542,7 +559,8 @@ class LayerRunner:
             stages=report, vision_in=n_vis, vision_out=present[-1],
             keep_fraction=run_report.keep_fraction, cells_freed=run_report.cells_freed,
             layer_cells=layer_cells,
-            t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact)
+            t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact,
+            window_q=window_q)
 
     def _qk_arrays(self, layer: int):
         qs = self._qk.got.get(f"Qcur-{layer}".encode(), [])
@@ -629,7 +647,7 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
 
 
 def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
-                   kv: str = "compact", runner: LayerRunner | None = None):
+                   kv: str = "compact", runner: LayerRunner | None = None, observe_q=()):
     """Prefill one turn of a VisionModel's conversation in layer mode.
 
     vm: lightkv_edge.model.VisionModel; chunks: the turn's libmtmd chunks in order (the
@@ -650,7 +668,8 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
                    positions=positions)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
-    res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past)
+    res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past,
+                      observe_q=observe_q)
     if positions == "renumber":
         end = n_past + res.positions.shape[1]
     return res, end, t_enc

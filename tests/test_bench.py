@@ -64,3 +64,26 @@ def test_bench_layer_rows(tmp_path):
     # cells than off: the text rows once per range)
     assert by["layer", 0.75]["kv_bytes"] < by["off", 1.0]["kv_bytes"] \
         < by["layer-exact", 0.75]["kv_bytes"]
+
+
+def test_bench_eviction_rows(tmp_path):
+    """`evict` (on off) and `embed+evict` rows: their budget is the vision cells the cache
+    holds after the eviction, and the KV bytes follow it."""
+    import math
+    from lightkv_edge.evict import keep_count
+    out = tmp_path / "e.json"
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "2",
+                        "--methods", "off,evict,embed+evict", "--keep", "0.5,0.25,0.1",
+                        "-t", "2", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    by = {(x["method"], x["keep"]): x for x in json.loads(out.read_text())["results"]}
+    assert set(by) == {("off", 1.0)} | {(m, k) for m in ("evict", "embed+evict")
+                                        for k in (0.5, 0.25, 0.1)}
+    n = by[("off", 1.0)]["vision_tokens_in"]
+    for k in (0.5, 0.25, 0.1):
+        assert by[("evict", k)]["vision_tokens_kept"] == keep_count(n, k)
+        merged = math.ceil(k ** 0.5 * n)                 # embed keeps ceil(keep * n)
+        assert by[("embed+evict", k)]["vision_tokens_kept"] == keep_count(merged, k ** 0.5)
+        assert by[("evict", k)]["kv_bytes"] < by[("off", 1.0)]["kv_bytes"]
+    assert by[("evict", 0.1)]["kv_bytes"] < by[("evict", 0.5)]["kv_bytes"]

@@ -253,3 +253,23 @@ def test_layer_mode_refuses_gemma3_in_one_line(converted, images):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "layer mode" in lines[0] and "architecture" in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_kv_eviction(family, images):
+    """KV eviction (docs/eviction.md) on the llama graph with several image chunks a turn
+    (idefics3: each chunk is an image and keeps its share); Gemma 3's graph is not covered
+    by the patches (and its images attend both ways): refused before any compute."""
+    from lightkv_edge.errors import InputError
+    fam, pair = family
+    if fam == "gemma3":
+        with pytest.raises(InputError, match="does not cover") as e:
+            _chat(pair, mode="off", evict=0.5)
+        assert e.value.param == "evict"
+        return
+    toks, st, _ = _run(pair, [images[0], images[1]], mode="off", evict=0.5, decode_evict=2)
+    assert len(toks) == N_TOK
+    n_in = _n_in(fam, 2)
+    assert st.evict_vision_before == n_in
+    assert st.evict_vision_after == sum(FAMILIES[fam]["chunks"]) * 8   # 8 of 16 a chunk
+    assert st.evict_decode_freed > 0
+    assert st.evict_kv_bytes_after < st.evict_kv_bytes_before

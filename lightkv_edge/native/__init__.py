@@ -108,6 +108,9 @@ def _load():
             "lightkv_guidance_scores": (C.c_int, [p_ctx, f32p, f32p, C.c_int64, C.c_int64, C.c_int64,
                                                   C.c_int64, i64p, C.c_int64, i64p, C.c_int64,
                                                   C.c_float, f32p]),
+            "lightkv_attention_received": (C.c_int, [p_ctx, f32p, f32p, C.c_int64, C.c_int64, C.c_int64,
+                                                     C.c_int64, C.c_int64, C.POINTER(C.c_int32),
+                                                     C.POINTER(C.c_int32), C.c_float, f32p]),
             "lightkv_gguf_open": (C.c_int, [C.c_char_p, C.POINTER(C.c_void_p)]),
             "lightkv_gguf_free": (None, [C.c_void_p]),
             "lightkv_gguf_value": (C.c_int, [C.c_void_p, C.c_char_p, C.POINTER(C.c_int32), i64p,
@@ -574,6 +577,34 @@ def guidance_scores_from_qk(q, k, vision, text, scale=None, *, backend=None) -> 
         st = ctx.lib.lightkv_guidance_scores(ctx.h, _f32p(qa), _f32p(ka), h, hk, s, dh,
                                              v.ctypes.data_as(i64), v.shape[0],
                                              t.ctypes.data_as(i64), t.shape[0], sc, _f32p(out))
+        ctx.check(st)
+    return out
+
+
+def attention_received(q, k, q_pos, k_pos, scale=None, *, backend=None) -> np.ndarray:
+    """Attention each key receives from a window of queries (KV eviction's importance),
+    as one ggml graph: r_j = sum_h sum_i softmax over the keys of scale * q_h[i] . k[j],
+    where query i sees key j only if k_pos[j] <= q_pos[i] (llama.cpp's causal mask).
+    q [H, W, d], k [H_kv, N, d] (after RoPE; query head h uses key head h // (H / H_kv));
+    q_pos [W], k_pos [N] integers; every query must see a key. -> float32 [N]."""
+    qa = _float32_array(q, "q", 3)
+    ka = _float32_array(k, "k", 3)
+    h, w, dh = qa.shape
+    hk, n = ka.shape[0], ka.shape[1]
+    if ka.shape[2] != dh or hk < 1 or h % hk:
+        raise ValueError(f"k shape {ka.shape} does not fit q shape {qa.shape}")
+    qp = np.ascontiguousarray(q_pos, dtype=np.int32)
+    kp = np.ascontiguousarray(k_pos, dtype=np.int32)
+    if qp.shape != (w,) or kp.shape != (n,):
+        raise ValueError(f"q_pos must be [{w}] and k_pos [{n}], got {qp.shape}, {kp.shape}")
+    sc = 1.0 / math.sqrt(dh) if scale is None else _real(scale, "scale")
+    out = np.zeros(n, np.float32)
+    ctx = _context(backend)
+    i32 = C.POINTER(C.c_int32)
+    with ctx.lock:
+        st = ctx.lib.lightkv_attention_received(ctx.h, _f32p(qa), _f32p(ka), h, hk, w, n, dh,
+                                                qp.ctypes.data_as(i32), kp.ctypes.data_as(i32),
+                                                sc, _f32p(out))
         ctx.check(st)
     return out
 

@@ -42,6 +42,9 @@ class PrefillResult:
     hidden: torch.Tensor              # [S_final, D] last layer output (before final norm)
     states: list[MergeState]          # one per image, in vision_slices order
     next_position: int                # position of the next (decoded) token
+    # per layer [H, S_l, head_dim]: the queries (after RoPE) of the rows present when that
+    # layer ran (KV eviction scores with the last text rows' ones: reference/evict.py)
+    queries: list[torch.Tensor] | None = None
 
 
 def _rope_fn(model):
@@ -141,13 +144,14 @@ def prefill_with_merge(model, input_ids, vision_slices, schedule: Schedule, *,
     states = [MergeState(n, grid) for _, n, grid in slices]
     seq_maps: list[tuple[torch.Tensor, torch.Tensor]] = []  # whole-sequence stage maps
     layer_stage: list[int] = []                       # stages done before each layer ran
-    keys, values, kv_pos = [], [], []
+    keys, values, kv_pos, queries = [], [], [], []
 
     for li, layer in enumerate(layers):
         cos, sin = base.rotary_emb(h, pos[None].to(dev))
         q, k, v = layer_qkv(layer, h, cos, sin, rope)
         keys.append(k[0])
         values.append(v[0])
+        queries.append(q[0])
         kv_pos.append(pos.clone())
         layer_stage.append(len(seq_maps))
         h = layer_finish(layer, h, q, k, v)
@@ -209,7 +213,7 @@ def prefill_with_merge(model, input_ids, vision_slices, schedule: Schedule, *,
     next_position = int(pos[-1]) + 1 if positions == "renumber" else seq_len
     return PrefillResult(logits=logits, keys=keys, values=values, kv_positions=kv_pos,
                          kept=orig, positions=pos, hidden=hidden, states=states,
-                         next_position=next_position)
+                         next_position=next_position, queries=queries)
 
 
 def _compact(t: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor, m: int):

@@ -198,6 +198,19 @@ LIGHTKV_API lightkv_status lightkv_guidance_scores(lightkv_context * ctx,
                                                    const int64_t * text_idx, int64_t n_text,
                                                    float scale, float * out_scores);
 
+/* --- attention received (KV eviction) ------------------------------------------------------ */
+/* r_j = sum_h sum_i softmax over the keys of (scale * q_h[i] . k_h'[j]), with query i seeing
+ * key j only where k_pos[j] <= q_pos[i] (causal by position, as llama.cpp's mask), for every
+ * key j. q [n_head, n_query, head_dim], k [n_head_kv, n_key, head_dim] (row-major float32,
+ * after RoPE; query head h uses key head h / (n_head / n_head_kv)). Every query must see at
+ * least one key. out: caller-owned [n_key]. */
+LIGHTKV_API lightkv_status lightkv_attention_received(lightkv_context * ctx,
+                                                      const float * q, const float * k,
+                                                      int64_t n_head, int64_t n_head_kv,
+                                                      int64_t n_query, int64_t n_key, int64_t head_dim,
+                                                      const int32_t * q_pos, const int32_t * k_pos,
+                                                      float scale, float * out);
+
 /* --- GGUF metadata -------------------------------------------------------------------------- */
 /* The header, key/values and tensor infos of a GGUF file, read by ggml's own gguf reader
  * (no tensor data). A file that is not a readable GGUF (bad magic, truncated, corrupt, an

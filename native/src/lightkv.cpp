@@ -988,4 +988,63 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
     });
 }
 
+lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q, const float * k,
+                                          int64_t n_head, int64_t n_head_kv, int64_t n_query, int64_t n_key,
+                                          int64_t head_dim, const int32_t * q_pos, const int32_t * k_pos,
+                                          float scale, float * out) {
+    return guarded(ctx, [&] {
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (n_head < 1 || n_head_kv < 1 || n_query < 1 || n_key < 1 || head_dim < 1) {
+            LKV_INVALID("q/k shapes must be positive (n_head %lld, n_head_kv %lld, n_query %lld, n_key %lld, head_dim %lld)",
+                        (long long) n_head, (long long) n_head_kv, (long long) n_query, (long long) n_key,
+                        (long long) head_dim);
+        }
+        if (n_head % n_head_kv != 0) {
+            LKV_INVALID("n_head %lld is not a multiple of n_head_kv %lld", (long long) n_head, (long long) n_head_kv);
+        }
+        if (n_query > MAX_TOKENS || n_key > MAX_TOKENS) LKV_INVALID("too many queries or keys");
+        if (!q || !k || !q_pos || !k_pos || !out) LKV_INVALID("q, k, q_pos, k_pos and out must not be NULL");
+        if (!std::isfinite(scale)) LKV_INVALID("scale must be finite");
+        const int64_t nq = checked_mul(checked_mul(n_head, n_query, "q"), head_dim, "q");
+        const int64_t nk = checked_mul(checked_mul(n_head_kv, n_key, "k"), head_dim, "k");
+        checked_mul(checked_mul(n_query, n_key, "logits"), n_head, "logits");
+        check_finite(q, nq, "q");
+        check_finite(k, nk, "k");
+        // the mask, and a query that sees no key would divide by zero: refuse it here
+        std::vector<float> mask((size_t) (n_query * n_key));
+        for (int64_t i = 0; i < n_query; i++) {
+            bool any = false;
+            for (int64_t j = 0; j < n_key; j++) {
+                const bool sees = k_pos[j] <= q_pos[i];
+                mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
+                any = any || sees;
+            }
+            if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
+        }
+        ctx->last_splits = 0;
+
+        ctx_ptr in_meta = new_meta_context(3);
+        ggml_tensor * t_q = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, head_dim, n_query, n_head);
+        ggml_tensor * t_k = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, head_dim, n_key, n_head_kv);
+        ggml_tensor * t_m = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, n_key, n_query);
+        buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
+        ggml_backend_tensor_set(t_q, q, 0, ggml_nbytes(t_q));
+        ggml_backend_tensor_set(t_k, k, 0, ggml_nbytes(t_k));
+        ggml_backend_tensor_set(t_m, mask.data(), 0, ggml_nbytes(t_m));
+
+        ctx_ptr g = new_meta_context(16);
+        ggml_tensor * r = lightkv::attention_received(g.get(), t_q, t_k, t_m, scale);
+        ggml_set_output(r);
+        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 64, false);
+        ggml_build_forward_expand(gf, r);
+        ctx->compute(gf);
+        ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
+        for (int64_t j = 0; j < n_key; j++) {
+            if (!std::isfinite(out[j])) {
+                fail(LIGHTKV_ERR_NUMERIC, "attention scores are not finite (q.k overflows float32)");
+            }
+        }
+    });
+}
+
 }  // extern "C"

@@ -104,6 +104,23 @@ ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor 
     return ggml_get_rows(ctx, total, vision_idx);                             // [1, V]
 }
 
+ggml_tensor * attention_received(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
+                                 ggml_tensor * mask, float scale) {
+    const int64_t n_key   = k->ne[1];
+    const int64_t n_query = q->ne[1];
+    const int64_t n_head  = q->ne[2];
+
+    // logits[j, i, h] = k_j . q_i (key heads broadcast over query heads, as in guidance)
+    ggml_tensor * logits = ggml_mul_mat(ctx, k, q);                              // [N, W, H]
+    // softmax over the KEY axis, the one attention itself uses; the mask (one per head,
+    // broadcast) hides the keys a query did not see
+    ggml_tensor * p      = ggml_soft_max_ext(ctx, logits, mask, scale, 0.0f);    // [N, W, H]
+    // sum over queries and heads: keys onto ne1, then a row sum
+    ggml_tensor * p_2d   = ggml_reshape_2d(ctx, p, n_key, n_query * n_head);      // [N, W*H]
+    ggml_tensor * by_key = ggml_cont(ctx, ggml_transpose(ctx, p_2d));             // [W*H, N]
+    return ggml_sum_rows(ctx, by_key);                                            // [1, N]
+}
+
 ggml_tensor * rms_norm_weighted(ggml_context * ctx, ggml_tensor * x, ggml_tensor * weight, float eps) {
     ggml_tensor * normed = ggml_rms_norm(ctx, x, eps);   // same shape as x
     return ggml_mul(ctx, normed, weight);                 // weight [ne0] broadcast

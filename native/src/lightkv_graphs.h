@@ -67,6 +67,14 @@ ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor *
 ggml_tensor * guidance_from_qk(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
                                ggml_tensor * text_idx, ggml_tensor * vision_idx, float scale);
 
+// Attention each key receives from a window of queries (KV eviction's importance):
+//   r_j = sum_h sum_i softmax_over_keys(scale * q_h K_h^T + mask)[i, j]
+// q [d, W, H], k [d, N, H_kv] (H % H_kv == 0; query head h reads key head h / (H / H_kv)),
+// mask F32 [N, W]: 0 where query i sees key j, -inf elsewhere (every query sees a key).
+// Result: [1, N], float32 accumulation.
+ggml_tensor * attention_received(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k,
+                                 ggml_tensor * mask, float scale);
+
 // --- a text model's own layer input (lightkv_guidance_model) ---------------------------------
 // llama.cpp's build_norm(LLM_NORM_RMS): x / sqrt(mean(x^2) + eps) over ne0, times weight [ne0].
 ggml_tensor * rms_norm_weighted(ggml_context * ctx, ggml_tensor * x, ggml_tensor * weight, float eps);
