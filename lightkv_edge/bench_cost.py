@@ -15,10 +15,13 @@ How it measures, so the figures can be trusted on a small, shared machine:
   `off` are taken run by run (run i of a configuration over run i of `off`) and their
   median reported, as `farm`-style A/B timing does.
 
-Per configuration: vision tokens in and kept, vision encode ms, merge (and guidance) ms,
-LLM prefill ms, time to first token (encode + merge + prefill + the first sampled token,
-measured around the streaming call), KV cells and bytes after the prefill, decode tokens/s
-for the short and the long answer, and peak RSS. Threads: --threads for llama.cpp and our
+Configurations: `off`; `embed`, `layer` at each kept fraction; `evict` (off + KV eviction
+keeping that fraction after the prefill) and `decode-evict` (the same, re-scored every
+64 answer tokens). Per configuration: vision tokens in and kept, vision encode ms, merge
+(and guidance) ms, LLM prefill ms, time to first token (encode + merge + prefill + the
+first sampled token, measured around the streaming call), KV cells and bytes after the
+prefill (after the eviction, for the evict modes), decode tokens/s for the short and the
+long answer, KV bytes at the end of the long answer, and peak RSS. Threads: --threads for llama.cpp and our
 merge; BLAS/OpenMP pools of the worker are set to 1 (stated in the report).
 Timings are reported, never asserted.
 """
@@ -36,13 +39,16 @@ from pathlib import Path
 
 from .errors import InputError
 
-MODES = ("off", "embed", "layer")
+# evict: off + KV eviction keeping KEEP after the prefill; decode-evict: the same, and
+# re-scored down to KEEP of what is left every 64 answer tokens (docs/eviction.md)
+MODES = ("off", "embed", "layer", "evict", "decode-evict")
+DECODE_EVICT_EVERY = 64
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 PROMPT = "Describe the objects in this picture and their colours."
 # figures a worker reports, in the order of the table
 FIGURES = ("vision_tokens_in", "vision_tokens_kept", "t_encode_ms", "t_merge_ms",
            "t_prefill_ms", "ttft_ms", "kv_cells", "kv_bytes", "decode_tps_short",
-           "decode_tps_long", "peak_rss_mb")
+           "decode_tps_long", "kv_bytes_end_long", "peak_rss_mb")
 TIMED = ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "ttft_ms", "decode_tps_short",
          "decode_tps_long")
 
@@ -94,6 +100,15 @@ def synthetic_image(size: int):
 
 
 # ------------------------------------------------------------------------ one run (worker)
+def mode_settings(mode: str, keep: float) -> dict:
+    """VisionChat's settings of a configuration."""
+    if mode == "evict":
+        return {"mode": "off", "evict": keep}
+    if mode == "decode-evict":
+        return {"mode": "off", "evict": keep, "decode_evict": DECODE_EVICT_EVERY}
+    return {"mode": mode, "keep": keep}
+
+
 def measure(job: dict) -> dict:
     """One configuration in this process: warm-up turn, a short and a long timed turn."""
     import resource
@@ -102,7 +117,7 @@ def measure(job: dict) -> dict:
     from .images import as_image
 
     image = as_image(job["image"]) if job.get("image") else synthetic_image(job["image_size"])
-    chat = VisionChat(job["model"], job["mmproj"], mode=job["mode"], keep=job["keep"],
+    chat = VisionChat(job["model"], job["mmproj"], **mode_settings(job["mode"], job["keep"]),
                       n_threads=job["threads"], ctx_size=job["ctx_size"],
                       gpu_layers=job.get("gpu_layers"), ignore_eos=True)
     try:
@@ -118,9 +133,11 @@ def measure(job: dict) -> dict:
             st = chat.last_stats
             out[f"decode_tps_{key}"] = st.decode_tps
             out[f"n_decoded_{key}"] = st.n_decoded
+            out[f"kv_bytes_end_{key}"] = chat.m.kv_bytes()   # after the answer
             if key == "short":      # the prefill figures of the first timed turn
-                out.update(vision_tokens_in=st.vision_tokens_in,
-                           vision_tokens_kept=st.vision_tokens_kept,
+                # the vision cells the cache holds: after the eviction when one ran
+                kept = st.evict_vision_after if st.evict_vision_before else st.vision_tokens_kept
+                out.update(vision_tokens_in=st.vision_tokens_in, vision_tokens_kept=kept,
                            t_encode_ms=st.t_encode_ms, t_merge_ms=st.t_merge_ms,
                            t_prefill_ms=st.t_prefill_ms, ttft_ms=ttft,
                            kv_cells=st.kv_cells, kv_bytes=st.kv_bytes)
@@ -176,7 +193,7 @@ def summarize(configs: list[Config], runs: dict[str, list[dict]]) -> list[dict]:
         if base and c.mode != "off":
             row["vs_off"] = {f: _spread([r[f] / b[f] for r, b in zip(rs, base) if b[f]])
                              for f in ("t_prefill_ms", "ttft_ms", "kv_bytes",
-                                       "decode_tps_long", "peak_rss_mb")}
+                                       "decode_tps_long", "kv_bytes_end_long", "peak_rss_mb")}
         rows.append(row)
     return rows
 
@@ -262,7 +279,8 @@ def markdown_table(out: dict) -> str:
 
     head = ["config", "tokens kept", "encode ms", "merge ms", "prefill ms", "prefill vs off",
             "TTFT ms", "TTFT vs off", "KV MiB", "decode tok/s (short)",
-            f"decode tok/s ({out['long_tokens']})", "peak RSS MB"]
+            f"decode tok/s ({out['long_tokens']})", "decode vs off",
+            f"KV MiB after {out['long_tokens']}", "peak RSS MB"]
     lines = [f"Model `{out['model']}` + `{out['mmproj']}`; image {out['image']}; "
              f"{out['machine']}, {out['cpu_count']} CPUs, {out['threads'] or 'all'} threads "
              f"(BLAS/OpenMP pools 1); {out['runs']} runs per configuration after one warm-up "
@@ -277,6 +295,7 @@ def markdown_table(out: dict) -> str:
             cell(r, "ttft_ms", "{:.0f}"), ratio(r, "ttft_ms"),
             f"{r['kv_bytes']['median'] / 2**20:.2f}",
             cell(r, "decode_tps_short", "{:.1f}"), cell(r, "decode_tps_long", "{:.1f}"),
+            ratio(r, "decode_tps_long"), f"{r['kv_bytes_end_long']['median'] / 2**20:.2f}",
             f"{r['peak_rss_mb']['median']:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 

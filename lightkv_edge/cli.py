@@ -245,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("-m", "--model", metavar="F", help="GGUF text model (required)")
     cost.add_argument("--mmproj", metavar="F", help="its GGUF vision projector (required)")
     cost.add_argument("--modes", default="off,embed", metavar="LIST",
-                      help="comma-separated: off, embed, layer (default off,embed)")
+                      help="comma-separated: off, embed, layer, evict (off + KV eviction), "
+                           "decode-evict (eviction re-scored every 64 answer tokens) "
+                           "(default off,embed)")
     cost.add_argument("--keep", metavar="LIST",
                       help="kept fractions of every mode but off (default 0.75,0.55,0.35,0.25,0.1)")
     cost.add_argument("--runs", type=_positive_int, default=5,

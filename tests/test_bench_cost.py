@@ -107,24 +107,28 @@ def test_a_tiny_sweep_end_to_end(tmp_path):
     sane, the processes really separate (one row per run in raw), files written."""
     model, mmproj = embedded_model()
     out = tmp_path / "cost.json"
-    p = _cli("-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed",
+    p = _cli("-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed,evict",
              "--keep", "0.55", "--runs", "2", "--short-tokens", "2", "--long-tokens", "4",
              "--image-size", "128", "-t", "1", "--json", str(out),
              "--markdown", str(tmp_path / "cost.md"))
     assert p.returncode == 0, p.stderr
     d = json.loads(out.read_text())
-    assert [r["config"] for r in d["rows"]] == ["off", "embed@0.55"]
+    assert [r["config"] for r in d["rows"]] == ["off", "embed@0.55", "evict@0.55"]
     assert all(len(v) == 2 for v in d["raw"].values())
-    off, emb = d["rows"]
+    off, emb, ev = d["rows"]
     assert off["vision_tokens_kept"]["median"] == off["vision_tokens_in"]["median"] == 64
     assert emb["vision_tokens_kept"]["median"] == 36          # ceil(0.55 * 64)
     assert emb["kv_bytes"]["median"] < off["kv_bytes"]["median"]
     assert off["t_merge_ms"]["max"] == 0 and emb["t_merge_ms"]["min"] > 0
+    # eviction: all 64 rows prefilled, round(0.55 * 64) = 35 cells kept, bytes after it
+    assert ev["vision_tokens_kept"]["median"] == 35
+    assert ev["kv_bytes"]["median"] < off["kv_bytes"]["median"]
+    assert ev["kv_bytes_end_long"]["median"] < off["kv_bytes_end_long"]["median"]
     for r in d["rows"]:
         for f in bench_cost.FIGURES:
             assert r[f]["min"] <= r[f]["median"] <= r[f]["max"] and r[f]["n"] == 2
         assert r["ttft_ms"]["min"] >= r["t_prefill_ms"]["min"] > 0
         assert r["peak_rss_mb"]["min"] > 10
-    for run in d["raw"]["off"] + d["raw"]["embed@0.55"]:
+    for run in d["raw"]["off"] + d["raw"]["embed@0.55"] + d["raw"]["evict@0.55"]:
         assert run["n_decoded_short"] == 2 and run["n_decoded_long"] == 4   # eos ignored
-    assert (tmp_path / "cost.md").read_text().count("\n| ") == 3
+    assert (tmp_path / "cost.md").read_text().count("\n| ") == 4
