@@ -94,6 +94,9 @@ def _load():
                                                        i64p, C.POINTER(C.c_void_p)]),
             "lightkv_merge_plan_create_protected": (C.c_int, [p_ctx, C.c_int64, C.c_int64, C.POINTER(_MergeParams),
                                                               i64p, u8p, C.c_int32, C.POINTER(C.c_void_p)]),
+            "lightkv_merge_run_protected": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
+                                                      C.POINTER(_MergeParams), i64p, u8p, C.c_int32,
+                                                      C.POINTER(p_res)]),
             "lightkv_protect_top": (C.c_int, [f32p, C.c_int64, C.c_int64, u8p]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
@@ -453,16 +456,22 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
 
     ctx = _context(backend, _force_cpu_ops)
     res = C.c_void_p()
+    if ma is not None:
+        # a protected set is the prompt's own: it almost never repeats, so a cached plan would
+        # only be built, used once and evicted; a one-shot run shares the context's scheduler
+        with ctx.lock:
+            st = ctx.lib.lightkv_merge_run_protected(ctx.h, _f32p(xa), n, d,
+                                                     None if sa is None else _f32p(sa), C.byref(p),
+                                                     None if pa is None else _i64p(pa), _u8p(ma),
+                                                     mode, C.byref(res))
+            ctx.check(st)
+        return _result(ctx.lib, res, n, d)
     key = (n, d, p.windows, p.ratio, p.grid_rows, p.grid_cols, p.use_threshold, p.threshold,
-           None if pa is None else pa.tobytes(), None if ma is None else (ma.tobytes(), mode))
+           None if pa is None else pa.tobytes())
 
     def create():
         h = C.c_void_p()
-        if ma is not None:
-            st = ctx.lib.lightkv_merge_plan_create_protected(ctx.h, n, d, C.byref(p),
-                                                             None if pa is None else _i64p(pa),
-                                                             _u8p(ma), mode, C.byref(h))
-        elif pa is None:
+        if pa is None:
             st = ctx.lib.lightkv_merge_plan_create(ctx.h, n, d, C.byref(p), C.byref(h))
         else:
             st = ctx.lib.lightkv_merge_plan_create_at(ctx.h, n, d, C.byref(p), _i64p(pa), C.byref(h))

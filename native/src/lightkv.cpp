@@ -232,6 +232,12 @@ struct lightkv_merge_plan {
     lightkv::best_match  g1_best{};
     int                  g1_rescale_exp = 0;  // the exponent graph 1 was built for
     sched_ptr            g1_sched;
+    // a one-shot run (lightkv_merge_run*) allocates graph 1 in the context's scheduler
+    // instead: graph 1 is read before graph 2 resets it, and a scheduler of its own per
+    // call cost more than the merge itself (~3 of 4.7 ms at 64 x 128)
+    bool                 shared_sched = false;
+
+    ggml_backend_sched_t sched() const { return shared_sched ? ctx->sched : g1_sched.get(); }
 
     // test counters (lightkv_merge_plan_stats)
     int64_t              n_runs = 0;
@@ -480,9 +486,9 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     ggml_build_forward_expand(gf, best.index);
     ggml_build_forward_expand(gf, best.score);
 
-    if (!plan.g1_sched) plan.g1_sched = lc.new_sched();
-    ggml_backend_sched_reset(plan.g1_sched.get());
-    lc.alloc_graph(plan.g1_sched.get(), gf);
+    if (!plan.shared_sched && !plan.g1_sched) plan.g1_sched = lc.new_sched();
+    ggml_backend_sched_reset(plan.sched());
+    lc.alloc_graph(plan.sched(), gf);
     plan.n_allocs++;
     plan.g1 = gf;
     plan.g1_best = best;
@@ -503,7 +509,7 @@ std::vector<int64_t> match_sources(lightkv_merge_plan & plan, int rescale_exp) {
     // ---- graph 1: built and allocated by the first run (again only if x needs another
     //      rescaling), computed as allocated by every later one
     if (!plan.g1 || plan.g1_rescale_exp != rescale_exp) build_similarity_graph(plan, rescale_exp);
-    lc.run_allocated(plan.g1_sched.get(), plan.g1);
+    lc.run_allocated(plan.sched(), plan.g1);
     const lightkv::best_match best = plan.g1_best;
 
     std::vector<int32_t> best_slot((size_t) (s_pad * n_act));
@@ -892,6 +898,7 @@ lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, const float * 
         plan.n = n;
         plan.d = d;
         plan.params = *params;
+        plan.shared_sched = true;
         set_protection(plan, protect, protect_mode);
         build_plan(plan, positions);
         run_plan(plan, x, scores, out);
