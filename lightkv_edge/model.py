@@ -82,7 +82,8 @@ mtmd.lib.mtmd_helper_log_set(LOG.callback, None)
 llama_cpp.llama_backend_init()
 
 
-def _check_gguf(path, what: str) -> Path:
+def check_gguf(path, what: str) -> Path:
+    """The path of a readable GGUF file, else InputError naming `what` it should be."""
     if path is None:
         raise InputError(f"no {what} given")
     p = Path(path).expanduser()
@@ -107,8 +108,8 @@ class VisionModel:
                  gpu_layers=None, n_batch=2048, verbose=False, use_extra_bufts=False,
                  warmup=False):
         LOG.verbose = verbose
-        model_path = _check_gguf(model_path, "model")
-        mmproj_path = _check_gguf(mmproj_path, "mmproj")
+        model_path = check_gguf(model_path, "model")
+        mmproj_path = check_gguf(mmproj_path, "mmproj")
         if gguf_file.field(model_path, "general.architecture") == "clip":
             raise InputError(f"{model_path} is a vision projector (mmproj), not a text model")
         if gguf_file.field(mmproj_path, "general.architecture") != "clip":

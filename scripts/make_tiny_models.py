@@ -199,7 +199,8 @@ def _qwen_text(ids: dict[str, int], mrope: list[int]) -> dict:
     n = 2
     return dict(architectures=None, vocab_size=_vocab_size(len(_QWEN_SPECIALS)),
                 hidden_size=64, intermediate_size=128, num_hidden_layers=n,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                # head dim 32: the M-RoPE sections cover its 16 rotary pairs
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
                 rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
                 rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": mrope},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
