@@ -156,6 +156,7 @@ class VisionChat:
         if mode != "off":
             # the family, before libmtmd reads the file: embed and layer cover known ones
             from . import families
+            check_gguf(model, "model")     # in VisionModel's order: the same first error
             mm = check_gguf(mmproj, "mmproj")
             if gguf_file.field(mm, "general.architecture") == "clip":  # else VisionModel says
                 families.check_mode(gguf_file.field(mm, "clip.projector_type"), mode, mm)
