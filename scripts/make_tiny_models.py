@@ -503,8 +503,11 @@ def tiny_model(family: str, cache: Path | None = None, seed: int = 0,
             _run([sys.executable, CONVERT, tmp / "hf", "--outdir", tmp, "--name", family,
                   "--outtype", "f32", "--llama-cpp", llama_dir])
         (tmp / "done").write_text("ok\n")
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)      # another process may have won the race: both are equal
+        if (d / "done").is_file():  # another process finished first: keep its files (a
+            shutil.rmtree(tmp)      # test may be reading them); ours are the same
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

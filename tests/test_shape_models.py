@@ -104,3 +104,14 @@ def test_small_model_written_the_same_way_loads_and_runs(gguf, tmp_path):
                 llama_cpp.llama_free(ctx)
         finally:
             llama_cpp.llama_model_free(model)
+
+
+@pytest.mark.parametrize("script", ["make_shape_models.py", "make_tiny_models.py"])
+def test_unknown_model_is_one_line_exit_2(script, tmp_path):
+    import subprocess
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "pixtral-12b",
+                        "--cache", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown" in lines[0] and "pixtral-12b" in lines[0], lines
+    assert not any(tmp_path.iterdir())     # nothing built
