@@ -38,11 +38,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import interrupts, mtmd
+from . import gguf_file, interrupts, mtmd
 from .embed_mode import DEFAULT_METHOD, GUIDED_METHODS, METHODS, reduce_image
 from .errors import ClosedError, InputError, LightKVError, ModelError
 from .images import Image, as_image, resized
-from .model import LOG, VisionModel, llama_cpp
+from .model import LOG, VisionModel, check_gguf, llama_cpp
 
 MODES = ("off", "embed", "layer")
 
@@ -184,6 +184,13 @@ class VisionChat:
         self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens
         self.ignore_eos = ignore_eos
+        if mode != "off":
+            # the family, before libmtmd reads the file: embed and layer cover known ones
+            from . import families
+            check_gguf(model, "model")     # in VisionModel's order: the same first error
+            mm = check_gguf(mmproj, "mmproj")
+            if gguf_file.field(mm, "general.architecture") == "clip":  # else VisionModel says
+                families.check_mode(gguf_file.field(mm, "clip.projector_type"), mode, mm)
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()

@@ -83,7 +83,7 @@ llama_cpp.llama_backend_init()
 
 
 def check_gguf(path, what: str) -> Path:
-    """The file exists, is readable and starts with the GGUF magic (InputError otherwise)."""
+    """The path of a readable GGUF file, else InputError naming `what` it should be."""
     if path is None:
         raise InputError(f"no {what} given")
     p = Path(path).expanduser()

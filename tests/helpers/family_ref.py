@@ -1,0 +1,123 @@
+"""transformers references of the tiny checkpoints of every family (scripts/
+make_tiny_models.py): the prompt's last logits for the token ids llama.cpp prefilled
+(image rows given as -1, replaced by the family's image token), in float32.
+
+LLaVA: this llama.cpp's llava graph (tools/mtmd/models/llava.cpp) appends the class
+token AFTER the patches, adds position embeddings 0..n in that order (patch i gets
+position i, the class token position n), and keeps rows 1..n: patches 1..n-1 and the
+class token. transformers puts the class token first (position 0), patch i at position
+i+1, and drops the class token. `reference_logits` returns, for LLaVA, the reproduction of
+llama.cpp's order as the reference and transformers' own order as `other` (the test shows
+they differ). LLaVA-1.6 images here are one sub-image (32 px): libmtmd encodes them as
+LLaVA-1.5 does, so the same reproduction applies; transformers' LlavaNext would add sub-
+images and image_newline rows that libmtmd does not produce.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _ids(ids, image_token: int) -> torch.Tensor:
+    return torch.tensor([[image_token if t < 0 else t for t in ids]])
+
+
+def _llava(hf: Path, ids, img: Path):
+    from transformers import AutoConfig, LlavaForConditionalGeneration, \
+        LlavaNextForConditionalGeneration
+    cfg = AutoConfig.from_pretrained(hf)
+    cls = (LlavaNextForConditionalGeneration if cfg.model_type == "llava_next"
+           else LlavaForConditionalGeneration)
+    model = cls.from_pretrained(hf, dtype=torch.float32).eval()
+    pre = json.loads((hf / "preprocessor_config.json").read_text())
+    x = np.asarray(Image.open(img).convert("RGB"), np.float32) / 255.0
+    assert x.shape[:2] == (cfg.vision_config.image_size,) * 2, "needs an unresized image"
+    x = (x - np.array(pre["image_mean"], np.float32)) / np.array(pre["image_std"], np.float32)
+    px = torch.from_numpy(x).permute(2, 0, 1)[None]
+    vm = model.model.vision_tower.vision_model
+    n_feat = cfg.vision_config.num_hidden_layers + 1 + cfg.vision_feature_layer
+
+    def tower(cls_first: bool):
+        w = vm.embeddings.patch_embedding.weight
+        if not cls_first:       # llama.cpp's file holds it in f16 (the legacy converter)
+            w = w.half().float()
+        patches = torch.nn.functional.conv2d(px, w, stride=cfg.vision_config.patch_size)
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = vm.embeddings.class_embedding[None, None]
+        seq = torch.cat([cls, patches] if cls_first else [patches, cls], 1)
+        h = vm.pre_layrnorm(seq + vm.embeddings.position_embedding.weight[None, :seq.shape[1]])
+        for layer in vm.encoder.layers[:n_feat]:
+            h = layer(h, None, None)[0]
+        return model.model.multi_modal_projector(h[:, 1:])
+
+    tokens = _ids(ids, cfg.image_token_index)
+    out = []
+    with torch.no_grad():
+        for cls_first in (False, True):
+            emb = model.get_input_embeddings()(tokens)
+            emb[tokens == cfg.image_token_index] = tower(cls_first)[0]
+            out.append(model(inputs_embeds=emb).logits[0, -1].numpy())
+    return out[0], out[1]
+
+
+def _qwen(hf: Path, ids, img: Path, v25: bool):
+    from transformers import AutoConfig, Qwen2VLImageProcessor
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    cfg = AutoConfig.from_pretrained(hf)
+    cls = Qwen2_5_VLForConditionalGeneration if v25 else Qwen2VLForConditionalGeneration
+    model = cls.from_pretrained(hf, dtype=torch.float32).eval()
+    proc = Qwen2VLImageProcessor.from_pretrained(hf)
+    px = proc(images=[Image.open(img).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=_ids(ids, cfg.image_token_id), pixel_values=px["pixel_values"],
+                     image_grid_thw=px["image_grid_thw"]).logits[0, -1].numpy(), None
+
+
+def _gemma3(hf: Path, ids, img: Path):
+    from transformers import AutoConfig, Gemma3ForConditionalGeneration, Gemma3ImageProcessor
+    cfg = AutoConfig.from_pretrained(hf)
+    model = Gemma3ForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    px = Gemma3ImageProcessor.from_pretrained(hf)(images=[Image.open(img).convert("RGB")],
+                                                  return_tensors="pt")["pixel_values"]
+    tokens = _ids(ids, cfg.image_token_index)
+    # image tokens attend to each other both ways (token_type_ids 1), as libmtmd decodes them
+    with torch.no_grad():
+        return model(input_ids=tokens, pixel_values=px,
+                     token_type_ids=(tokens == cfg.image_token_index).long()
+                     ).logits[0, -1].numpy(), None
+
+
+def _idefics3(hf: Path, ids, img: Path):
+    from transformers import AutoConfig, Idefics3ForConditionalGeneration, \
+        Idefics3ImageProcessor
+    cfg = AutoConfig.from_pretrained(hf)
+    model = Idefics3ForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    px = Idefics3ImageProcessor.from_pretrained(hf)(images=[[Image.open(img).convert("RGB")]],
+                                                    return_tensors="pt")
+    tokens = _ids(ids, cfg.image_token_id)
+    n_tiles = px["pixel_values"].shape[1]
+    per_tile = (cfg.vision_config.image_size // cfg.vision_config.patch_size
+                // cfg.scale_factor) ** 2
+    assert int((tokens == cfg.image_token_id).sum()) == n_tiles * per_tile, \
+        "transformers and libmtmd cut the image into different numbers of tiles"
+    with torch.no_grad():
+        return model(input_ids=tokens, pixel_values=px["pixel_values"],
+                     pixel_attention_mask=px["pixel_attention_mask"]).logits[0, -1].numpy(), None
+
+
+def reference_logits(family: str, hf: Path, ids, img: Path):
+    """(reference logits, other logits or None): see the module docstring."""
+    hf = Path(hf)
+    if family in ("llava15", "llava16"):
+        return _llava(hf, ids, img)
+    if family in ("qwen2vl", "qwen25vl"):
+        return _qwen(hf, ids, img, family == "qwen25vl")
+    if family == "gemma3":
+        return _gemma3(hf, ids, img)
+    if family == "idefics3":
+        return _idefics3(hf, ids, img)
+    raise ValueError(family)
