@@ -177,6 +177,72 @@ def test_evictor_refuses_adaptive_with_decode_or_layers(tiny):
 # ---------------------------------------------------------------------------------------
 # VisionChat and the CLI on the embedded model
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep", [0.25])
+def test_embedded_qwen2vl_adaptive_matches_reference(embedded_f32_pair, keep):
+    """M-RoPE on the trained embedded model (f32), through VisionChat: the reference's
+    budgets, the cells each layer sees and the greedy tokens (tests/test_evict.py's
+    Qwen2-VL parity, with the adaptive eviction)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from lightkv_edge import layer_mode, mtmd
+    from lightkv_edge.engine import VisionChat, _Turn
+    from lightkv_edge.images import as_image
+    from tests.helpers.qwen2vl_ref import Qwen2VLText
+    from tests.test_evict import HF_DIR, _Recorder
+
+    chat = VisionChat(*map(str, embedded_f32_pair), mode="off", evict=keep,
+                      evict_adaptive=True, ignore_eos=True, max_tokens=STEPS, n_threads=2,
+                      ctx_size=512)
+    try:
+        img = as_image(_sample_image(seed=2))     # an image whose layers' budgets differ
+        full = chat._render([_Turn("user", chat.marker + QUESTION, [img])], True)
+        chunks = chat._tokenize(full, [img])
+        try:
+            segs, end, _ = layer_mode.segments_from_chunks(
+                chat.m, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))], 0)
+        finally:
+            mtmd.chunks_free(chunks)
+        rec = _Recorder(chat)
+        chat.ask(QUESTION, [img])
+        eog = chat._eog_tokens
+        n_layer = chat._evictor.n_layer
+        budgets = chat._evictor.last_budgets[0]
+        log = chat._evictor.log
+        rows = [i for i, im in enumerate(log.image) if im == 0]
+        seen = {li: [j for j, i in enumerate(rows) if log.alive[i] and log.end[i] > li]
+                for li in range(n_layer)}
+    finally:
+        chat.close()
+
+    vl = Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR, torch_dtype=torch.float64)
+    vl.eval()
+    S = sum(s.n for s in segs)
+    table = np.concatenate([s.pos[:3].T if s.kind == "image" else
+                            np.repeat(s.pos[:1].T, 3, 1) for s in segs])
+    table = np.concatenate([table, np.repeat((end + np.arange(STEPS + 1))[:, None], 3, 1)])
+    shim = Qwen2VLText(vl, torch.from_numpy(table.astype(np.int64)))
+    emb = shim.get_input_embeddings()
+    x, images = [], []
+    for s in segs:
+        if s.kind == "text":
+            x.append(emb(torch.from_numpy(s.tokens.astype(np.int64))).detach())
+            images += [-1] * s.n
+        else:
+            x.append(torch.from_numpy(s.embd).to(torch.float64))
+            images += [0] * s.n
+    cache = R.Cache.empty(shim)
+    out = R.forward(shim, cache, torch.cat(x), torch.arange(S), images)
+    w = segs[-1].n
+    ref_budgets = R.evict_adaptive(shim, cache, [q[:, -w:] for q in out.queries],
+                                   torch.arange(S - w, S), keep)[0]
+    first = images.index(0)
+    assert budgets == ref_budgets and len(set(budgets)) > 1
+    assert seen == {li: (cache.row[(cache.image == 0) & cache.visible(li)] - first).tolist()
+                    for li in range(n_layer)}
+    toks, _ = R.generate(shim, cache, out.logits, S, STEPS, ban=eog)
+    assert rec.tokens == toks
+
+
 def test_visionchat_adaptive_keep_one_equals_off_and_two_turns():
     from tests.test_evict import _logits, _Recorder
     img = _sample_image()
