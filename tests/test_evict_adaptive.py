@@ -278,6 +278,26 @@ def test_visionchat_adaptive_keep_one_equals_off_and_two_turns():
         assert img0 == first               # the first image is not scored again
 
 
+def test_embed_and_layer_modes_with_adaptive_eviction():
+    """On top of embed and layer (compact) modes, over two turns with an image each (layer
+    mode's ranged decodes run with the first image's cells hidden from deeper layers)."""
+    from lightkv_edge.tasks import shapes as S
+    samples = S.dataset("test", 2, seed=2)
+    for kw in (dict(mode="embed", keep=0.5), dict(mode="layer", schedule="0:2:0.5,1:1:0.5")):
+        with _chat(evict=0.5, evict_adaptive=True, max_tokens=4, **kw) as chat:
+            ev = chat._evictor
+            for i, smp in enumerate(samples):
+                assert chat.ask(smp.question, [smp.image])
+                st = chat.last_stats
+                n = st.vision_tokens_kept
+                assert st.evict_vision_before == n
+                assert sum(ev.last_budgets[i]) == ev.n_layer * E.keep_count(n, 0.5)
+                assert st.evict_vision_after == ev.last_budgets[i][0]
+                assert st.evict_visible_fraction == E.keep_count(n, 0.5) / n
+                assert chat.n_cells == len(ev.log.live()[0])
+            assert chat.ask("and the square?")
+
+
 def test_cli_adaptive(tmp_path):
     png = ROOT / "lightkv_edge" / "models" / "example.png"
     base = ["chat", png, "-p", QUESTION, "-n", "3", "-t", "2"]
