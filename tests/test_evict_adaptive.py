@@ -30,8 +30,10 @@ torch.set_num_threads(1)
 
 # the random tiny llama attends almost uniformly in every layer (equal budgets: nothing
 # would be hidden); this twin's deeper layers attend sharply (q x SHARP), so their budgets
-# are smaller and the per-layer masks matter
-SHARP = {2: 4.0, 3: 4.0}
+# are smaller and the per-layer masks matter. TOL is test_evict.py's (f16 cache vs the f64
+# reference); the 3x sharper logits amplify the f16 error of K: 3 weight seeds x keeps 0.5,
+# 0.25, 0.1 measured at most 6.1e-3 (4x: 8.5e-3, too close to TOL)
+SHARP = {2: 3.0, 3: 3.0}
 
 
 @pytest.fixture(scope="module")
