@@ -24,7 +24,7 @@ llama_cpp = _libs.use_our_llama_cpp()
 from lightkv_edge import evict as E
 from lightkv_edge.reference import evict as R
 from tests.test_evict import (N_IMG, N_LAYER, QUESTION, ROOT, STEPS, TOL, _chat, _Ctx, _cli,
-                              _one_line_error, _sample_image, _turn, hf, tiny)  # noqa: F401
+                              _one_line_error, _sample_image, _turn)
 
 torch.set_num_threads(1)
 
