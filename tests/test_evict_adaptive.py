@@ -165,8 +165,8 @@ def test_adaptive_keep_one_is_exactly_no_eviction_tiny(sharp):
         assert np.array_equal(a, b)
 
 
-def test_evictor_refuses_adaptive_with_decode_or_layers(tiny):
-    _, model = tiny
+def test_evictor_refuses_adaptive_with_decode_or_layers(sharp):
+    _, model = sharp
     c = _Ctx(model, None)
     try:
         for kw in (dict(decode_every=2), dict(layers=[0, 1])):
