@@ -42,7 +42,8 @@ def _open_chat(args):
                       verbose=args.verbose, model_name=args.model_name,
                       schedule=args.schedule, kv=args.kv, method=args.method,
                       evict=args.evict, decode_evict=args.decode_evict,
-                      evict_layers=args.evict_layers, evict_window=args.evict_window)
+                      evict_layers=args.evict_layers, evict_window=args.evict_window,
+                      evict_adaptive=args.evict_adaptive)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

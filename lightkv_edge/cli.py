@@ -31,7 +31,8 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "modes": "--modes", "keeps": "--keep", "run_timeout": "--run-timeout",
            "show_merge": "--show-merge",
            "evict": "--evict", "decode_evict": "--decode-evict",
-           "evict_layers": "--evict-layers", "evict_window": "--evict-window"}
+           "evict_layers": "--evict-layers", "evict_window": "--evict-window",
+           "evict_adaptive": "--evict-adaptive"}
 
 
 def user_message(e: Exception) -> str:
@@ -172,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "remaining cells (needs --evict)")
     ev.add_argument("--evict-layers", type=_layer_list, default=None, metavar="L,L,...",
                     help="decoder layers whose attention is summed (default: all)")
+    ev.add_argument("--evict-adaptive", action="store_true",
+                    help="AirCache-style budget per layer (needs --evict): each layer keeps "
+                         "its own most attended cells, few where its attention is "
+                         "concentrated, more where flat; KEEP on average over the layers. "
+                         "Cells no layer keeps are freed, the others only hidden from the "
+                         "deeper layers (docs/eviction.md)")
     ev.add_argument("--evict-window", type=_positive_int, default=None, metavar="N",
                     help="the last N text rows of the turn observe (default: all the text "
                          "after its last image)")

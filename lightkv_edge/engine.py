@@ -25,7 +25,9 @@ Modes:
          that layer's attention, and the KV cache is compacted to the final rows.
 On top of any mode, evict=KEEP frees the least attended vision cells after each turn's
 prefill (and every decode_evict tokens while answering): evict.py. The engine then decodes
-the turn's rows itself, so that the eviction learns their KV cells.
+the turn's rows itself, so that the eviction learns their KV cells. evict_adaptive gives
+each layer its own budget (cells hidden from the deeper layers, freed when no layer keeps
+them).
 """
 from __future__ import annotations
 
@@ -75,6 +77,11 @@ class Stats:
     evict_kv_bytes_before: int = 0
     evict_kv_bytes_after: int = 0
     evict_decode_freed: int = 0
+    # the layer-adaptive eviction (evict_adaptive): this turn's vision cells kept alive but
+    # hidden from the deeper layers (cells freed for real: before - after), and the layer
+    # average of the visible fraction of this turn's vision cells (KEEP, as counted)
+    evict_hidden: int = 0
+    evict_visible_fraction: float = 1.0
     t_evict_ms: float = 0.0
 
     def as_dict(self) -> dict:
@@ -129,7 +136,7 @@ class VisionChat:
                  model_name: str | None = None, schedule: str | None = None,
                  kv: str = "compact", evict: float | None = None,
                  decode_evict: int | None = None, evict_layers=None,
-                 evict_window: int | None = None):
+                 evict_window: int | None = None, evict_adaptive: bool = False):
         _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
                         n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
                         max_tokens=max_tokens, method=method, positions=positions)
@@ -165,6 +172,19 @@ class VisionChat:
         if decode_evict is not None and evict is None:
             raise InputError("decode_evict needs evict (the kept fraction)",
                              param="decode_evict")
+        if not isinstance(evict_adaptive, bool):
+            raise InputError(f"evict_adaptive must be True or False, got {evict_adaptive!r}",
+                             param="evict_adaptive")
+        if evict_adaptive:
+            if evict is None:
+                raise InputError("evict_adaptive needs evict (the kept fraction)",
+                                 param="evict_adaptive")
+            if decode_evict is not None or evict_layers is not None:
+                raise InputError("evict_adaptive reads every layer after the prefill: it takes "
+                                 "neither decode_evict nor evict_layers", param="evict_adaptive")
+            if mode == "layer" and kv == "exact":
+                raise InputError("evict_adaptive cannot restrict cells that kv 'exact' has "
+                                 "restricted to layer ranges already", param="evict_adaptive")
         self._evictor = None
         self._window_q = None
         if model is not None and model_name is not None:
@@ -214,7 +234,8 @@ class VisionChat:
             try:    # the architecture, layers and window, checked before any compute
                 self._evictor = _evict.Evictor(
                     self.m.model, self.m.ctx, keep=evict, layers=evict_layers,
-                    window=evict_window, decode_every=decode_evict)
+                    window=evict_window, decode_every=decode_evict,
+                    adaptive=evict_adaptive)
             except ValueError as e:
                 self.close()
                 raise InputError(str(e), param="evict") from None
@@ -550,6 +571,8 @@ class VisionChat:
         freed = ev.evict(q, q_pos, images)
         self.n_cells -= freed
         stats.evict_vision_after = ev.vision_cells(images)
+        stats.evict_hidden = ev.hidden_cells(images)
+        stats.evict_visible_fraction = ev.visible_fraction(stats.evict_vision_before, images)
         stats.evict_kv_bytes_after = self.m.kv_bytes()
         stats.t_evict_ms += (time.perf_counter() - t0) * 1e3
 

@@ -19,6 +19,13 @@ How the pieces are read, without a new llama.cpp patch:
 - the scores: one small ggml graph in liblightkv (native.attention_received).
 The patches cover the llama, qwen2 and qwen2vl graphs; other architectures are refused
 when the Evictor is made (before any compute).
+
+Layer-adaptive (adaptive=True, AirCache's layer-wise budget): each layer keeps its own
+top-b_l cells of an image, b_l following how flat that layer's importance is
+(layer_budgets); the kept sets are nested along depth, so a cell is seen by layers
+[0, end): hidden from the deeper ones with patch 0005's llama_kv_cells_set_layers, freed
+for real (llama_kv_cells_rm) when no layer keeps it. Later scoring sees, in each layer,
+only the cells that layer sees.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer_mode import _QKCapture, _ip, _l, kv_cells_get, llama_cpp
+from .layer_mode import _QKCapture, _ip, _l, kv_cells_get, kv_cells_set_layers, llama_cpp
 
 
 def keep_count(n: int, keep: float) -> int:
@@ -42,6 +49,55 @@ def check_keep(keep) -> float:
             or not math.isfinite(keep) or not 0.0 < keep <= 1.0:
         raise ValueError(f"evict (the kept fraction) must be a number in (0, 1], got {keep!r}")
     return float(keep)
+
+
+def effective_count(scores: np.ndarray) -> float:
+    """exp(entropy) of the scores made a distribution: n when flat, 1 when one cell takes
+    everything (a layer that gives nothing counts as flat)."""
+    s = np.asarray(scores, np.float64)
+    total = s.sum()
+    if total <= 0:
+        return float(s.size)
+    p = s[s > 0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def nonincreasing_fit(w) -> np.ndarray:
+    """The least-squares non-increasing sequence nearest w (pool adjacent violators)."""
+    means, sizes = [], []
+    for x in w:
+        means.append(float(x))
+        sizes.append(1)
+        while len(means) > 1 and means[-2] < means[-1]:
+            m2, n2, m1, n1 = means.pop(), sizes.pop(), means.pop(), sizes.pop()
+            means.append((m1 * n1 + m2 * n2) / (n1 + n2))
+            sizes.append(n1 + n2)
+    return np.repeat(means, sizes)
+
+
+def layer_budgets(per_layer: np.ndarray, keep: float) -> np.ndarray:
+    """Cells each layer keeps of an image, from per_layer [L, n] importance: proportional
+    to the non-increasing fit of the layers' effective counts (a concentrated layer keeps
+    few, a flat one many; b_0 >= b_1 >= ... so the kept sets can nest), L * keep_count(n,
+    keep) in all (the layer average keeps what the uniform eviction keeps), each in [1, n];
+    integers by largest remainder, ties to the shallower layer."""
+    n_layer, n = per_layer.shape
+    total = n_layer * keep_count(n, keep)
+    w = nonincreasing_fit([effective_count(row) for row in per_layer])
+    lo, hi = 0.0, float(n)                 # every w >= 1, so hi * w >= n
+    for _ in range(200):                   # bisection: the clipped sum grows with the scale
+        mid = (lo + hi) / 2
+        if np.clip(mid * w, 1, n).sum() < total:
+            lo = mid
+        else:
+            hi = mid
+    t = np.clip(hi * w, 1, n)
+    b = np.floor(t).astype(np.int64)
+    order = sorted(range(n_layer), key=lambda li: (-(t[li] - b[li]), li))
+    b[order[:total - int(b.sum())]] += 1
+    if b.sum() != total or b.min() < 1 or b.max() > n or np.any(np.diff(b) > 0):
+        raise RuntimeError(f"layer budgets {b.tolist()} do not hold {total} cells")
+    return b
 
 
 def check_every(every) -> int | None:
@@ -61,17 +117,21 @@ class CellLog:
     pos: list = field(default_factory=list)
     image: list = field(default_factory=list)
     alive: list = field(default_factory=list)
+    end: list = field(default_factory=list)     # seen by layers [0, end); ALL_LAYERS: every
+
+    ALL_LAYERS = 1 << 30
 
     def add(self, cells, pos, image: int) -> None:
         self.cells += [int(c) for c in cells]
         self.pos += [int(p) for p in pos]
         self.image += [image] * len(cells)
         self.alive += [True] * len(cells)
+        self.end += [self.ALL_LAYERS] * len(cells)
 
     def drop_from(self, n_past: int) -> None:
         """Forget the rows at positions >= n_past (what llama_memory_seq_rm removed)."""
         keep = [i for i, p in enumerate(self.pos) if p < n_past]
-        for name in ("cells", "pos", "image", "alive"):
+        for name in ("cells", "pos", "image", "alive", "end"):
             col = getattr(self, name)
             setattr(self, name, [col[i] for i in keep])
 
@@ -87,12 +147,18 @@ class Evictor:
     keep: fraction of each image's cells kept, in (0, 1] (1: score, free nothing);
     layers: decoder layers whose attention is summed (default: all);
     window: the last `window` text rows of a turn observe (default: all its rows after its
-    last image); decode_every: re-score and evict every N generated tokens (None: never)."""
+    last image); decode_every: re-score and evict every N generated tokens (None: never);
+    adaptive: the layer-adaptive budget after the prefill (reads every layer; not with
+    decode_every)."""
 
     def __init__(self, model, ctx, *, keep: float, layers=None, window: int | None = None,
-                 decode_every: int | None = None, backend=None):
+                 decode_every: int | None = None, backend=None, adaptive: bool = False):
         self.keep = check_keep(keep)
         self.decode_every = check_every(decode_every)
+        self.adaptive = bool(adaptive)
+        if self.adaptive and (layers is not None or self.decode_every):
+            raise ValueError("the layer-adaptive eviction reads every layer after the prefill: "
+                             "it takes neither evict_layers nor decode_evict")
         self.model, self.ctx, self.backend = model, ctx, backend
         self.n_layer = llama_cpp.llama_model_n_layer(model)
         n_embd = llama_cpp.llama_model_n_embd(model)
@@ -118,6 +184,7 @@ class Evictor:
         self._gen_q: list[dict] = []        # per generated token: {layer: [H*d]}
         self._gen_pos: list[int] = []
         self.t_score_ms = 0.0
+        self.last_budgets: dict[int, list[int]] = {}   # adaptive: image -> b_l, last eviction
 
     # -- the cells ------------------------------------------------------------------------
     def arm(self) -> None:
@@ -172,24 +239,34 @@ class Evictor:
     def scores(self, queries: dict[int, np.ndarray], q_pos) -> tuple[np.ndarray, np.ndarray]:
         """Attention received by every live cell from the window, summed over the read
         layers -> (indices into the log, scores)."""
+        idx, per_layer = self.layer_scores(queries, q_pos)
+        return idx, per_layer.sum(axis=0)
+
+    def layer_scores(self, queries: dict[int, np.ndarray], q_pos):
+        """Attention received by every live cell from the window in each read layer (0
+        where the layer does not see the cell) -> (indices into the log, [layers, cells])."""
+        from . import native
         t0 = time.perf_counter()
         idx, cells, pos, _ = self.log.live()
+        end = np.asarray(self.log.end, np.int64)[idx]
         q_pos = np.asarray(q_pos, np.int32)
-        total = np.zeros(len(cells), np.float64)
+        out = np.zeros((len(self.layers), len(cells)), np.float64)
         nk = self.n_head_kv * self.head_dim
-        for li in self.layers:
+        for j, li in enumerate(self.layers):
+            vis = np.flatnonzero(end > li)          # the cells this layer's softmax spans
             q = queries[li][-len(q_pos):].reshape(len(q_pos), self.n_head, self.head_dim)
-            k, _ = kv_cells_get(self.ctx, li, cells, nk, nk)
-            k = k.reshape(len(cells), self.n_head_kv, self.head_dim).transpose(1, 0, 2)
-            from . import native
-            total += native.attention_received(q.transpose(1, 0, 2), k, q_pos, pos,
-                                               backend=self.backend)
+            k, _ = kv_cells_get(self.ctx, li, cells[vis], nk, nk)
+            k = k.reshape(len(vis), self.n_head_kv, self.head_dim).transpose(1, 0, 2)
+            out[j, vis] = native.attention_received(q.transpose(1, 0, 2), k, q_pos, pos[vis],
+                                                    backend=self.backend)
         self.t_score_ms += (time.perf_counter() - t0) * 1e3
-        return idx, total
+        return idx, out
 
     def evict(self, queries: dict[int, np.ndarray], q_pos, images=None) -> int:
         """Keep keep_count(n, keep) of the n live cells of each image in `images` (default:
         every image with live cells); returns the number of cells freed."""
+        if self.adaptive:
+            return self.evict_adaptive(queries, q_pos, images)
         idx, total = self.scores(queries, q_pos)
         img = np.asarray(self.log.image, np.int64)[idx]
         ids = sorted(set(img.tolist()) - {-1}) if images is None else list(images)
@@ -207,6 +284,59 @@ class Evictor:
         for i in drop:
             self.log.alive[i] = False
         return len(drop)
+
+    def evict_adaptive(self, queries: dict[int, np.ndarray], q_pos, images=None) -> int:
+        """Each layer keeps its own top-b_l cells of each image (layer_budgets), nested
+        along depth: layer l chooses among the cells layer l-1 kept (ties to the earlier
+        cell). A cell kept by layers [0, e) is hidden from the others (patch 0005); kept by
+        none, it is freed. Returns the number of cells freed."""
+        idx, per_layer = self.layer_scores(queries, q_pos)
+        img = np.asarray(self.log.image, np.int64)[idx]
+        ids = sorted(set(img.tolist()) - {-1}) if images is None else list(images)
+        ends = {}                                      # log index -> layers that keep it
+        self.last_budgets = {}
+        for i in ids:
+            rows = np.flatnonzero(img == i)
+            if len(rows) == 0:
+                continue
+            b = layer_budgets(per_layer[:, rows], self.keep)
+            self.last_budgets[i] = b.tolist()
+            alive = rows
+            e = dict.fromkeys(idx[rows].tolist(), 0)
+            for li in range(self.n_layer):
+                order = np.argsort(-per_layer[li, alive], kind="stable")   # ties: earlier
+                alive = np.sort(alive[order[:b[li]]])
+                for r in idx[alive].tolist():
+                    e[r] = li + 1
+            ends.update(e)
+        drop = [r for r, e in ends.items() if e == 0]
+        for e in sorted({e for e in ends.values() if 0 < e < self.n_layer}):
+            kv_cells_set_layers(self.ctx, [self.log.cells[r] for r, x in ends.items()
+                                           if x == e], 0, e)
+        for r, e in ends.items():
+            if 0 < e < self.n_layer:
+                self.log.end[r] = e
+        if drop:
+            cells = np.ascontiguousarray([self.log.cells[r] for r in drop], np.int32)
+            if not _l.llama_kv_cells_rm(self.ctx, len(cells), _ip(cells)):
+                raise RuntimeError("llama.cpp could not free the evicted KV cells")
+            for r in drop:
+                self.log.alive[r] = False
+        return len(drop)
+
+    def hidden_cells(self, images=None) -> int:
+        """Live vision cells hidden from some layers (kept by the shallower ones only)."""
+        idx, _, _, img = self.log.live()
+        end = np.asarray(self.log.end, np.int64)[idx]
+        sel = img >= 0 if images is None else np.isin(img, images)
+        return int(np.sum(sel & (end < self.n_layer)))
+
+    def visible_fraction(self, n_cells: int, images) -> float:
+        """Layer average of the visible fraction of `images`' n_cells (before eviction)."""
+        idx, _, _, img = self.log.live()
+        end = np.minimum(np.asarray(self.log.end, np.int64)[idx], self.n_layer)
+        seen = int(end[np.isin(img, images)].sum())
+        return seen / (self.n_layer * n_cells) if n_cells else 1.0
 
     def vision_cells(self, images=None) -> int:
         _, _, _, img = self.log.live()
@@ -238,4 +368,5 @@ class Evictor:
         self._gen_q, self._gen_pos = [], []
 
 
-__all__ = ["Evictor", "CellLog", "keep_count", "check_keep", "check_every"]
+__all__ = ["Evictor", "CellLog", "keep_count", "check_keep", "check_every", "layer_budgets",
+           "effective_count", "nonincreasing_fit"]

@@ -71,8 +71,10 @@ class TinyLlama:
 def write_tiny_llama(path, *, seed: int = 0, n_embd: int = 128, n_layer: int = 2,
                      n_head: int = 4, n_head_kv: int | None = None, n_ff: int = 256,
                      n_vocab: int = 320, n_ctx: int = 256, rms_eps: float = 1e-5,
-                     rope_base: float = 10000.0) -> TinyLlama:
-    """Write an F32 llama GGUF with random weights to `path`; return its description."""
+                     rope_base: float = 10000.0, q_scale: dict | None = None) -> TinyLlama:
+    """Write an F32 llama GGUF with random weights to `path`; return its description.
+    q_scale {layer: factor}: that layer's attn_q is multiplied by factor (its attention
+    logits too: a sharper, more concentrated attention than random weights give)."""
     import gguf  # the pinned gguf-py (installed from the vendored llama.cpp by setup)
 
     path = Path(path)
@@ -93,7 +95,8 @@ def write_tiny_llama(path, *, seed: int = 0, n_embd: int = 128, n_layer: int = 2
     for i in range(n_layer):
         b = f"blk.{i}."
         weights[b + "attn_norm.weight"] = norm(n_embd)
-        weights[b + "attn_q.weight"] = mat(n_head * head_dim, n_embd)
+        weights[b + "attn_q.weight"] = mat(n_head * head_dim, n_embd) * \
+            np.float32((q_scale or {}).get(i, 1.0))
         weights[b + "attn_k.weight"] = mat(n_head_kv * head_dim, n_embd)
         weights[b + "attn_v.weight"] = mat(n_head_kv * head_dim, n_embd)
         weights[b + "attn_output.weight"] = mat(n_embd, n_head * head_dim)
