@@ -8,6 +8,7 @@ machine it keeps exploring new examples.
 when the library does not load.
 """
 import os
+import signal
 
 import pytest
 from hypothesis import settings
@@ -15,6 +16,16 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Python's own Ctrl-C handler in every test. A suite started in the background of a
+    non-interactive shell inherits SIGINT ignored (POSIX), and Python then keeps it ignored:
+    the Ctrl-C tests would see every signal swallowed (seen: 4 failures and a timeout)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture(scope="session")

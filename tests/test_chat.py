@@ -284,12 +284,19 @@ def test_cli_mmproj_that_does_not_match(pair, images, tmp_path):
                          "--mmproj", pair[1]), "cannot use the mmproj", "mismatch")
 
 
+def _default_sigint() -> None:
+    """The child gets the default SIGINT disposition whatever this process inherited
+    (conftest.sigint_raises_keyboard_interrupt says why), so its Python raises on Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_during_generation(pair, images):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "lightkv_edge", "chat", str(images[0]),
                           "-p", "Tell me everything.", "-n", "1000", "--ignore-eos",
                           *map(str, _model_args(pair))],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO,
+                         preexec_fn=_default_sigint)
     try:
         first = p.stdout.read(1)          # generation has started
         assert first
