@@ -41,7 +41,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
