@@ -57,6 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HF = ROOT / "lightkv_edge" / "models" / "hf"
 
+from lightkv_edge.bench_cost import synthetic_image  # noqa: E402  (the cost benchmark's picture)
+
 FULL_TEXT_LAYERS = 28
 FULL_VISION_LAYERS = 32
 FULL_VOCAB = 151936
@@ -153,20 +155,6 @@ def build(args, cache: Path) -> tuple[Path, Path]:
     return text_q, mmproj
 
 
-def test_image(size: int):
-    """A deterministic picture with some structure (shapes on a gradient), size x size."""
-    from lightkv_edge.images import Image
-    rng = np.random.default_rng(size)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    img = np.stack([180 * xx + 40, 160 * yy + 50, 120 * (1 - xx) + 60], -1)
-    for _ in range(12):
-        cy, cx, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.04, 0.12)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
-    img += rng.normal(0, 6, img.shape)
-    rgb = np.clip(img, 0, 255).astype(np.uint8)
-    return Image(f"synthetic-{size}px", size, size, np.ascontiguousarray(rgb).tobytes())
-
-
 KEYS = ("vision_tokens_in", "vision_tokens_kept", "kv_cells", "kv_bytes", "t_encode_ms",
         "t_merge_ms", "t_prefill_ms", "t_decode_ms", "n_decoded", "decode_tps")
 
@@ -242,7 +230,7 @@ def main() -> int:
     turns: dict[tuple, list] = {}
     for sweep in range(args.interleave):
         for size in args.sizes:
-            image = test_image(size)
+            image = synthetic_image(size)
             for mode, keep in [("off", 1.0)] + [("embed", k) for k in args.keep]:
                 log(f"sweep {sweep + 1}/{args.interleave}: {size}px {mode} keep {keep} ...")
                 t0 = time.perf_counter()
