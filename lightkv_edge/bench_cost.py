@@ -18,8 +18,8 @@ How it measures, so the figures can be trusted on a small, shared machine:
 Configurations: `off`; `embed`, `layer` at each kept fraction; `evict` (off + KV eviction
 keeping that fraction after the prefill) and `decode-evict` (the same, re-scored every
 64 answer tokens). Per configuration: vision tokens in and kept, vision encode ms, merge
-(and guidance) ms, LLM prefill ms, time to first token (encode + merge + prefill + the
-first sampled token, measured around the streaming call), KV cells and bytes after the
+(and guidance) ms, LLM prefill ms, time to first token (the engine's: from the call to the first
+answer token sampled and decoded), KV cells and bytes after the
 prefill (after the eviction, for the evict modes), decode tokens/s for the short and the
 long answer, KV bytes at the end of the long answer, and peak RSS. Threads: --threads for llama.cpp and our
 merge; BLAS/OpenMP pools of the worker are set to 1 (stated in the report).
@@ -100,8 +100,10 @@ def synthetic_image(size: int):
 
 
 # ------------------------------------------------------------------------ one run (worker)
-def mode_settings(mode: str, keep: float) -> dict:
-    """VisionChat's settings of a configuration."""
+def mode_settings(mode: str, keep: float, method: str | None = None) -> dict:
+    """VisionChat's settings of a configuration (method: embed mode's, None = its default)."""
+    if mode == "embed" and method:
+        return {"mode": mode, "keep": keep, "method": method}
     if mode == "evict":
         return {"mode": "off", "evict": keep}
     if mode == "decode-evict":
@@ -117,7 +119,7 @@ def measure(job: dict) -> dict:
     from .images import as_image
 
     image = as_image(job["image"]) if job.get("image") else synthetic_image(job["image_size"])
-    chat = VisionChat(job["model"], job["mmproj"], **mode_settings(job["mode"], job["keep"]),
+    chat = VisionChat(job["model"], job["mmproj"], **mode_settings(job["mode"], job["keep"], job.get("method")),
                       n_threads=job["threads"], ctx_size=job["ctx_size"],
                       gpu_layers=job.get("gpu_layers"), ignore_eos=True)
     try:
@@ -125,11 +127,8 @@ def measure(job: dict) -> dict:
         out: dict = {}
         for key, n_tokens in (("short", job["short_tokens"]), ("long", job["long_tokens"])):
             chat.reset()
-            t0 = time.perf_counter()
-            ttft = None
             for _ in chat.stream(PROMPT, [image], max_tokens=n_tokens):
-                if ttft is None:
-                    ttft = (time.perf_counter() - t0) * 1e3
+                pass
             st = chat.last_stats
             out[f"decode_tps_{key}"] = st.decode_tps
             out[f"n_decoded_{key}"] = st.n_decoded
@@ -139,7 +138,7 @@ def measure(job: dict) -> dict:
                 kept = st.evict_vision_after if st.evict_vision_before else st.vision_tokens_kept
                 out.update(vision_tokens_in=st.vision_tokens_in, vision_tokens_kept=kept,
                            t_encode_ms=st.t_encode_ms, t_merge_ms=st.t_merge_ms,
-                           t_prefill_ms=st.t_prefill_ms, ttft_ms=ttft,
+                           t_prefill_ms=st.t_prefill_ms, ttft_ms=st.ttft_ms,
                            kv_cells=st.kv_cells, kv_bytes=st.kv_bytes)
     finally:
         chat.close()
@@ -202,6 +201,11 @@ def run_cost(args) -> int:
     from .model import check_gguf
 
     configs = parse_configs(args.modes, args.keep)
+    if args.method is not None:
+        from .embed_mode import METHODS
+        if args.method not in METHODS:
+            raise InputError(f"unknown method {args.method!r} (choose from "
+                             f"{', '.join(METHODS)})", param="method")
     if not args.model or not args.mmproj:
         raise InputError("give both --model and --mmproj (the text model and its vision "
                          "projector)", param="model")
@@ -222,7 +226,8 @@ def run_cost(args) -> int:
     job_base = dict(model=str(Path(args.model).resolve()), mmproj=str(Path(args.mmproj).resolve()),
                     image=args.image, image_size=args.image_size, threads=args.threads,
                     ctx_size=args.ctx_size, gpu_layers=args.gpu_layers,
-                    short_tokens=args.short_tokens, long_tokens=args.long_tokens)
+                    short_tokens=args.short_tokens, long_tokens=args.long_tokens,
+                    method=args.method)
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
     total = args.runs * len(configs)
     t_start = time.perf_counter()
@@ -245,6 +250,7 @@ def run_cost(args) -> int:
            "blas_threads": 1, "runs": args.runs, "warmup_turns": 1,
            "image": args.image or f"synthetic {args.image_size}x{args.image_size}",
            "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+           "embed_method": args.method or "default",
            "rows": summarize(configs, runs), "raw": runs}
     print(markdown_table(out))
     if args.json:

@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default off,embed)")
     cost.add_argument("--keep", metavar="LIST",
                       help="kept fractions of every mode but off (default 0.75,0.55,0.35,0.25,0.1)")
+    cost.add_argument("--method", metavar="NAME",
+                      help="embed mode's reduction (default: its default, lightkv-protect)")
     cost.add_argument("--runs", type=_positive_int, default=5,
                       help="timed runs per configuration, each in a fresh process (default 5)")
     cost.add_argument("--image", metavar="F",

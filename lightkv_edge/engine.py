@@ -62,6 +62,7 @@ class Stats:
     t_merge_ms: float = 0.0
     t_prefill_ms: float = 0.0
     t_decode_ms: float = 0.0
+    ttft_ms: float = 0.0            # from the call to the first answer token sampled and decoded
     n_decoded: int = 0
     decode_tps: float = 0.0
     stop: str = ""                  # why the answer ended: eog, max_tokens, context_full,
@@ -380,6 +381,7 @@ class VisionChat:
         return self.m.apply_template([(t.role, t.content) for t in turns], add_assistant)
 
     def _run_turn(self, turn: _Turn, guidance_text: str, max_tokens: int):
+        t_turn = time.perf_counter()
         full = self._render(self.history + [turn], add_assistant=True)
         before = (self.n_past, self.n_cells, self.rendered)
         if not full.startswith(self.rendered):
@@ -421,6 +423,8 @@ class VisionChat:
         stats.stop = "interrupted"    # unless _generate says otherwise
         try:
             for _ in self._generate(max_tokens, stats, answer):
+                if not stats.ttft_ms:
+                    stats.ttft_ms = (time.perf_counter() - t_turn) * 1e3
                 # hold back a split character; drop the tokenizer's leading space
                 text = answer.decode("utf-8", "ignore").lstrip()
                 if len(text) > emitted:

@@ -93,6 +93,7 @@ def test_quality_plot_is_written(tmp_path):
     (["-m", "README.md", "--mmproj", "README.md"], "not a GGUF file"),
     (["-m", "MODEL", "--mmproj", "MMPROJ", "--json", "/nonexistent-dir/c.json"], "cannot write"),
     (["-m", "MODEL", "--mmproj", "MMPROJ", "--image", "README.md"], "README.md"),
+    (["-m", "MODEL", "--mmproj", "MMPROJ", "--method", "bogus"], "unknown method 'bogus'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):
     model, mmproj = embedded_model()
