@@ -16,8 +16,8 @@ How it measures, so the figures can be trusted on a small, shared machine:
   median reported, as `farm`-style A/B timing does.
 
 Configurations: `off`; `embed`, `layer` at each kept fraction; `evict` (off + KV eviction
-keeping that fraction after the prefill) and `decode-evict` (the same, re-scored every
-64 answer tokens). Per configuration: vision tokens in and kept, vision encode ms, merge
+keeping that fraction after the prefill), `decode-evict` (the same, re-scored every
+64 answer tokens) and `embed+evict` (merge to sqrt(KEEP), evict to sqrt(KEEP) of that). Per configuration: vision tokens in and kept, vision encode ms, merge
 (and guidance) ms, LLM prefill ms, time to first token (the engine's: from the call to the first
 answer token sampled and decoded), KV cells and bytes after the
 prefill (after the eviction, for the evict modes), decode tokens/s for the short and the
@@ -40,8 +40,9 @@ from pathlib import Path
 from .errors import InputError
 
 # evict: off + KV eviction keeping KEEP after the prefill; decode-evict: the same, and
-# re-scored down to KEEP of what is left every 64 answer tokens (docs/eviction.md)
-MODES = ("off", "embed", "layer", "evict", "decode-evict")
+# re-scored down to KEEP of what is left every 64 answer tokens (docs/eviction.md);
+# embed+evict: the same final budget in two halves, as bench's row of that name
+MODES = ("off", "embed", "layer", "evict", "decode-evict", "embed+evict")
 DECODE_EVICT_EVERY = 64
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 PROMPT = "Describe the objects in this picture and their colours."
@@ -108,6 +109,9 @@ def mode_settings(mode: str, keep: float, method: str | None = None) -> dict:
         return {"mode": "off", "evict": keep}
     if mode == "decode-evict":
         return {"mode": "off", "evict": keep, "decode_evict": DECODE_EVICT_EVERY}
+    if mode == "embed+evict":
+        return {"mode": "embed", "keep": keep ** 0.5, "evict": keep ** 0.5,
+                **({"method": method} if method else {})}
     return {"mode": mode, "keep": keep}
 
 

@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--mmproj", metavar="F", help="its GGUF vision projector (required)")
     cost.add_argument("--modes", default="off,embed", metavar="LIST",
                       help="comma-separated: off, embed, layer, evict (off + KV eviction), "
-                           "decode-evict (eviction re-scored every 64 answer tokens) "
-                           "(default off,embed)")
+                           "decode-evict (eviction re-scored every 64 answer tokens), "
+                           "embed+evict (merge and evict, sqrt(KEEP) each) (default off,embed)")
     cost.add_argument("--keep", metavar="LIST",
                       help="kept fractions of every mode but off (default 0.75,0.55,0.35,0.25,0.1)")
     cost.add_argument("--method", metavar="NAME",

@@ -27,6 +27,14 @@ def test_configs_are_off_once_then_every_mode_at_every_keep():
     assert [c.name for c in cs] == ["off", "embed@0.5", "embed@0.25", "layer@0.5", "layer@0.25"]
     assert [c.name for c in bench_cost.parse_configs("embed", None)] == \
         [f"embed@{k:g}" for k in bench_cost.DEFAULT_KEEPS]
+    # the eviction configurations, as VisionChat settings (embed+evict: bench's split)
+    assert bench_cost.mode_settings("evict", 0.25) == {"mode": "off", "evict": 0.25}
+    assert bench_cost.mode_settings("decode-evict", 0.25) == {
+        "mode": "off", "evict": 0.25, "decode_evict": bench_cost.DECODE_EVICT_EVERY}
+    assert bench_cost.mode_settings("embed+evict", 0.25) == {
+        "mode": "embed", "keep": 0.5, "evict": 0.5}
+    assert bench_cost.mode_settings("embed", 0.5, "lightkv-paper") == {
+        "mode": "embed", "keep": 0.5, "method": "lightkv-paper"}
 
 
 @pytest.mark.parametrize("modes, keeps", [("off,bogus", None), ("", None),
