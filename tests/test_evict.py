@@ -351,12 +351,10 @@ class _Recorder:
 
 @pytest.mark.parametrize("keep, every", [(0.25, 3), (0.5, None)])
 def test_embedded_qwen2vl_matches_reference(embedded_f32_pair, keep, every):
-    from transformers import Qwen2VLForConditionalGeneration
 
     from lightkv_edge import layer_mode, mtmd
     from lightkv_edge.engine import VisionChat, _Turn
     from lightkv_edge.images import as_image
-    from tests.helpers.qwen2vl_ref import Qwen2VLText
 
     chat = VisionChat(*map(str, embedded_f32_pair), mode="off", evict=keep,
                       decode_evict=every, ignore_eos=True, max_tokens=STEPS, n_threads=2,
@@ -380,24 +378,8 @@ def test_embedded_qwen2vl_matches_reference(embedded_f32_pair, keep, every):
     finally:
         chat.close()
 
-    vl = Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR, torch_dtype=torch.float64)
-    vl.eval()
-    S = sum(s.n for s in segs)
-    table = np.concatenate([s.pos[:3].T if s.kind == "image" else
-                            np.repeat(s.pos[:1].T, 3, 1) for s in segs])
-    table = np.concatenate([table, np.repeat((end + np.arange(STEPS + 1))[:, None], 3, 1)])
-    shim = Qwen2VLText(vl, torch.from_numpy(table.astype(np.int64)))
-    emb = shim.get_input_embeddings()
-    rows, images = [], []
-    for s in segs:
-        if s.kind == "text":
-            rows.append(emb(torch.from_numpy(s.tokens.astype(np.int64))).detach())
-            images += [-1] * s.n
-        else:
-            rows.append(torch.from_numpy(s.embd).to(torch.float64))
-            images += [0] * s.n
-    cache = R.Cache.empty(shim)
-    out = R.forward(shim, cache, torch.cat(rows), torch.arange(S), images)
+    shim, cache, out, images = qwen2vl_reference_prefill(segs, end)
+    S = len(images)
     w = segs[-1].n
     R.evict(shim, cache, [q[:, -w:] for q in out.queries], torch.arange(S - w, S), keep)
     first = images.index(0)
@@ -562,3 +544,31 @@ def test_library_errors_name_the_parameter():
         with pytest.raises(InputError) as e:
             _chat(**kw)
         assert e.value.param == param
+
+
+def qwen2vl_reference_prefill(segs, end: int):
+    """The embedded Qwen2-VL in float64 (transformers' weights, our reference decoder) run
+    over the turn the engine prefilled (its segments: text ids or image rows at their M-RoPE
+    positions; STEPS answer positions after `end`): (model, cache, forward output, image of
+    each row: 0 or -1 for text)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from tests.helpers.qwen2vl_ref import Qwen2VLText
+    vl = Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR, torch_dtype=torch.float64)
+    vl.eval()
+    S = sum(s.n for s in segs)
+    table = np.concatenate([s.pos[:3].T if s.kind == "image" else
+                            np.repeat(s.pos[:1].T, 3, 1) for s in segs])
+    table = np.concatenate([table, np.repeat((end + np.arange(STEPS + 1))[:, None], 3, 1)])
+    shim = Qwen2VLText(vl, torch.from_numpy(table.astype(np.int64)))
+    emb = shim.get_input_embeddings()
+    rows, images = [], []
+    for s in segs:
+        if s.kind == "text":
+            rows.append(emb(torch.from_numpy(s.tokens.astype(np.int64))).detach())
+            images += [-1] * s.n
+        else:
+            rows.append(torch.from_numpy(s.embd).to(torch.float64))
+            images += [0] * s.n
+    cache = R.Cache.empty(shim)
+    return shim, cache, R.forward(shim, cache, torch.cat(rows), torch.arange(S), images), images

@@ -184,13 +184,11 @@ def test_embedded_qwen2vl_adaptive_matches_reference(embedded_f32_pair, keep):
     """M-RoPE on the trained embedded model (f32), through VisionChat: the reference's
     budgets, the cells each layer sees and the greedy tokens (tests/test_evict.py's
     Qwen2-VL parity, with the adaptive eviction)."""
-    from transformers import Qwen2VLForConditionalGeneration
 
     from lightkv_edge import layer_mode, mtmd
     from lightkv_edge.engine import VisionChat, _Turn
     from lightkv_edge.images import as_image
-    from tests.helpers.qwen2vl_ref import Qwen2VLText
-    from tests.test_evict import HF_DIR, _Recorder
+    from tests.test_evict import _Recorder, qwen2vl_reference_prefill
 
     chat = VisionChat(*map(str, embedded_f32_pair), mode="off", evict=keep,
                       evict_adaptive=True, ignore_eos=True, max_tokens=STEPS, n_threads=2,
@@ -216,24 +214,8 @@ def test_embedded_qwen2vl_adaptive_matches_reference(embedded_f32_pair, keep):
     finally:
         chat.close()
 
-    vl = Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR, torch_dtype=torch.float64)
-    vl.eval()
-    S = sum(s.n for s in segs)
-    table = np.concatenate([s.pos[:3].T if s.kind == "image" else
-                            np.repeat(s.pos[:1].T, 3, 1) for s in segs])
-    table = np.concatenate([table, np.repeat((end + np.arange(STEPS + 1))[:, None], 3, 1)])
-    shim = Qwen2VLText(vl, torch.from_numpy(table.astype(np.int64)))
-    emb = shim.get_input_embeddings()
-    x, images = [], []
-    for s in segs:
-        if s.kind == "text":
-            x.append(emb(torch.from_numpy(s.tokens.astype(np.int64))).detach())
-            images += [-1] * s.n
-        else:
-            x.append(torch.from_numpy(s.embd).to(torch.float64))
-            images += [0] * s.n
-    cache = R.Cache.empty(shim)
-    out = R.forward(shim, cache, torch.cat(x), torch.arange(S), images)
+    shim, cache, out, images = qwen2vl_reference_prefill(segs, end)
+    S = len(images)
     w = segs[-1].n
     ref_budgets = R.evict_adaptive(shim, cache, [q[:, -w:] for q in out.queries],
                                    torch.arange(S - w, S), keep)[0]
