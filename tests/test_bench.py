@@ -44,17 +44,21 @@ def test_bench_bad_arguments():
         assert len(r.stderr.strip().splitlines()) == 1
 
 
+def _bench_rows(tmp_path, *, n: int, methods: str, keeps: str):
+    """Run `bench` on the embedded model; (the finished process, rows by (method, keep))."""
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", str(n),
+                        "--methods", methods, "--keep", keeps, "-t", "2", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r, {(x["method"], x["keep"]): x for x in json.loads(out.read_text())["results"]}
+
+
 def test_bench_layer_rows(tmp_path):
     """`layer` and `layer-exact` rows at the asked keeps, the layer-averaged keep as run
     beside them; a keep the embedded 3-layer model cannot reach in layer mode (0.35 <
     0.583) is skipped with its reason, and the other rows go on."""
-    out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "4",
-                        "--methods", "off,layer,layer-exact", "--keep", "0.75,0.35",
-                        "-t", "2", "--json", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr
-    by = {(x["method"], x["keep"]): x for x in json.loads(out.read_text())["results"]}
+    r, by = _bench_rows(tmp_path, n=4, methods="off,layer,layer-exact", keeps="0.75,0.35")
     assert set(by) == {("off", 1.0), ("layer", 0.75), ("layer-exact", 0.75)}
     assert r.stdout.count("skipped") == 2 and "--schedule" in r.stdout
     for m in ("layer", "layer-exact"):
@@ -71,13 +75,7 @@ def test_bench_eviction_rows(tmp_path):
     holds after the eviction, and the KV bytes follow it."""
     import math
     from lightkv_edge.evict import keep_count
-    out = tmp_path / "e.json"
-    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "2",
-                        "--methods", "off,evict,embed+evict", "--keep", "0.5,0.25,0.1",
-                        "-t", "2", "--json", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert r.returncode == 0, r.stderr
-    by = {(x["method"], x["keep"]): x for x in json.loads(out.read_text())["results"]}
+    _, by = _bench_rows(tmp_path, n=2, methods="off,evict,embed+evict", keeps="0.5,0.25,0.1")
     assert set(by) == {("off", 1.0)} | {(m, k) for m in ("evict", "embed+evict")
                                         for k in (0.5, 0.25, 0.1)}
     n = by[("off", 1.0)]["vision_tokens_in"]
