@@ -35,6 +35,7 @@ import pytest
 from PIL import Image as PILImage
 
 from tests.helpers.images import two_images
+from tests.helpers.stock_cli import build_mtmd_cli, stock_answer
 from tests.helpers.tiny_vlms import FAMILIES as BUILT, tiny_model
 
 from lightkv_edge import embed_mode
@@ -177,10 +178,7 @@ def test_off_mode_answers(family, images):
 # -- off is stock libmtmd -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mtmd_cli():
-    r = subprocess.run([sys.executable, str(ROOT / "native" / "build_llama.py"),
-                        "--tool", "llama-mtmd-cli"], capture_output=True, text=True)
-    assert r.returncode == 0, f"llama-mtmd-cli could not be built: {r.stderr[-400:]}"
-    return r.stdout.strip().splitlines()[-1]
+    return build_mtmd_cli()
 
 
 def test_off_equals_stock_llama_mtmd_cli(family, images, mtmd_cli):
@@ -203,20 +201,9 @@ def test_off_equals_stock_llama_mtmd_cli(family, images, mtmd_cli):
             chat.ask(PROMPT, [img])
             ours = raw[0]
         assert ours.strip(), f"{fam}: no answer text: equality would prove nothing"
-        # the stock CLI once printed only the first 2 of 6 tokens (gemma3, b.png) and the
-        # full answer, equal to ours, when rerun by hand -- like the empty answer
-        # tests/test_stock_control.py saw once: a differing stock answer is asked for once
-        # more, a second difference fails
-        for _ in range(2):
-            r = subprocess.run([mtmd_cli, "-m", str(pair[0]), "--mmproj", str(pair[1]),
-                                "--image", str(img), "-p", PROMPT, "--temp", "0", "-n",
-                                str(N_TOK), "-t", "2", "--no-warmup", "--no-repack",
-                                "--ignore-eos"],
-                               capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
-            assert r.returncode == 0, r.stderr[-400:]
-            if ours.strip() == r.stdout.strip():
-                break
-        assert ours.strip() == r.stdout.strip(), (fam, img.name)
+        stock = stock_answer(mtmd_cli, pair[0], pair[1], img, PROMPT, N_TOK, ours,
+                             ignore_eos=True)
+        assert ours.strip() == stock, (fam, img.name)
 
 
 # -- embed mode -----------------------------------------------------------------------------
