@@ -817,3 +817,112 @@ def test_non_causal_images_are_refused_before_the_encoder(tmp_path, monkeypatch)
         with pytest.raises(InputError, match="non-causal attention .*--mode embed"):
             chat.ask(s.question, [img])
         assert chat.n_cells == 0
+
+
+# ---------------------------------------------------------------------------------------
+# saved state (llama_state_*) of an `exact` cache: patch 0005 carries the layer ranges
+# ---------------------------------------------------------------------------------------
+def _state(ctx, seq_id=None) -> bytes:
+    if seq_id is None:
+        n = llama_cpp.llama_state_get_size(ctx)
+        buf = (ctypes.c_uint8 * n)()
+        assert llama_cpp.llama_state_get_data(ctx, buf, n) == n
+    else:
+        n = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+        buf = (ctypes.c_uint8 * n)()
+        assert llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq_id) == n
+    assert n > 0
+    return bytes(buf)
+
+
+def _restore(ctx, data: bytes, seq_id=None) -> None:
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    if seq_id is None:
+        assert llama_cpp.llama_state_set_data(ctx, buf, len(data)) == len(data)
+    else:
+        assert llama_cpp.llama_state_seq_set_data(ctx, buf, len(data), seq_id) == len(data)
+
+
+def _seq_state_flag(data: bytes) -> bool:
+    # a sequence state: magic, seq_id, then the KV cache's n_stream word (bit 31: the
+    # cells' layer ranges follow each stream's data)
+    return bool(np.frombuffer(data, np.uint32, count=3)[2] >> 31)
+
+
+def test_exact_state_carries_the_layer_ranges(tiny):
+    """A saved exact cache restores with each range's rows seen by its layers only: the
+    continuation of a restored whole state is bit-identical to the original's; a restored
+    sequence state (other cell indices, so another summation order: 1e-4, as in
+    test_exact_with_zero_ratios_answers_as_off) gives the same tokens. Made visible to
+    every layer, the restored rows change the logits by > 1e-2 (what a state without the
+    ranges would give). A compact cache's state has no ranges (stock bytes, no flag)."""
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        whole, seq = _state(c.ctx), _state(c.ctx, 0)
+        assert _seq_state_flag(seq)
+        want_toks, want_logits = c.greedy(res.logits, S)
+    finally:
+        c.close()
+    for data, seq_id in ((whole, None), (seq, 0)):
+        c = Ctx(model)
+        try:
+            layer_mode._l.llama_set_position_gaps(c.ctx, True)   # as the runner's context
+            _restore(c.ctx, data, seq_id)
+            assert c.n_cells() == (0, S - 1)
+            toks, logits = c.greedy(res.logits, S)
+            assert toks == want_toks
+            for a, b in zip(logits, want_logits):
+                if seq_id is None:
+                    assert np.array_equal(a, b)
+                else:
+                    assert np.max(np.abs(a - b)) < 1e-4
+        finally:
+            c.close()
+    c = Ctx(model)
+    try:
+        _restore(c.ctx, whole)
+        cells = np.concatenate([x for _, _, x in res.layer_cells])
+        layer_mode.kv_cells_set_layers(c.ctx, cells, 0, N_LAYER)
+        c.decode_tokens([want_toks[0]], [S])
+        assert np.max(np.abs(c.logits() - want_logits[1])) > 1e-2
+    finally:
+        c.close()
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        run.prefill(_segments(t1, img, t2), STAGES, kv="compact")
+        assert not _seq_state_flag(_state(c.ctx, 0))
+    finally:
+        c.close()
+
+
+def test_whole_state_restore_drops_earlier_layer_ranges(tiny):
+    """Restoring a whole state into a context whose cells were restricted (an exact
+    prefill) leaves none of the old ranges on the restored cells: the continuation is
+    bit-identical to the saved context's (`off`, stock decoding)."""
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model)
+    try:
+        first = _stock(c, t1, img, t2)
+        off_state = _state(c.ctx)
+        want_toks, want_logits = c.greedy(first, S)
+    finally:
+        c.close()
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        _restore(c.ctx, off_state)
+        toks, logits = c.greedy(first, S)
+        assert toks == want_toks
+        for a, b in zip(logits, want_logits):
+            assert np.array_equal(a, b)
+    finally:
+        c.close()
