@@ -247,8 +247,6 @@ def test_bad_policies_raise(tiny):
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
         with pytest.raises(ValueError, match="not available"):
             run.prefill(_segments(t1, img, t2), STAGES, kv="lossy")
-        with pytest.raises(ValueError, match="use positions 'keep'"):
-            run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions="renumber")
         with pytest.raises(ValueError, match="positions"):
             run.prefill(_segments(t1, img, t2), STAGES, positions="shift")
         with pytest.raises(ValueError, match="end with text"):
@@ -309,8 +307,7 @@ def test_schedule_and_report_live_in_liblightkv():
     assert r.keep_fraction == pytest.approx((1 + 0.5 + 0.25 * 2) / 4)
     r.cells(80, 80 + 48 + 32)                  # exact adds cells: nothing freed
     assert r.cells_freed == 0
-    for kw, why in ((dict(kv="exact", positions="renumber"), "use positions 'keep'"),
-                    (dict(kv="lossy"), "not available"), (dict(positions="x"), "positions"),
+    for kw, why in ((dict(kv="lossy"), "not available"), (dict(positions="x"), "positions"),
                     (dict(threshold=float("nan")), "threshold")):
         with pytest.raises(ValueError, match=why):
             native.LayerSchedule([(0, 2, 0.5)], 4, **kw)
@@ -318,9 +315,10 @@ def test_schedule_and_report_live_in_liblightkv():
                         ([], "no stage")):
         with pytest.raises(ValueError, match=why):
             native.LayerSchedule(stages, 4)
-    with pytest.raises(ValueError, match="use positions 'keep'"):
-        native.check_layer_policies("exact", "renumber")
-    native.check_layer_policies("exact", "keep")
+    for kv in ("compact", "exact"):              # every pair of policies is valid
+        for positions in ("keep", "renumber"):
+            native.check_layer_policies(kv, positions)
+            native.LayerSchedule([(0, 2, 0.5)], 4, kv=kv, positions=positions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +351,7 @@ def _qwen_turn(vm, question="what colour is the circle?"):
 
 
 @pytest.mark.parametrize("positions, kv", [("keep", "compact"), ("renumber", "compact"),
-                                           ("keep", "exact")])
+                                           ("keep", "exact"), ("renumber", "exact")])
 def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -422,6 +420,11 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
         if kv == "exact":     # each layer range keeps the rows it ran on, in its own cells
             assert [(a, b, len(c)) for a, b, c in res.layer_cells] == [
                 (0, 1, S), (1, 2, ref.keys[1].shape[1]), (2, 3, len(res.cells))]
+        # every cell of the turn lies before the next position (renumber: the earlier
+        # ranges' rows moved below the renumbered end, patch 0006); the 8 answer tokens
+        # follow it
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(vm.ctx), 0) == \
+            n_past + STEPS - 1
     finally:
         mtmd.chunks_free(handle)
         vm.close()
@@ -612,10 +615,12 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
         # (1 + 1/2 + 1/4) / 3 = 0.583, the step nearest 0.6 (the next is 0.646)
         assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
         assert st.keep == pytest.approx(7 / 12)
-    from lightkv_edge.errors import InputError
-    with pytest.raises(InputError, match="use positions 'keep'") as e:
-        _engine_chat(mode="layer", kv="exact", positions="renumber")
-    assert e.value.param == "kv"
+    with _engine_chat(mode="layer", kv="exact", positions="renumber",
+                      schedule="0:2:0.5,1:1:0.5") as chat:
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        assert st.vision_tokens_kept == 16 and st.kv_cells == 3 * off_cells - 32 - 48
+        assert chat.ask("Is there a square?")          # later turns see every range
 
 
 @pytest.mark.parametrize("args, why", [
@@ -672,23 +677,29 @@ def test_cell_layers_hide_cells_and_undo_to_stock(tiny):
         c.close()
 
 
-def test_exact_matches_reference(tiny, hf):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_matches_reference(tiny, hf, positions):
     """Policy exact on the tiny llama: every layer sees the rows present when it ran
     (layer 0 all 80, layer 1 the 48 after the first merge, layers 2-3 the 32 after the
     second), as reference.prefill_with_merge(kv_policy="exact"): same kept rows, logits,
-    8 greedy tokens and per-layer cached K/V."""
+    8 greedy tokens and per-layer cached K/V. Renumber: each range ran (and stored K) at
+    its own renumbered positions; the later tokens follow the final rows' end and see
+    every range's rows in its layers."""
     from tests.helpers.layer_ref import greedy_after_prefill
     m, model = tiny
     t1, img, t2 = _turn(m)
     S = len(t1) + N_IMG + len(t2)
-    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref = _reference(hf, m, t1, img, t2, STAGES, positions, kv_policy="exact")
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
         assert res.kept[0].tolist() == (ref.kept[len(t1):len(t1) + res.vision_out]
                                         - len(t1)).tolist()
+        assert res.positions[0].tolist() == ref.positions.tolist()
+        # every cell of the turn lies before the next position (0 .. next - 1)
+        assert c.n_cells() == (0, int(ref.next_position) - 1)
         assert [(a, b, len(cells)) for a, b, cells in res.layer_cells] == [
             (0, 1, S), (1, 2, S - 32), (2, 4, S - 48)]
         all_cells = np.concatenate([cells for _, _, cells in res.layer_cells])
@@ -697,7 +708,7 @@ def test_exact_matches_reference(tiny, hf):
         # no compaction here: a row hidden from, or shown to, a wrong layer moves the
         # logits by > 0.1 (test_cell_layers_hide_cells_...; test_merging_changes_...)
         assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2
-        toks, logits = c.greedy(res.logits, S)
+        toks, logits = c.greedy(res.logits, int(ref.next_position))
         assert toks == ref_toks
         for a, b in zip(logits, ref_logits):
             assert np.max(np.abs(a - b.numpy())) < 1e-2
@@ -716,21 +727,22 @@ def test_exact_matches_reference(tiny, hf):
         c.close()
 
 
-def test_exact_second_text_turn_matches_reference(tiny, hf):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_second_text_turn_matches_reference(tiny, hf, positions):
     """A later turn (6 tokens in one batch) on top of an exact prefill sees, in each
     layer, that layer's rows: the reference decodes the same tokens on its per-layer
     cache; then 8 greedy tokens agree."""
     from tests.helpers.layer_ref import greedy_after_prefill
     m, model = tiny
     t1, img, t2 = _turn(m)
-    S = len(t1) + N_IMG + len(t2)
     turn2 = [int(x) for x in np.random.default_rng(8).integers(259, m.n_vocab, 6)]
-    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref = _reference(hf, m, t1, img, t2, STAGES, positions, kv_policy="exact")
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, len(turn2) + STEPS, forced=turn2)
+    S = int(ref.next_position)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
         c.decode_tokens(turn2, np.arange(S, S + len(turn2)))
         got = c.logits()
         want = ref_logits[len(turn2)].numpy()        # after the turn's last token
