@@ -753,24 +753,28 @@ def test_exact_second_text_turn_matches_reference(tiny, hf, positions):
         c.close()
 
 
-def test_exact_second_image_turn_leaves_the_first_untouched(tiny):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_second_image_turn_leaves_the_first_untouched(tiny, positions):
     """A second exact turn with an image: the first turn's cells of every range keep
-    their K/V bit for bit, and its own ranges get their own cells."""
+    their K/V bit for bit, and its own ranges get their own cells; renumber: the second
+    turn starts after the first's renumbered end, and every cell of both turns lies
+    before the position that follows it."""
     m, model = tiny
     t1, img, t2 = _turn(m, seed=5)
     u1, img2, u2 = _turn(m, seed=6)
-    S = len(t1) + N_IMG + len(t2)
     c = Ctx(model, n_ctx=512)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        first = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        first = run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
+        S = int(first.positions[0, -1]) + 1           # the first turn's next position
         nk = m.n_head_kv * m.head_dim
         before = {(li, j): layer_mode.kv_cells_get(c.ctx, li, cells, nk, nk)
                   for j, (a, b, cells) in enumerate(first.layer_cells) for li in range(a, b)}
         segs = _segments(u1[1:], img2, u2)
         for s in segs:
             s.pos = s.pos + S
-        second = run.prefill(segs, STAGES, kv="exact")
+        second = run.prefill(segs, STAGES, kv="exact", positions=positions)
+        assert c.n_cells() == (0, int(second.positions[0, -1]))
         old = set(np.concatenate([x for _, _, x in first.layer_cells]).tolist())
         new = set(np.concatenate([x for _, _, x in second.layer_cells]).tolist())
         assert not old & new
