@@ -691,6 +691,10 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     *out = res.release();
 }
 
+}  // namespace
+
+namespace lightkv {
+
 void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen) {
     if (n < 0) LKV_INVALID("%s count must be >= 0", what);
     if (n > 0 && !idx) LKV_INVALID("%s indices must not be NULL", what);
@@ -708,7 +712,7 @@ void check_finite(const float * v, int64_t n, const char * what) {
     }
 }
 
-}  // namespace
+}  // namespace lightkv
 
 // =============================================================================== C API
 extern "C" {

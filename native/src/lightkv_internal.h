@@ -48,6 +48,11 @@ using sched_ptr = std::unique_ptr<ggml_backend_sched, sched_deleter>;
 // graph of up to 512 nodes
 ctx_ptr new_meta_context(size_t n_tensors);
 
+// Indices into a sequence of n_seq: each in [0, n_seq), no duplicates (seen: scratch).
+void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen);
+// every value finite (else LIGHTKV_ERR_INVALID_ARGUMENT naming `what`)
+void check_finite(const float * v, int64_t n, const char * what);
+
 template <typename T>
 void upload(ggml_tensor * t, const std::vector<T> & v) {
     ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
