@@ -7,8 +7,9 @@ graph per llama_decode, so the prefill of a turn is split at the merge layers wi
 patches (native/patches/0003, 0004):
 
     stage 0: every row of the turn (text tokens and image embeddings) through layers
-             [0, l1 + 1); the hidden state leaving layer l1 and layer l1's post-RoPE
-             Q/K (read through the eval callback) come back;
+             [0, l1 + 1); the hidden state leaving layer l1 comes back, and layer
+             l1's post-RoPE Q/K stay on the lightkv backend (native.Capture: the eval
+             callback in liblightkv copies them there);
     merge:   each image's rows are merged in its own windows (native LightKV merge),
              guided by layer l1's attention from the turn's text rows;
     compact: the turn's cells are freed, the kept rows run through [l1 + 1, l2 + 1) into
