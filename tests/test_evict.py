@@ -224,6 +224,10 @@ def test_tiny_llama_matches_reference(tiny, hf, keep, every):
         assert c.kept_rows() == (ref_cache.row[ref_cache.image == 0] - len(t1)).tolist()
         if every:
             assert len(c.kept_rows()) < len(ref_kept)
+        # the queries came through liblightkv's callback (native.Capture), one Qcur copy a
+        # layer read for the window's decode and, with decode_every, for each generated token
+        st = c.ev._q.stats()
+        assert st["wanted"] == st["copied"] == N_LAYER * (1 + (STEPS if every else 0))
     finally:
         c.close()
 

@@ -172,12 +172,6 @@ ggml_tensor * heads_major(ggml_context * g, const capture_entry & e, int64_t row
     return ggml_cont(g, ggml_permute(g, v, 0, 2, 1, 3));
 }
 
-void check_finite_out(const float * out, int64_t n, const char * what) {
-    for (int64_t i = 0; i < n; i++) {
-        if (!std::isfinite(out[i])) fail(LIGHTKV_ERR_NUMERIC, "%s are not finite (q.k overflows float32)", what);
-    }
-}
-
 }  // namespace
 
 extern "C" {
@@ -337,12 +331,8 @@ lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32_t layer,
         ggml_tensor * t_t = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_I32, n_text, n_head_kv);
         ggml_tensor * t_v = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, n_vision);
         buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
-        std::vector<int32_t> ti((size_t) (n_text * n_head_kv)), vi((size_t) n_vision);
-        for (int64_t h = 0; h < n_head_kv; h++) {
-            for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
-        }
-        for (int64_t i = 0; i < n_vision; i++) vi[i] = (int32_t) vision_idx[i];
-        upload(t_t, ti);
+        std::vector<int32_t> vi(vision_idx, vision_idx + n_vision);
+        upload(t_t, text_rows_per_head(text_idx, n_text, n_head_kv));
         upload(t_v, vi);
 
         ctx_ptr g = new_meta_context(40);
@@ -354,7 +344,7 @@ lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32_t layer,
         ggml_build_forward_expand(gf, gs);
         ctx->compute(gf);
         ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
-        check_finite_out(out_scores, n_vision, "guidance scores");
+        check_finite_result(out_scores, n_vision, "guidance scores");
     });
 }
 
@@ -380,16 +370,7 @@ lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t
         const int64_t nk = checked_mul(checked_mul(n_head_kv, n_key, "k"), head_dim, "k");
         checked_mul(checked_mul(n_query, n_key, "logits"), n_head, "logits");
         check_finite(k, nk, "k");
-        std::vector<float> mask((size_t) (n_query * n_key));
-        for (int64_t i = 0; i < n_query; i++) {
-            bool any = false;
-            for (int64_t j = 0; j < n_key; j++) {
-                const bool sees = k_pos[j] <= q_pos[i];
-                mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
-                any = any || sees;
-            }
-            if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
-        }
+        const std::vector<float> mask = causal_mask(q_pos, n_query, k_pos, n_key);
         lightkv_context * ctx = cap->ctx;
         ctx->last_splits = 0;
 
@@ -408,7 +389,7 @@ lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t
         ggml_build_forward_expand(gf, r);
         ctx->compute(gf);
         ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
-        check_finite_out(out, n_key, "attention scores");
+        check_finite_result(out, n_key, "attention scores");
     });
 }
 
