@@ -100,41 +100,42 @@ class _PythonCapture:
 
 
 def test_capture_equals_python_capture_bit_for_bit(tiny, ctx):
-    """Two decodes (30 and 20 tokens) in micro-batches of 16: 16+14, 16+4 rows appended."""
+    """Two decodes (60 and 40 tokens) in micro-batches of 16: 16+16+16+12, 16+16+8 rows
+    appended; the 64-row first buffer grows (its 60 rows copied over) on the fifth."""
     m, _ = tiny
     d = m.head_dim
     cap = native.Capture(backend="CPU")
     cap.want({1: "qk", 2: "q"})
     py = _PythonCapture([b"Qcur-1", b"Kcur-1", b"Qcur-2"], cap)
     _l.llama_set_eval_callback(ctx, C.cast(py.cb, C.c_void_p), None)
-    toks = _tokens(m, 50)
-    _decode(ctx, toks[:30], 0)
-    _decode(ctx, toks[30:], 30)
+    toks = _tokens(m, 100)
+    _decode(ctx, toks[:60], 0)
+    _decode(ctx, toks[60:], 60)
     _l.llama_set_eval_callback(ctx, None, None)
 
-    assert [len(py.got[b"Qcur-1"][i]) // (N_HEAD * d) for i in range(4)] == [16, 14, 16, 4]
+    assert [len(a) // (N_HEAD * d) for a in py.got[b"Qcur-1"]] == [16, 16, 16, 12, 16, 16, 8]
     for layer, kind, name, heads in ((1, "q", b"Qcur-1", N_HEAD), (1, "k", b"Kcur-1", N_HEAD_KV),
                                      (2, "q", b"Qcur-2", N_HEAD)):
         want = py.rows(name, heads, d)
-        assert cap.shape(layer, kind) == (50, heads, d)
+        assert cap.shape(layer, kind) == (100, heads, d)
         got = cap.read(layer, kind)
         assert got.tobytes() == want.tobytes()
     assert cap.rows(2, "k") == 0 and cap.rows(0, "q") == 0      # not wanted: nothing
     st = cap.stats()
-    assert st["wanted"] == st["copied"] == 3 * 4                 # 3 nodes x 4 micro-batches
+    assert st["wanted"] == st["copied"] == 3 * 7                 # 3 nodes x 7 micro-batches
 
     # the reads' graphs on the captured tensors = the same graphs fed from the host
     q = py.rows(b"Qcur-1", N_HEAD, d).transpose(1, 0, 2)
     k = py.rows(b"Kcur-1", N_HEAD_KV, d).transpose(1, 0, 2)
-    vis, txt = np.arange(5, 40), np.r_[0:5, 40:50]
+    vis, txt = np.arange(5, 80), np.r_[0:5, 80:100]
     g_host = native.guidance_scores_from_qk(q, k, vis, txt, backend="CPU")
     g_cap = cap.guidance(1, vis, txt)
     assert g_cap.tobytes() == g_host.tobytes()
     assert np.all(g_cap > 0)
-    w, kpos = 7, np.arange(45, dtype=np.int32)
-    kk = np.ascontiguousarray(k[:, :45])
-    r_host = native.attention_received(q[:, -w:], kk, np.arange(43, 50), kpos, backend="CPU")
-    r_cap = cap.attention_received(1, kk, np.arange(43, 50), kpos)
+    w, kpos = 7, np.arange(95, dtype=np.int32)
+    kk = np.ascontiguousarray(k[:, :95])
+    r_host = native.attention_received(q[:, -w:], kk, np.arange(93, 100), kpos, backend="CPU")
+    r_cap = cap.attention_received(1, kk, np.arange(93, 100), kpos)
     assert r_cap.tobytes() == r_host.tobytes()
     assert abs(r_cap.sum() - N_HEAD * w) < 1e-3                 # every query's softmax sums to 1
 

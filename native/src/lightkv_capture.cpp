@@ -68,6 +68,14 @@ struct lightkv_capture {
     std::vector<capture_entry> entries;   // every (layer, kind) ever wanted
     std::string                error;     // first failure inside the callback ("" if none)
     int64_t n_asked = 0, n_wanted = 0, n_copied = 0;
+    ctx_ptr                    scratch;   // the views of one copy (reset before each)
+
+    // an empty metadata context for the two views of one copy
+    ggml_context * views() {
+        if (!scratch) scratch = new_meta_context(2);
+        ggml_reset(scratch.get());
+        return scratch.get();
+    }
 
     capture_entry * find(int32_t layer, int32_t kind) {
         for (auto & e : entries) {
@@ -106,9 +114,8 @@ struct lightkv_capture {
         grown.t = ggml_new_tensor_3d(grown.meta.get(), GGML_TYPE_F32, e.ne0, e.ne1, cap);
         grown.buf = ctx->alloc_inputs(grown.meta.get());
         if (e.rows > 0) {
-            ctx_ptr scratch = new_meta_context(2);
-            ggml_backend_tensor_copy(rows_view(scratch.get(), e, 0, e.rows),
-                                     rows_view(scratch.get(), grown, 0, e.rows));
+            ggml_context * v = views();
+            ggml_backend_tensor_copy(rows_view(v, e, 0, e.rows), rows_view(v, grown, 0, e.rows));
         }
         e.meta = std::move(grown.meta);
         e.buf = std::move(grown.buf);
@@ -140,8 +147,7 @@ struct lightkv_capture {
         e.ne0 = t->ne[0];
         e.ne1 = t->ne[1];
         reserve(e, t->ne[2]);
-        ctx_ptr scratch = new_meta_context(1);
-        ggml_tensor * dst = rows_view(scratch.get(), e, e.rows, t->ne[2]);
+        ggml_tensor * dst = rows_view(views(), e, e.rows, t->ne[2]);
         if (!same_layout(t, dst)) LKV_INVALID("%s has strides the capture cannot copy", e.name.c_str());
         ggml_backend_tensor_copy(t, dst);
         e.rows += t->ne[2];
