@@ -16,9 +16,10 @@ How the pieces are read, without a new llama.cpp patch:
 - the window's queries: Qcur-<layer> (after RoPE), copied by liblightkv's eval callback
   (native.Capture, set with patch 0004's llama_set_eval_callback) into tensors on the
   lightkv backend, switched on only for the window's decodes; they stay there;
-- the keys: llama_kv_cells_get of every live cell, per layer read (host f32);
+- the keys: the live cells' rows of each read layer's K cache, read where llama.cpp keeps
+  them (the capture notes the cache tensor Kcur is stored into);
 - the scores: one small ggml graph in liblightkv per layer read, on the captured queries
-  (native.Capture.attention_received); only the [cells] scores come back.
+  and those rows (native.Capture.attention_received); only the [cells] scores come back.
 The patches cover the llama, qwen2 and qwen2vl graphs; other architectures are refused
 when the Evictor is made (before any compute).
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer_mode import QueryWindow, _ip, _l, kv_cells_get, kv_cells_set_layers, llama_cpp
+from .layer_mode import QueryWindow, _ip, _l, kv_cells_set_layers, llama_cpp
 
 
 def keep_count(n: int, keep: float) -> int:
@@ -220,7 +221,7 @@ class Evictor:
         what was captured stays readable)."""
         if on:
             self._q.reset()
-            self._q.want({li: "q" for li in self.layers})
+            self._q.want({li: "qc" for li in self.layers})   # queries, and the K cache
             _l.llama_set_eval_callback(self.ctx, self._q.callback, self._q.handle)
         else:
             _l.llama_set_eval_callback(self.ctx, None, None)
@@ -253,12 +254,9 @@ class Evictor:
         if not 0 < len(q_pos) <= queries.rows:
             raise ValueError(f"{len(q_pos)} window positions for {queries.rows} captured queries")
         out = np.zeros((len(self.layers), len(cells)), np.float64)
-        nk = self.n_head_kv * self.head_dim
         for j, li in enumerate(self.layers):
             vis = np.flatnonzero(end > li)          # the cells this layer's softmax spans
-            k, _ = kv_cells_get(self.ctx, li, cells[vis], nk, nk)
-            k = k.reshape(len(vis), self.n_head_kv, self.head_dim).transpose(1, 0, 2)
-            out[j, vis] = queries.capture.attention_received(li, k, q_pos, pos[vis])
+            out[j, vis] = queries.capture.attention_received(li, cells[vis], q_pos, pos[vis])
         self.t_score_ms += (time.perf_counter() - t0) * 1e3
         return idx, out
 

@@ -430,9 +430,9 @@ class LayerRunner:
                     kv_cells_set_layers(self.ctx, prev_cells, bounds[k - 1], a)
                     layer_cells.append((bounds[k - 1], a, prev_cells))
                 observed = [li for li in observe_q if a <= li < b]
-                want = {li: "q" for li in observed}
-                if not last:
-                    want[b - 1] = "qk"       # the merge layer's guidance
+                want = {li: "qc" for li in observed}   # the window's queries, the K cache
+                if not last:                            # the merge layer's guidance
+                    want[b - 1] = "qkc" if b - 1 in want else "qk"
                 self.capture.want(want)
                 _l.llama_set_eval_callback(self.ctx, self.capture.callback if want else None,
                                            self.capture.handle)

@@ -6,8 +6,9 @@ callback in C, copying the wanted ROPE nodes into tensors on the lightkv backend
   several decodes and micro-batches (n_ubatch smaller than a decode) concatenate in order;
 - it asks only for the wanted nodes: one ROPE node per wanted (layer, kind) and micro-batch
   is answered "wanted" and copied (the projections before RoPE share the name);
-- guidance and attention-received from the captured tensors equal the same graphs fed with
-  the Python-read arrays from the host (bit for bit on CPU);
+- guidance and attention-received from the captured tensors (the keys of attention-received
+  read from llama.cpp's K cache, whose tensor the capture finds) equal the same graphs fed
+  with the Python-read arrays from the host (bit for bit on CPU);
 - bad handles, layers, kinds and reads are one-line errors before any ggml call; a failure
   inside the callback is kept and raised by the next read.
 The tiny random llama (tests/helpers/tiny_llama.py, GQA: 4 query heads, 2 key heads)."""
@@ -105,7 +106,7 @@ def test_capture_equals_python_capture_bit_for_bit(tiny, ctx):
     m, _ = tiny
     d = m.head_dim
     cap = native.Capture(backend="CPU")
-    cap.want({1: "qk", 2: "q"})
+    cap.want({1: "qkc", 2: "q"})
     py = _PythonCapture([b"Qcur-1", b"Kcur-1", b"Qcur-2"], cap)
     _l.llama_set_eval_callback(ctx, C.cast(py.cb, C.c_void_p), None)
     toks = _tokens(m, 100)
@@ -132,10 +133,15 @@ def test_capture_equals_python_capture_bit_for_bit(tiny, ctx):
     g_cap = cap.guidance(1, vis, txt)
     assert g_cap.tobytes() == g_host.tobytes()
     assert np.all(g_cap > 0)
+    # a fresh cache: row i went to cell i; the cache holds Kcur rounded to f16
+    nk = N_HEAD_KV * d
+    cache, _ = layer_mode.kv_cells_get(ctx, 1, np.arange(100), nk, nk)
+    assert np.array_equal(cache, k.transpose(1, 0, 2).reshape(100, nk).astype(np.float16)
+                          .astype(np.float32))
     w, kpos = 7, np.arange(95, dtype=np.int32)
-    kk = np.ascontiguousarray(k[:, :95])
+    kk = np.ascontiguousarray(cache[:95].reshape(95, N_HEAD_KV, d).transpose(1, 0, 2))
     r_host = native.attention_received(q[:, -w:], kk, np.arange(93, 100), kpos, backend="CPU")
-    r_cap = cap.attention_received(1, kk, np.arange(93, 100), kpos)
+    r_cap = cap.attention_received(1, np.arange(95), np.arange(93, 100), kpos)
     assert r_cap.tobytes() == r_host.tobytes()
     assert abs(r_cap.sum() - N_HEAD * w) < 1e-3                 # every query's softmax sums to 1
 
@@ -189,7 +195,8 @@ def test_bad_input_is_one_line_before_ggml(tiny, ctx):
     m, _ = tiny
     cap = native.Capture(backend="CPU")
     for bad, why in (({-1: "q"}, "layer -1 is out of range"), ({1 << 20: "q"}, "out of range"),
-                     ({0: "x"}, "must be 'q', 'k' or 'qk'"), ({0: ""}, "must be 'q', 'k' or 'qk'"),
+                     ({0: "x"}, "must be letters of 'qkc'"), ({0: ""}, "must be letters of 'qkc'"),
+                     ({0: "qq"}, r"\(each once\)"), ({0: 3}, "must be letters of 'qkc'"),
                      ({True: "q"}, "layer must be an integer"), ([0], "must be a dict")):
         with pytest.raises(ValueError, match=why) as e:
             cap.want(bad)
@@ -211,19 +218,23 @@ def test_bad_input_is_one_line_before_ggml(tiny, ctx):
     assert lib.lightkv_capture_eval(None, False, None) is True   # and never stops the graph
 
     # reads of what was captured: rows and indices checked before any graph
-    cap.want({0: "qk"})
+    cap.want({0: "qk", 1: "qc"})
     _l.llama_set_eval_callback(ctx, cap.callback, cap.handle)
     _decode(ctx, _tokens(m, 10), 0)
     _l.llama_set_eval_callback(ctx, None, None)
     with pytest.raises(ValueError, match=r"vision indices must be in \[0, 10\), got 10"):
         cap.guidance(0, [10], [0])
-    k = np.zeros((N_HEAD_KV, 3, m.head_dim), np.float32)
+    with pytest.raises(ValueError, match="nothing was captured of the K cache of Kcur-0"):
+        cap.attention_received(0, [0, 1, 2], [9], np.arange(3))
     with pytest.raises(ValueError, match=r"n_query must be in \[1, 10\]"):
-        cap.attention_received(0, k, np.arange(11), np.arange(3))
-    with pytest.raises(ValueError, match="does not divide the 4 query heads"):
-        cap.attention_received(0, np.zeros((3, 3, m.head_dim), np.float32), [9], np.arange(3))
+        cap.attention_received(1, [0, 1, 2], np.arange(11), np.arange(3))
+    with pytest.raises(ValueError, match="cell 256 is outside the K cache's 256 cells"):
+        cap.attention_received(1, [0, 256], [9], [0, 1])
+    with pytest.raises(ValueError, match=r"k_pos must be \[3\]"):
+        cap.attention_received(1, [0, 1, 2], [9], [0, 1])
     with pytest.raises(ValueError, match="sees no key"):
-        cap.attention_received(0, k, [0], [5, 6, 7])
+        cap.attention_received(1, [0, 1, 2], [0], [5, 6, 7])
+    assert cap.attention_received(1, [3], [9], [3]).tolist() == [N_HEAD]   # one key: all of it
     cap.close()
     with pytest.raises(ValueError, match="the capture is closed"):
         cap.want({0: "q"})

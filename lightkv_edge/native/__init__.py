@@ -126,9 +126,10 @@ def _load():
                                                f32p]),
             "lightkv_capture_guidance": (C.c_int, [C.c_void_p, C.c_int32, i64p, C.c_int64, i64p,
                                                    C.c_int64, C.c_float, f32p]),
-            "lightkv_capture_attention_received": (C.c_int, [C.c_void_p, C.c_int32, C.c_int64, f32p,
-                                                             C.c_int64, C.c_int64, C.POINTER(C.c_int32),
-                                                             C.POINTER(C.c_int32), C.c_float, f32p]),
+            "lightkv_capture_attention_received": (C.c_int, [C.c_void_p, C.c_int32, C.c_int64,
+                                                             C.POINTER(C.c_int32), C.c_int64,
+                                                             C.POINTER(C.c_int32), C.POINTER(C.c_int32),
+                                                             C.c_float, f32p]),
             "lightkv_gguf_open": (C.c_int, [C.c_char_p, C.POINTER(C.c_void_p)]),
             "lightkv_gguf_free": (None, [C.c_void_p]),
             "lightkv_gguf_value": (C.c_int, [C.c_void_p, C.c_char_p, C.POINTER(C.c_int32), i64p,
@@ -649,7 +650,8 @@ class Capture:
     the callback (a node of another shape, out of memory) is raised by the next read.
     Unset the callback before the capture goes (close() or garbage collection)."""
 
-    _KINDS = {"q": 1, "k": 2, "qk": 3}
+    _KINDS = {"q": 1, "k": 2}
+    _LETTERS = {"q": 1, "k": 2, "c": 4}    # c: the layer's K cache tensor (no rows)
 
     def __init__(self, *, backend: str | None = None):
         self._ctx = _context(backend)
@@ -680,15 +682,19 @@ class Capture:
         return cls._KINDS[kind]
 
     def want(self, layers: dict) -> None:
-        """Capture from now on {layer: "q" | "k" | "qk"} (an empty dict: nothing)."""
+        """Capture from now on {layer: letters}, letters of "q" (Qcur rows), "k" (Kcur
+        rows), "c" (the layer's K cache, for attention_received), e.g. "qk" or "qc"; an
+        empty dict: nothing."""
         if not isinstance(layers, dict):
-            raise ValueError(f"layers must be a dict {{layer: 'q' | 'k' | 'qk'}}, got {layers!r}")
+            raise ValueError(f"layers must be a dict {{layer: letters of 'qkc'}}, got {layers!r}")
         ls, ks = [], []
         for layer, kinds in layers.items():
             ls.append(_int(layer, "layer"))
-            if kinds not in self._KINDS:
-                raise ValueError(f"what to capture of layer {layer} must be 'q', 'k' or 'qk', got {kinds!r}")
-            ks.append(self._KINDS[kinds])
+            if not isinstance(kinds, str) or not kinds or len(set(kinds)) != len(kinds) or \
+                    not set(kinds) <= set(self._LETTERS):
+                raise ValueError(f"what to capture of layer {layer} must be letters of 'qkc' "
+                                 f"(each once), got {kinds!r}")
+            ks.append(sum(self._LETTERS[c] for c in kinds))
         if not all(-2**31 <= x < 2**31 for x in ls):
             raise ValueError(f"layers out of range: {ls}")
         la = np.asarray(ls, np.int32)
@@ -738,23 +744,26 @@ class Capture:
                    v.shape[0], t.ctypes.data_as(i64), t.shape[0], sc, _f32p(out))
         return out
 
-    def attention_received(self, layer: int, k, q_pos, k_pos, scale=None) -> np.ndarray:
-        """attention_received with the queries = the last len(q_pos) captured Q rows of layer
-        and k [H_kv, N, d] from the host: float32 [N]. scale: default 1/sqrt(d)."""
-        ka = _float32_array(k, "k", 3)
-        hk, nk, dk = ka.shape
+    def attention_received(self, layer: int, cells, q_pos, k_pos, scale=None) -> np.ndarray:
+        """attention_received with the queries = the last len(q_pos) captured Q rows of
+        layer and the keys = rows `cells` of layer's K cache (wanted with "c" during the
+        decodes), read where llama.cpp keeps them: float32 [len(cells)]. k_pos: the cells'
+        positions. scale: default 1/sqrt(head_dim)."""
+        ca = np.asarray(cells)
+        if ca.ndim != 1 or (ca.size and not np.issubdtype(ca.dtype, np.integer)):
+            raise ValueError(f"cells must be a 1-D integer array, got {ca.dtype} {ca.shape}")
+        ca = np.ascontiguousarray(ca, dtype=np.int32)
         qp = np.ascontiguousarray(q_pos, dtype=np.int32).reshape(-1)
         kp = np.ascontiguousarray(k_pos, dtype=np.int32)
-        if kp.shape != (nk,):
-            raise ValueError(f"k_pos must be [{nk}], got {kp.shape}")
+        if kp.shape != ca.shape:
+            raise ValueError(f"k_pos must be [{ca.shape[0]}], got {kp.shape}")
         _, _, d = self.shape(layer, "q")
-        if d and dk != d:
-            raise ValueError(f"k has head_dim {dk}, the captured queries {d}")
-        sc = 1.0 / math.sqrt(dk) if scale is None else _real(scale, "scale")
-        out = np.zeros(nk, np.float32)
+        sc = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else _real(scale, "scale")
+        out = np.zeros(ca.shape[0], np.float32)
         i32 = C.POINTER(C.c_int32)
         self._call(self._ctx.lib.lightkv_capture_attention_received, _int(layer, "layer"), qp.shape[0],
-                   _f32p(ka), hk, nk, qp.ctypes.data_as(i32), kp.ctypes.data_as(i32), sc, _f32p(out))
+                   ca.ctypes.data_as(i32), ca.shape[0], qp.ctypes.data_as(i32), kp.ctypes.data_as(i32),
+                   sc, _f32p(out))
         return out
 
     def close(self) -> None:

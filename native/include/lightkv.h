@@ -233,13 +233,17 @@ LIGHTKV_API lightkv_status lightkv_attention_received(lightkv_context * ctx,
  * (free it before ctx). Do not free, reset or read a capture while llama.cpp computes with it
  * set; unset the callback before freeing it. */
 typedef enum lightkv_capture_kind {
-    LIGHTKV_CAPTURE_Q = 1,   /* "Qcur-<layer>" */
-    LIGHTKV_CAPTURE_K = 2,   /* "Kcur-<layer>" */
+    LIGHTKV_CAPTURE_Q       = 1,  /* "Qcur-<layer>" */
+    LIGHTKV_CAPTURE_K       = 2,  /* "Kcur-<layer>" */
+    LIGHTKV_CAPTURE_K_CACHE = 4,  /* no rows: the layer's K cache tensor, found as the one its
+                                     Kcur is stored into (a SET_ROWS node; asked about, never
+                                     split on); llama.cpp owns it: read it only while that
+                                     context lives (lightkv_capture_reset forgets it) */
 } lightkv_capture_kind;
 
 LIGHTKV_API lightkv_status lightkv_capture_create(lightkv_context * ctx, lightkv_capture ** out);
 LIGHTKV_API void           lightkv_capture_free(lightkv_capture * cap);
-/* The nodes copied from now on: for each i < n, kinds[i] (LIGHTKV_CAPTURE_Q, _K or both, or'ed)
+/* The nodes copied from now on: for each i < n, kinds[i] (LIGHTKV_CAPTURE_Q, _K, _K_CACHE, or'ed)
  * of layers[i]; layers distinct, in [0, 2^20); n 0: none. Rows captured before stay readable,
  * also those of layers no longer wanted. */
 LIGHTKV_API lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layers,
@@ -248,7 +252,7 @@ LIGHTKV_API lightkv_status lightkv_capture_want(lightkv_capture * cap, const int
 LIGHTKV_API lightkv_status lightkv_capture_reset(lightkv_capture * cap);
 /* The eval callback (see above); user_data NULL: wants nothing. Never stops the computation. */
 LIGHTKV_API bool           lightkv_capture_eval(struct ggml_tensor * t, bool ask, void * user_data);
-/* Rows captured of (layer, kind) so far and their heads (0, 0, 0 when none). */
+/* Rows captured of (layer, kind) so far and their heads (0, 0, 0 when none); kind Q or K. */
 LIGHTKV_API lightkv_status lightkv_capture_shape(const lightkv_capture * cap, int32_t layer, int32_t kind,
                                                  int64_t * n_rows, int64_t * n_head, int64_t * head_dim);
 /* Counters since create: nodes asked about, nodes answered "wanted", copies made (one per
@@ -267,14 +271,17 @@ LIGHTKV_API lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32
                                                     const int64_t * text_idx, int64_t n_text,
                                                     float scale, float * out_scores);
 /* lightkv_attention_received with the queries = the LAST n_query captured Q rows of layer
- * (q_pos [n_query] their positions) and the keys k [n_head_kv, n_key, head_dim] row-major
- * float32 from the host (k_pos [n_key]); n_head_kv must divide the captured heads. One graph
- * on ctx's backend; out: caller-owned [n_key]. */
+ * (q_pos [n_query] their positions) and the keys = rows cells[0..n_key) of layer's K cache
+ * (LIGHTKV_CAPTURE_K_CACHE wanted during the decodes; any stored type ggml's get_rows reads,
+ * converted to float32; a single-stream cache), read where the cache is when one of ctx's
+ * backends can (the same device, or a host buffer), else gathered through the host. Cells
+ * in [0, cache size); k_pos [n_key] their positions. Nothing but the [n_key] scores comes to
+ * the host. */
 LIGHTKV_API lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t layer,
-                                                              int64_t n_query, const float * k,
-                                                              int64_t n_head_kv, int64_t n_key,
-                                                              const int32_t * q_pos, const int32_t * k_pos,
-                                                              float scale, float * out);
+                                                                    int64_t n_query, const int32_t * cells,
+                                                                    int64_t n_key, const int32_t * q_pos,
+                                                                    const int32_t * k_pos, float scale,
+                                                                    float * out);
 
 /* --- GGUF metadata -------------------------------------------------------------------------- */
 /* The header, key/values and tensor infos of a GGUF file, read by ggml's own gguf reader

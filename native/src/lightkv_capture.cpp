@@ -25,10 +25,11 @@ namespace {
 constexpr int64_t MIN_CAPACITY = 64;   // rows of the first buffer of an entry (grows x2)
 constexpr int32_t MAX_LAYER    = 1 << 20;
 
-// the captured rows of one node name ("Qcur-12"), appended micro-batch after micro-batch
+// the captured rows of one node name ("Qcur-12"), appended micro-batch after micro-batch;
+// kind LIGHTKV_CAPTURE_K_CACHE: the layer's K cache tensor instead (no rows)
 struct capture_entry {
     int32_t     layer = 0;
-    int32_t     kind  = 0;      // LIGHTKV_CAPTURE_Q or LIGHTKV_CAPTURE_K
+    int32_t     kind  = 0;      // LIGHTKV_CAPTURE_Q, _K or _K_CACHE
     std::string name;
     bool        wanted = false;
     ctx_ptr     meta;           // holds `t` only
@@ -37,9 +38,28 @@ struct capture_entry {
     int64_t     rows = 0;
     int64_t     capacity = 0;
     int64_t     ne0 = 0, ne1 = 0;
+    ggml_tensor * cache = nullptr;  // K_CACHE: llama.cpp's tensor (owned by its context)
 };
 
-const char * kind_name(int32_t kind) { return kind == LIGHTKV_CAPTURE_Q ? "Qcur" : "Kcur"; }
+constexpr int32_t ALL_KINDS = LIGHTKV_CAPTURE_Q | LIGHTKV_CAPTURE_K | LIGHTKV_CAPTURE_K_CACHE;
+
+const char * kind_name(int32_t kind) {
+    switch (kind) {
+        case LIGHTKV_CAPTURE_Q: return "Qcur";
+        case LIGHTKV_CAPTURE_K: return "Kcur";
+        default:                return "the K cache of Kcur";
+    }
+}
+
+// "Qcur-<l>" / "Kcur-<l>" -> (LIGHTKV_CAPTURE_Q or _K, l); false for any other name
+bool parse_qk_name(const char * n, int32_t * kind, long * layer) {
+    if ((n[0] != 'Q' && n[0] != 'K') || std::strncmp(n + 1, "cur-", 4) != 0) return false;
+    char * end = nullptr;
+    *layer = std::strtol(n + 5, &end, 10);
+    if (end == n + 5 || *end != '\0') return false;
+    *kind = n[0] == 'Q' ? LIGHTKV_CAPTURE_Q : LIGHTKV_CAPTURE_K;
+    return true;
+}
 
 // a view of rows [row0, row0 + n) of e.t, with its buffer set (ggml_backend_tensor_copy and
 // ggml_backend_tensor_get need one)
@@ -84,19 +104,36 @@ struct lightkv_capture {
         return nullptr;
     }
 
-    // the wanted entry named like node t, or nullptr (few compares: called for every node)
-    capture_entry * match(const ggml_tensor * t) {
-        const char * n = t->name;
-        if ((n[0] != 'Q' && n[0] != 'K') || std::strncmp(n + 1, "cur-", 4) != 0) return nullptr;
-        if (t->op != GGML_OP_ROPE) return nullptr;   // the projection before RoPE has the name too
-        char * end = nullptr;
-        const long layer = std::strtol(n + 5, &end, 10);
-        if (end == n + 5 || *end != '\0') return nullptr;
-        const int32_t kind = n[0] == 'Q' ? LIGHTKV_CAPTURE_Q : LIGHTKV_CAPTURE_K;
+    capture_entry * wanted(long layer, int32_t kind) {
         for (auto & e : entries) {
             if (e.wanted && e.layer == layer && e.kind == kind) return &e;
         }
         return nullptr;
+    }
+
+    // the wanted entry named like node t, or nullptr (few compares: called for every node)
+    capture_entry * match(const ggml_tensor * t) {
+        if (t->op != GGML_OP_ROPE) return nullptr;   // the projection before RoPE has the name too
+        int32_t kind;
+        long layer;
+        return parse_qk_name(t->name, &kind, &layer) ? wanted(layer, kind) : nullptr;
+    }
+
+    // t stores a layer's Kcur into its K cache (llama_kv_cache::cpy_k: ggml_set_rows(cache or
+    // a view of it, a view of the Kcur ROPE node, cell indices), a view of the cache with the
+    // rows as src[0]): remember the cache tensor of a wanted layer. Asked before t is
+    // computed; its data is not needed, so it is never split on.
+    void note_k_cache(const ggml_tensor * t) {
+        if (t->op != GGML_OP_SET_ROWS || !t->src[0] || !t->view_src) return;
+        const ggml_tensor * k_cur = t->src[0]->view_src ? t->src[0]->view_src : t->src[0];
+        int32_t kind;
+        long layer;
+        if (k_cur->op != GGML_OP_ROPE || !parse_qk_name(k_cur->name, &kind, &layer) || kind != LIGHTKV_CAPTURE_K) return;
+        capture_entry * e = wanted(layer, LIGHTKV_CAPTURE_K_CACHE);
+        if (!e) return;
+        ggml_tensor * cache = t->view_src;   // ggml_set_rows returns a view of its destination
+        while (cache->view_src) cache = cache->view_src;
+        e->cache = cache;
     }
 
     // room for `more` rows after e.rows: a buffer twice as large, the old rows copied over
@@ -154,14 +191,14 @@ struct lightkv_capture {
         n_copied++;
     }
 
-    // the entry of (layer, kind) with rows, checked (read calls)
+    // the entry of (layer, kind) with rows (or its cache tensor), checked (read calls)
     capture_entry & captured(int32_t layer, int32_t kind) {
         if (!error.empty()) fail(LIGHTKV_ERR_BACKEND, "the capture failed during the decode: %s", error.c_str());
-        if (kind != LIGHTKV_CAPTURE_Q && kind != LIGHTKV_CAPTURE_K) {
-            LKV_INVALID("kind must be LIGHTKV_CAPTURE_Q (1) or LIGHTKV_CAPTURE_K (2), got %d", kind);
+        if (kind != LIGHTKV_CAPTURE_Q && kind != LIGHTKV_CAPTURE_K && kind != LIGHTKV_CAPTURE_K_CACHE) {
+            LKV_INVALID("kind must be LIGHTKV_CAPTURE_Q (1), _K (2) or _K_CACHE (4), got %d", kind);
         }
         capture_entry * e = find(layer, kind);
-        if (!e || e->rows == 0) {
+        if (!e || (kind == LIGHTKV_CAPTURE_K_CACHE ? e->cache == nullptr : e->rows == 0)) {
             LKV_INVALID("nothing was captured of %s-%d (not wanted, or llama.cpp's graph has no "
                         "ROPE node of that name)", kind_name(kind), layer);
         }
@@ -202,8 +239,8 @@ lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layer
         if (n > 0 && (!layers || !kinds)) LKV_INVALID("layers and kinds must not be NULL when n > 0");
         for (int32_t i = 0; i < n; i++) {
             if (layers[i] < 0 || layers[i] >= MAX_LAYER) LKV_INVALID("layer %d is out of range", layers[i]);
-            if (kinds[i] < 1 || kinds[i] > (LIGHTKV_CAPTURE_Q | LIGHTKV_CAPTURE_K)) {
-                LKV_INVALID("kinds of layer %d must be LIGHTKV_CAPTURE_Q (1), LIGHTKV_CAPTURE_K (2) or both (3), got %d",
+            if (kinds[i] < 1 || kinds[i] > ALL_KINDS) {
+                LKV_INVALID("kinds of layer %d must be LIGHTKV_CAPTURE_Q (1), _K (2), _K_CACHE (4) or'ed, got %d",
                             layers[i], kinds[i]);
             }
             for (int32_t j = 0; j < i; j++) {
@@ -212,7 +249,7 @@ lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layer
         }
         for (auto & e : cap->entries) e.wanted = false;
         for (int32_t i = 0; i < n; i++) {
-            for (int32_t kind : {LIGHTKV_CAPTURE_Q, LIGHTKV_CAPTURE_K}) {
+            for (int32_t kind : {LIGHTKV_CAPTURE_Q, LIGHTKV_CAPTURE_K, LIGHTKV_CAPTURE_K_CACHE}) {
                 if (!(kinds[i] & kind)) continue;
                 capture_entry * e = cap->find(layers[i], kind);
                 if (!e) {
@@ -221,6 +258,7 @@ lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layer
                     e->layer = layers[i];
                     e->kind = kind;
                     e->name = std::string(kind_name(kind)) + "-" + std::to_string(layers[i]);
+                    if (kind == LIGHTKV_CAPTURE_K_CACHE) e->ne0 = e->ne1 = 0;
                 }
                 e->wanted = true;
             }
@@ -231,7 +269,10 @@ lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layer
 lightkv_status lightkv_capture_reset(lightkv_capture * cap) {
     return guarded(cap ? cap->ctx : nullptr, [&] {
         if (!cap) LKV_INVALID("cap must not be NULL");
-        for (auto & e : cap->entries) e.rows = 0;
+        for (auto & e : cap->entries) {
+            e.rows = 0;
+            e.cache = nullptr;   // found again by the next decode (its context may be gone)
+        }
         cap->error.clear();
     });
 }
@@ -242,6 +283,7 @@ bool lightkv_capture_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     capture_entry * e = cap->match(t);
     if (ask) {
         cap->n_asked++;
+        cap->note_k_cache(t);
         if (e) cap->n_wanted++;
         return e != nullptr;
     }
@@ -355,45 +397,81 @@ lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32_t layer,
 }
 
 lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t layer, int64_t n_query,
-                                                  const float * k, int64_t n_head_kv, int64_t n_key,
-                                                  const int32_t * q_pos, const int32_t * k_pos,
-                                                  float scale, float * out) {
+                                                        const int32_t * cells, int64_t n_key,
+                                                        const int32_t * q_pos, const int32_t * k_pos,
+                                                        float scale, float * out) {
     return guarded(cap ? cap->ctx : nullptr, [&] {
         if (!cap) LKV_INVALID("cap must not be NULL");
         capture_entry & q = cap->captured(layer, LIGHTKV_CAPTURE_Q);
+        capture_entry & kc = cap->captured(layer, LIGHTKV_CAPTURE_K_CACHE);
+        ggml_tensor * cache = kc.cache;
         if (n_query < 1 || n_query > q.rows) {
             LKV_INVALID("n_query must be in [1, %lld] (the captured rows of %s), got %lld", (long long) q.rows,
                         q.name.c_str(), (long long) n_query);
         }
         const int64_t head_dim = q.ne0, n_head = q.ne1;
-        if (n_head_kv < 1 || n_head % n_head_kv != 0) {
-            LKV_INVALID("n_head_kv %lld does not divide the %lld query heads of %s", (long long) n_head_kv,
-                        (long long) n_head, q.name.c_str());
+        if (cache->ne[2] != 1 || cache->ne[3] != 1) {
+            LKV_INVALID("the K cache of layer %d has %lld streams; one is supported", layer, (long long) cache->ne[2]);
         }
+        if (cache->ne[0] % head_dim != 0 || n_head % (cache->ne[0] / head_dim) != 0) {
+            LKV_INVALID("the K cache rows of layer %d (%lld values) are not key heads of the %lld x %lld queries",
+                        layer, (long long) cache->ne[0], (long long) n_head, (long long) head_dim);
+        }
+        const int64_t n_head_kv = cache->ne[0] / head_dim;
         if (n_key < 1 || n_key > MAX_TOKENS) LKV_INVALID("n_key must be in [1, %lld], got %lld", (long long) MAX_TOKENS, (long long) n_key);
-        if (!k || !q_pos || !k_pos || !out) LKV_INVALID("k, q_pos, k_pos and out must not be NULL");
+        if (!cells || !q_pos || !k_pos || !out) LKV_INVALID("cells, q_pos, k_pos and out must not be NULL");
         if (!std::isfinite(scale)) LKV_INVALID("scale must be finite");
-        const int64_t nk = checked_mul(checked_mul(n_head_kv, n_key, "k"), head_dim, "k");
+        for (int64_t j = 0; j < n_key; j++) {
+            if (cells[j] < 0 || cells[j] >= cache->ne[1]) {
+                LKV_INVALID("cell %d is outside the K cache's %lld cells", cells[j], (long long) cache->ne[1]);
+            }
+        }
         checked_mul(checked_mul(n_query, n_key, "logits"), n_head, "logits");
-        check_finite(k, nk, "k");
         const std::vector<float> mask = causal_mask(q_pos, n_query, k_pos, n_key);
+        if (!cache->buffer) LKV_INVALID("the K cache of layer %d is in no backend buffer", layer);
         lightkv_context * ctx = cap->ctx;
         ctx->last_splits = 0;
 
-        ctx_ptr in_meta = new_meta_context(2);
-        ggml_tensor * t_k = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, head_dim, n_key, n_head_kv);
+        // which of the context's backends reads the cache's buffer where it is (the
+        // scheduler aborts on a buffer none of its backends supports): the chosen backend
+        // (llama.cpp on the same device), else the CPU (a host buffer); neither: the rows
+        // come through the host
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(cache->buffer);
+        ggml_backend_t reader = ggml_backend_supports_buft(ctx->primary, buft) ? ctx->primary
+                              : ggml_backend_supports_buft(ctx->cpu, buft)     ? ctx->cpu
+                                                                                : nullptr;
+        ctx_ptr in_meta = new_meta_context(3);
+        ggml_tensor * t_i = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, n_key);
         ggml_tensor * t_m = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, n_key, n_query);
+        ggml_tensor * t_rows = reader ? nullptr : ggml_new_tensor_2d(in_meta.get(), cache->type, cache->ne[0], n_key);
         buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
-        ggml_backend_tensor_set(t_k, k, 0, ggml_nbytes(t_k));
+        std::vector<int32_t> idx(cells, cells + n_key);
+        if (!reader) {
+            // gather the rows through the host (ggml copies nothing between foreign buffers)
+            std::vector<uint8_t> rows((size_t) (cache->nb[1] * n_key));
+            for (int64_t j = 0; j < n_key; j++) {
+                ggml_backend_tensor_get(cache, rows.data() + j * cache->nb[1], (size_t) cells[j] * cache->nb[1], cache->nb[1]);
+                idx[j] = (int32_t) j;
+            }
+            ggml_backend_tensor_set(t_rows, rows.data(), 0, rows.size());
+        }
+        upload(t_i, idx);
         ggml_backend_tensor_set(t_m, mask.data(), 0, ggml_nbytes(t_m));
 
-        ctx_ptr g = new_meta_context(24);
-        ggml_tensor * t_q = heads_major(g.get(), q, q.rows - n_query, n_query);   // [d, W, H]
-        ggml_tensor * r = lightkv::attention_received(g.get(), t_q, t_k, t_m, scale);
+        ctx_ptr g = new_meta_context(32);
+        ggml_tensor * src = reader ? ggml_view_2d(g.get(), cache, cache->ne[0], cache->ne[1], cache->nb[1], 0) : t_rows;
+        ggml_tensor * k_rows = ggml_get_rows(g.get(), src, t_i);                          // [H_kv * d, N] f32
+        ggml_tensor * k = ggml_reshape_3d(g.get(), k_rows, head_dim, n_head_kv, n_key);   // [d, H_kv, N]
+        k = ggml_cont(g.get(), ggml_permute(g.get(), k, 0, 2, 1, 3));                     // [d, N, H_kv]
+        ggml_tensor * t_q = heads_major(g.get(), q, q.rows - n_query, n_query);          // [d, W, H]
+        ggml_tensor * r = lightkv::attention_received(g.get(), t_q, k, t_m, scale);
         ggml_set_output(r);
         ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 64, false);
         ggml_build_forward_expand(gf, r);
-        ctx->compute(gf);
+        ggml_backend_sched_reset(ctx->sched);
+        if (reader) ggml_backend_sched_set_tensor_backend(ctx->sched, k_rows, reader);
+        ctx->alloc_graph(ctx->sched, gf);
+        ctx->run_allocated(ctx->sched, gf);
         ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
         check_finite_result(out, n_key, "attention scores");
     });
