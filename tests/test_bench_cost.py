@@ -86,11 +86,14 @@ def test_plots_are_written(tmp_path):
 
 def test_quality_plot_is_written(tmp_path):
     from lightkv_edge.bench_plots import quality_plot
-    rows = [{"method": "off", "keep": 1.0, "n": 40, "accuracy": 0.9, "ci95": [0.8, 0.95]}]
-    rows += [{"method": m, "keep": k, "n": 40, "accuracy": a * k, "ci95": [a * k - .1, a * k]}
-             for m, a in (("embed", 0.9), ("fastv", 0.8)) for k in (0.25, 0.55, 0.75)]
-    b = {"model": "m.gguf", "split": "test", "seed": 0, "results": rows}
-    f = quality_plot([b, b], tmp_path / "q.png")
+    rows = [{"model": mo, "method": "off", "keep": 1.0, "n": 40, "accuracy": 0.9,
+             "ci95": [0.8, 0.95]} for mo in ("a.gguf", "b.gguf")]
+    rows += [{"model": mo, "method": m, "keep": k, "n": 40, "accuracy": a * k,
+              "ci95": [a * k - .1, a * k]}
+             for mo in ("a.gguf", "b.gguf") for m, a in (("embed", 0.9), ("fastv", 0.8))
+             for k in (0.25, 0.55, 0.75)]
+    b = {"models": ["a.gguf", "b.gguf"], "split": "test", "seed": 0, "results": rows}
+    f = quality_plot(b, tmp_path / "q.png")
     assert f.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["Capture", "GuidanceModel", "MergePlan", "MergeResult", "NativeMemoryError", "backends",
            "guidance_scores_from_qk", "gguf_fields", "gguf_has_tensor", "lightkv_merge",
-           "protect_top", "PROTECT_MODES", "set_num_threads", "last_n_splits"]
+           "protect_top", "PROTECT_MODES", "merge_reduce", "ReduceResult", "set_num_threads", "last_n_splits"]
 
 # lightkv_status
 _OK, _INVALID, _OOM, _BACKEND, _NUMERIC, _INTERNAL = range(6)
@@ -38,6 +38,11 @@ PROTECT_MODES = {"receive": 0, "keep": 1}
 class _MergeParams(C.Structure):
     _fields_ = [("windows", C.c_int32), ("ratio", C.c_double), ("grid_rows", C.c_int64),
                 ("grid_cols", C.c_int64), ("use_threshold", C.c_int32), ("threshold", C.c_double)]
+
+
+class _ReduceParams(C.Structure):
+    _fields_ = [("target", C.c_int64), ("windows", C.c_int32), ("grid_rows", C.c_int64),
+                ("grid_cols", C.c_int64), ("protect_count", C.c_int64), ("protect_mode", C.c_int32)]
 
 
 class _ContextParams(C.Structure):
@@ -98,6 +103,9 @@ def _load():
                                                       C.POINTER(_MergeParams), i64p, u8p, C.c_int32,
                                                       C.POINTER(p_res)]),
             "lightkv_protect_top": (C.c_int, [f32p, C.c_int64, C.c_int64, u8p]),
+            "lightkv_merge_reduce": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
+                                               C.POINTER(_ReduceParams), C.POINTER(p_res)]),
+            "lightkv_merge_result_stages": (C.c_int32, [p_res, C.POINTER(C.c_int32), i64p, C.c_int32]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
@@ -499,6 +507,56 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
         st = ctx.lib.lightkv_merge_plan_run(plan, _f32p(xa), None if sa is None else _f32p(sa), C.byref(res))
         ctx.check(st)
     return _result(ctx.lib, res, n, d)
+
+
+@dataclass(frozen=True)
+class ReduceResult(MergeResult):
+    """A MergeResult over the original tokens, plus the stages that ran: (windows per side,
+    rows left) each."""
+
+    stages: tuple
+
+
+def merge_reduce(x, scores, *, target, windows, grid=None, protect_count=0,
+                 protect_mode="receive", backend=None) -> ReduceResult:
+    """Embed mode's whole progressive merge of one image in one native call
+    (lightkv_merge_reduce): stages of the merge on what is left until `target` rows remain,
+    true 2D windows of the original grid (`windows` per side at first, clamped to the grid,
+    one window once a stage merges nothing), ratio min((m - target) / m + 1e-9, 0.5) per
+    stage, the `protect_count` highest-scored rows never sources (protect_mode as
+    lightkv_merge), a merged row carrying the summed scores of what it absorbed.
+
+    x [N, D]; scores [N] >= 0 or None (unguided); grid (rows, cols) with rows * cols == N,
+    or None (the published square padding). As reference.variants.protected_reduce."""
+    xa = _float32_array(x, "x", 2)
+    n, d = xa.shape
+    sa = _scores(scores, n)
+    if protect_mode not in PROTECT_MODES:
+        raise ValueError(f"protect_mode must be one of {', '.join(PROTECT_MODES)}, got {protect_mode!r}")
+    p = _ReduceParams()
+    p.target = _int(target, "target")
+    p.windows = _int(windows, "windows")
+    if not 1 <= p.windows == windows:
+        raise ValueError(f"windows must be >= 1, got {windows!r}")
+    if grid is None:
+        p.grid_rows = p.grid_cols = 0
+    else:
+        rows, cols = grid
+        p.grid_rows, p.grid_cols = _int(rows, "grid rows"), _int(cols, "grid cols")
+    p.protect_count = _int(protect_count, "protect_count")
+    p.protect_mode = PROTECT_MODES[protect_mode]
+    ctx = _context(backend, None)
+    res = C.c_void_p()
+    with ctx.lock:
+        ctx.check(ctx.lib.lightkv_merge_reduce(ctx.h, _f32p(xa), n, d,
+                                               None if sa is None else _f32p(sa), C.byref(p),
+                                               C.byref(res)))
+        k = ctx.lib.lightkv_merge_result_stages(res, None, None, 0)
+        win, rows_left = (C.c_int32 * max(k, 1))(), (C.c_int64 * max(k, 1))()
+        ctx.lib.lightkv_merge_result_stages(res, win, rows_left, k)
+        stages = tuple((int(win[i]), int(rows_left[i])) for i in range(k))
+        r = _result(ctx.lib, res, n, d)
+    return ReduceResult(x=r.x, kept=r.kept, assign=r.assign, weight=r.weight, stages=stages)
 
 
 def plan_cache_stats(backend: str | None = None) -> list[dict]:

@@ -177,6 +177,36 @@ LIGHTKV_API lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, co
  * NULL when count == 0); count in [0, n]; out_mask: caller-owned [n], 1 = protected. */
 LIGHTKV_API lightkv_status lightkv_protect_top(const float * scores, int64_t n, int64_t count, uint8_t * out_mask);
 
+/* --- the progressive schedule in one call (embed mode's merge of one image) ---------------
+ * Stages of the merge until `target` rows remain: stage k runs on the rows left by stage k-1
+ * with ratio min((m - target) / m + 1e-9, 0.5) (m: its rows; the epsilon keeps an exact
+ * product exact), true 2D windows of the ORIGINAL grid (grid_rows x grid_cols; 0 x 0: the
+ * published square padding), `windows` per side (clamped to the grid's shorter side); a
+ * stage that merges nothing is followed by one with a single window, and the schedule stops
+ * when a single window merges nothing. The protected set (lightkv_protect_top of the
+ * scores, protect_count rows) is chosen once, on the input, and carried with the rows; a
+ * merged row carries the summed scores of what it absorbed (float64 sums, stored float32).
+ * With protect_count 0 every stage is the published one. One call instead of a call per
+ * stage: the rows, scores and flags never leave the library between stages. */
+typedef struct lightkv_reduce_params {
+    int64_t target;         /* rows to keep, in [1, N]                                      */
+    int32_t windows;        /* first stage's windows per side, >= 1                         */
+    int64_t grid_rows;      /* the image's grid: rows * cols == N, or 0 x 0 (square padding) */
+    int64_t grid_cols;
+    int64_t protect_count;  /* rows never sources, in [0, target]; > 0 needs scores          */
+    int32_t protect_mode;   /* a lightkv_protect_mode                                       */
+} lightkv_reduce_params;
+/* x [N, D] and scores [N] (or NULL: unguided) as lightkv_merge_plan_run. The result is over
+ * the ORIGINAL tokens: kept = original index of each row, assign = row of every input token,
+ * weight = its composed coefficient (x[j] = sum over assign == j of weight * x_in). */
+LIGHTKV_API lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                                const float * scores, const lightkv_reduce_params * params,
+                                                lightkv_merge_result ** out);
+/* The stages a lightkv_merge_reduce result ran (0 for other results), and the windows per
+ * side and the rows left after each (caller-owned [count] each; either may be NULL). */
+LIGHTKV_API int32_t         lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * windows,
+                                                        int64_t * rows, int32_t count);
+
 LIGHTKV_API int64_t         lightkv_merge_result_rows(const lightkv_merge_result * r);   /* M */
 LIGHTKV_API int64_t         lightkv_merge_result_tokens(const lightkv_merge_result * r); /* N */
 LIGHTKV_API int64_t         lightkv_merge_result_dim(const lightkv_merge_result * r);    /* D */

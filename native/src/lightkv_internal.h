@@ -76,6 +76,7 @@ struct lightkv_context {
     std::vector<std::string>     force_cpu_ops;
     std::string                  error;
     int32_t                      last_splits = 0;
+    int32_t                      n_threads   = 1;        // CPU threads for graphs worth splitting
 
     ~lightkv_context();
 
