@@ -254,6 +254,9 @@ class Evictor:
         if not 0 < len(q_pos) <= queries.rows:
             raise ValueError(f"{len(q_pos)} window positions for {queries.rows} captured queries")
         out = np.zeros((len(self.layers), len(cells)), np.float64)
+        # the K cache is read by liblightkv's backend, not through llama.cpp: the last
+        # decode may still be writing it (asynchronous backends) until the context syncs
+        llama_cpp.llama_synchronize(self.ctx)
         for j, li in enumerate(self.layers):
             vis = np.flatnonzero(end > li)          # the cells this layer's softmax spans
             out[j, vis] = queries.capture.attention_received(li, cells[vis], q_pos, pos[vis])
