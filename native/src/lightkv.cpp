@@ -815,6 +815,10 @@ void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, con
     *out = res.release();
 }
 
+}  // namespace
+
+namespace lightkv {
+
 void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen) {
     if (n < 0) LKV_INVALID("%s count must be >= 0", what);
     if (n > 0 && !idx) LKV_INVALID("%s indices must not be NULL", what);
@@ -832,7 +836,36 @@ void check_finite(const float * v, int64_t n, const char * what) {
     }
 }
 
-}  // namespace
+void check_finite_result(const float * v, int64_t n, const char * what) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!std::isfinite(v[i])) fail(LIGHTKV_ERR_NUMERIC, "%s are not finite (q.k overflows float32)", what);
+    }
+}
+
+std::vector<float> causal_mask(const int32_t * q_pos, int64_t n_query, const int32_t * k_pos, int64_t n_key) {
+    // a query that sees no key would divide by zero in the softmax: refused here
+    std::vector<float> mask((size_t) (n_query * n_key));
+    for (int64_t i = 0; i < n_query; i++) {
+        bool any = false;
+        for (int64_t j = 0; j < n_key; j++) {
+            const bool sees = k_pos[j] <= q_pos[i];
+            mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
+            any = any || sees;
+        }
+        if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
+    }
+    return mask;
+}
+
+std::vector<int32_t> text_rows_per_head(const int64_t * text_idx, int64_t n_text, int64_t n_head_kv) {
+    std::vector<int32_t> ti((size_t) (n_text * n_head_kv));
+    for (int64_t h = 0; h < n_head_kv; h++) {
+        for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
+    }
+    return ti;
+}
+
+}  // namespace lightkv
 
 // =============================================================================== C API
 extern "C" {
@@ -1120,12 +1153,8 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
         buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
         ggml_backend_tensor_set(t_q, q, 0, ggml_nbytes(t_q));
         ggml_backend_tensor_set(t_k, k, 0, ggml_nbytes(t_k));
-        std::vector<int32_t> ti((size_t) (n_text * n_head_kv)), vi((size_t) n_vision);
-        for (int64_t h = 0; h < n_head_kv; h++) {
-            for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
-        }
-        for (int64_t i = 0; i < n_vision; i++) vi[i] = (int32_t) vision_idx[i];
-        upload(t_t, ti);
+        std::vector<int32_t> vi(vision_idx, vision_idx + n_vision);
+        upload(t_t, text_rows_per_head(text_idx, n_text, n_head_kv));
         upload(t_v, vi);
 
         ctx_ptr g = new_meta_context(32);
@@ -1135,11 +1164,7 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
         ggml_build_forward_expand(gf, gs);
         ctx->compute(gf);
         ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
-        for (int64_t i = 0; i < n_vision; i++) {
-            if (!std::isfinite(out_scores[i])) {
-                fail(LIGHTKV_ERR_NUMERIC, "guidance scores are not finite (q.k overflows float32)");
-            }
-        }
+        check_finite_result(out_scores, n_vision, "guidance scores");
     });
 }
 
@@ -1165,17 +1190,7 @@ lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q
         checked_mul(checked_mul(n_query, n_key, "logits"), n_head, "logits");
         check_finite(q, nq, "q");
         check_finite(k, nk, "k");
-        // the mask, and a query that sees no key would divide by zero: refuse it here
-        std::vector<float> mask((size_t) (n_query * n_key));
-        for (int64_t i = 0; i < n_query; i++) {
-            bool any = false;
-            for (int64_t j = 0; j < n_key; j++) {
-                const bool sees = k_pos[j] <= q_pos[i];
-                mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
-                any = any || sees;
-            }
-            if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
-        }
+        const std::vector<float> mask = causal_mask(q_pos, n_query, k_pos, n_key);
         ctx->last_splits = 0;
 
         ctx_ptr in_meta = new_meta_context(3);
@@ -1194,11 +1209,7 @@ lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q
         ggml_build_forward_expand(gf, r);
         ctx->compute(gf);
         ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
-        for (int64_t j = 0; j < n_key; j++) {
-            if (!std::isfinite(out[j])) {
-                fail(LIGHTKV_ERR_NUMERIC, "attention scores are not finite (q.k overflows float32)");
-            }
-        }
+        check_finite_result(out, n_key, "attention scores");
     });
 }
 
