@@ -86,49 +86,26 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     n = len(embd)
     target = max(1, math.ceil(keep * n))
     x = np.ascontiguousarray(embd, dtype=np.float32)
-    kept = np.arange(n)
     scores = None if layer is None else prompt_guidance(x, text_tokens, layer)
     if protect_mode not in native.PROTECT_MODES:
         raise ValueError(f"protect_mode must be one of {', '.join(native.PROTECT_MODES)}")
     p = protected_count(protect, target, protect_mode)
     if p and scores is None:
         raise ValueError("protection needs guidance (a layer)")
-    # protected rows are carried through the stages like the scores (flag[kept])
-    protected = native.protect_top(scores, p) if p else None
     # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
     # sequence): the survivors keep their original (row, col)
     if grid and grid[0] * grid[1] == n:
         rows, cols = grid
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
-    w = windows
-    assign = np.arange(n)                       # original token -> current row
-    first_windows = None
-    scores_in = scores
-    while len(x) > target:
-        w = min(w or default_windows(rows, cols), rows, cols)
-        # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
-        ratio = min((len(x) - target) / len(x) + 1e-9, 0.5)
-        positions = np.stack([kept // cols, kept % cols], axis=1)
-        res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=(rows, cols),
-                                   positions=positions, protected=protected,
-                                   protect_mode=protect_mode)
-        if len(res.kept) == len(x):
-            if w == 1:
-                break  # nothing left to merge
-            w = 1      # the remainder is below one token per window: one window
-            continue
-        first_windows = first_windows or w
-        assign = res.assign[assign]
-        if scores is not None:
-            # a merged row carries the guidance of everything it absorbed
-            scores = np.bincount(res.assign, weights=scores, minlength=len(res.kept))
-            scores = scores.astype(np.float32)
-        x, kept = res.x, kept[res.kept]
-        if protected is not None:
-            protected = protected[res.kept]
-    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
-                       scores=scores_in, grid=(rows, cols), windows=first_windows)
+    # the whole schedule in one native call: the stages' rows never come back to Python
+    res = native.merge_reduce(x, scores, target=target,
+                              windows=windows or default_windows(rows, cols),
+                              grid=(rows, cols) if rows * cols == n else None,
+                              protect_count=p, protect_mode=protect_mode)
+    first_windows = res.stages[0][0] if res.stages else None
+    return MergedImage(res.x, res.kept, n, (time.perf_counter() - t0) * 1e3, assign=res.assign,
+                       scores=scores, grid=(rows, cols), windows=first_windows)
 
 
 # -- the native LightKV merges: method -> protected fraction of the budget ----------------
