@@ -15,6 +15,7 @@ failure ends in one line, "lightkv-edge build: <cause>" (also written to --error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -178,8 +179,33 @@ def _first_error(log_path: Path) -> str:
     return "see the log"
 
 
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """One build at a time in a cache entry: a second process (another checkout's install,
+    a test building the stock tool) waits here, then finds the finished build and reuses it
+    instead of deleting the first one's work directory under it."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as f:
+        try:
+            import fcntl
+        except ImportError:       # no POSIX locks (Windows): builds are not shared there
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build(flags: list[str], jobs: int | None = None) -> Path:
     cc, cxx = find_compilers()
+    root = llama_source.cache_root() / "build" / build_key(flags, cxx)
+    with _exclusive(root):
+        return _build(flags, cc, cxx, jobs)
+
+
+def _build(flags: list[str], cc: str, cxx: str, jobs: int | None) -> Path:
     tree = llama_source.patched_tree()
     key = build_key(flags, cxx)
     root = llama_source.cache_root() / "build" / key
@@ -228,8 +254,14 @@ def build_tool(flags: list[str], target: str, jobs: int | None = None) -> Path:
     same patched tree with the same flags, cached beside the libraries: the stock
     reference that tests compare our `off` mode with."""
     cc, cxx = find_compilers()
-    tree = llama_source.patched_tree()
     root = llama_source.cache_root() / "build" / build_key(flags, cxx)
+    with _exclusive(root):
+        return _build_tool(flags, target, cc, cxx, root, jobs)
+
+
+def _build_tool(flags: list[str], target: str, cc: str, cxx: str, root: Path,
+                jobs: int | None) -> Path:
+    tree = llama_source.patched_tree()
     exe = root / "tools" / target
     if exe.exists():
         return exe

@@ -227,3 +227,19 @@ def test_native_suites_fail_without_the_library(tmp_path):
     skipped = re.search(r"(\d+) skipped", summary)
     assert skipped is None or int(skipped.group(1)) <= 1, summary
     assert "liblightkv does not load" in r.stdout
+
+
+def test_a_second_build_of_one_cache_entry_waits_for_the_first(tmp_path):
+    """build_llama._exclusive: while one process holds a cache entry, another cannot take
+    it (so it cannot delete the first one's work directory), and gets it once released."""
+    sys.path.insert(0, str(ROOT / "native"))
+    import build_llama
+    root = tmp_path / "build" / "somekey"
+    probe = ("import fcntl, sys; f = open(sys.argv[1], 'w')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n"
+             "    sys.exit(3)\n")
+    lock = str(root.parent / "somekey.lock")
+    with build_llama._exclusive(root):
+        held = subprocess.run([sys.executable, "-c", probe, lock], timeout=60)
+    free = subprocess.run([sys.executable, "-c", probe, lock], timeout=60)
+    assert held.returncode == 3 and free.returncode == 0
