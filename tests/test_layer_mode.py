@@ -122,17 +122,19 @@ def _stock(c: Ctx, t1, img, t2):
     return c.logits()
 
 
-def _reference(hf, m, t1, img, t2, stages, positions, kv_policy="compact"):
+def _reference(hf, m, t1, img, t2, stages, positions, kv_policy="compact", protect=0.0):
     from lightkv_edge.reference import Schedule, prefill_with_merge
     emb = m.weights["token_embd.weight"].astype(np.float64)
     x = np.concatenate([emb[t1], img.astype(np.float64), emb[t2]])
     sched = Schedule(tuple(s.layer for s in stages), tuple(s.windows for s in stages),
                      tuple(s.ratio for s in stages))
     return prefill_with_merge(hf, torch.from_numpy(x), [(len(t1), N_IMG, GRID)], sched,
-                              positions=positions, kv_policy=kv_policy)
+                              positions=positions, kv_policy=kv_policy, protect=protect)
 
 
 STAGES = (Stage(0, 2, 0.5), Stage(1, 1, 0.5))
+# layer mode's merge rules (layer_mode.METHODS): every parity test runs both
+METHODS = list(layer_mode.METHODS)
 
 
 def test_all_zero_ratios_give_exactly_off(tiny):
@@ -158,17 +160,20 @@ def test_all_zero_ratios_give_exactly_off(tiny):
         c.close()
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
-def test_compact_matches_reference(tiny, hf, positions):
+def test_compact_matches_reference(tiny, hf, positions, method):
     from tests.helpers.layer_ref import greedy_after_prefill
     m, model = tiny
     t1, img, t2 = _turn(m)
-    ref = _reference(hf, m, t1, img, t2, STAGES, positions)
+    protect = layer_mode.METHODS[method]
+    ref = _reference(hf, m, t1, img, t2, STAGES, positions, protect=protect)
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        res = run.prefill(_segments(t1, img, t2), STAGES, positions=positions)
+        res = run.prefill(_segments(t1, img, t2), STAGES, positions=positions,
+                          protect=protect)
         # the same rows survive: merges follow the reference's decisions
         assert res.kept[0].tolist() == (ref.kept[len(t1):len(t1) + res.vision_out]
                                         - len(t1)).tolist()
@@ -352,9 +357,10 @@ def _qwen_turn(vm, question="what colour is the circle?"):
     return chunks, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))]
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("positions, kv", [("keep", "compact"), ("renumber", "compact"),
                                            ("keep", "exact")])
-def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
+def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv, method):
     from transformers import Qwen2VLForConditionalGeneration
 
     from lightkv_edge import mtmd
@@ -370,8 +376,10 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
         segs, end, _ = layer_mode.segments_from_chunks(vm, chunks, 0)
         img = next(s for s in segs if s.kind == "image")
         stages = (Stage(0, 2, 0.5), Stage(1, 1, 0.5))
+        protect = layer_mode.METHODS[method]
         res, n_past, _ = layer_mode.prefill_chunks(vm, chunks, stages, n_past=0,
-                                                   positions=positions, kv=kv)
+                                                   positions=positions, kv=kv,
+                                                   protect=protect)
 
         # the reference: the same rows (libmtmd's image embeddings) at the real M-RoPE
         # positions of the original rows; "renumber": (p, p, p) once the rows are merged
@@ -395,7 +403,7 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
         x = torch.cat(rows)
         sched = Schedule((0, 1), (2, 1), (0.5, 0.5))
         ref = prefill_with_merge(shim, x, [(start_img, img.n, img.grid)], sched,
-                                 positions=positions, kv_policy=kv)
+                                 positions=positions, kv_policy=kv, protect=protect)
         if positions == "keep":
             assert ref.next_position == S      # table[S] is the real next position, `end`
         assert res.kept[0].tolist() == (ref.kept[start_img:start_img + res.vision_out]
@@ -497,7 +505,8 @@ def test_a_second_turn_leaves_the_first_untouched(tiny):
         c.close()
 
 
-def test_two_images_of_different_sizes_match_reference(tiny, hf):
+@pytest.mark.parametrize("method", METHODS)
+def test_two_images_of_different_sizes_match_reference(tiny, hf, method):
     """Each image is merged inside its own windows: 8x8 and 4x6 images in one turn."""
     from lightkv_edge.reference import Schedule, prefill_with_merge
     from tests.helpers.layer_ref import greedy_after_prefill
@@ -524,12 +533,12 @@ def test_two_images_of_different_sizes_match_reference(tiny, hf):
         p += n
     ref = prefill_with_merge(hf, torch.from_numpy(np.concatenate(rows)), slices,
                              Schedule((0, 1), (2, 1), (0.5, 0.5)), positions="keep",
-                             kv_policy="compact")
+                             kv_policy="compact", protect=layer_mode.METHODS[method])
     ref_toks, _ = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        res = run.prefill(segs, STAGES)
+        res = run.prefill(segs, STAGES, protect=layer_mode.METHODS[method])
         got = [k + s for k, (s, _, _) in zip(res.kept, slices)]
         want = [ref.kept[(ref.kept >= s) & (ref.kept < s + n)].numpy() for s, n, _ in slices]
         assert [g.tolist() for g in got] == [w.tolist() for w in want]
@@ -672,7 +681,8 @@ def test_cell_layers_hide_cells_and_undo_to_stock(tiny):
         c.close()
 
 
-def test_exact_matches_reference(tiny, hf):
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_matches_reference(tiny, hf, method):
     """Policy exact on the tiny llama: every layer sees the rows present when it ran
     (layer 0 all 80, layer 1 the 48 after the first merge, layers 2-3 the 32 after the
     second), as reference.prefill_with_merge(kv_policy="exact"): same kept rows, logits,
@@ -681,12 +691,13 @@ def test_exact_matches_reference(tiny, hf):
     m, model = tiny
     t1, img, t2 = _turn(m)
     S = len(t1) + N_IMG + len(t2)
-    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    protect = layer_mode.METHODS[method]
+    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact", protect=protect)
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact", protect=protect)
         assert res.kept[0].tolist() == (ref.kept[len(t1):len(t1) + res.vision_out]
                                         - len(t1)).tolist()
         assert [(a, b, len(cells)) for a, b, cells in res.layer_cells] == [
