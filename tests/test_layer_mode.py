@@ -534,7 +534,7 @@ def test_two_images_of_different_sizes_match_reference(tiny, hf, method):
     ref = prefill_with_merge(hf, torch.from_numpy(np.concatenate(rows)), slices,
                              Schedule((0, 1), (2, 1), (0.5, 0.5)), positions="keep",
                              kv_policy="compact", protect=layer_mode.METHODS[method])
-    ref_toks, _ = greedy_after_prefill(hf, ref, STEPS)
+    ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
@@ -543,14 +543,27 @@ def test_two_images_of_different_sizes_match_reference(tiny, hf, method):
         want = [ref.kept[(ref.kept >= s) & (ref.kept < s + n)].numpy() for s, n, _ in slices]
         assert [g.tolist() for g in got] == [w.tolist() for w in want]
         assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2   # as above
-        toks, _ = c.greedy(res.logits, p)
-        assert toks == ref_toks
+        # the reference's tokens decoded on our cache (teacher-forced): with lightkv-
+        # protect this seed's second step is a near-tie of the random model (top-2
+        # margin 4.8e-4, below the f16 cache's 1.8e-3), so free greedy runs may part
+        # there by rounding alone; every step's logits within 1e-2 (as above), and the
+        # same argmax wherever the reference's margin is beyond twice that
+        logits = res.logits
+        for i, tok in enumerate(ref_toks):
+            want_l = ref_logits[i].numpy()
+            assert np.max(np.abs(logits - want_l)) < 1e-2, i
+            top2 = np.sort(want_l)[-2:]
+            if top2[1] - top2[0] > 2e-2:
+                assert int(np.argmax(logits)) == tok, i
+            c.decode_tokens([tok], [p + i])
+            logits = c.logits()
         assert len(res.cells) == len(ref.kept)
     finally:
         c.close()
 
 
-def test_image_without_grid_uses_the_padded_square(tiny, hf):
+@pytest.mark.parametrize("method", METHODS)
+def test_image_without_grid_uses_the_padded_square(tiny, hf, method):
     """Normal-RoPE VLMs give no token grid (libmtmd reports nx = n): 60 rows are cut on
     the published padded 8x8 square, at every stage, as the reference does."""
     from lightkv_edge.reference import Schedule, prefill_with_merge
@@ -565,10 +578,11 @@ def test_image_without_grid_uses_the_padded_square(tiny, hf):
     x = np.concatenate([emb[t1], img.astype(np.float64), emb[t2]])
     ref = prefill_with_merge(hf, torch.from_numpy(x), [(s1, 60, None)],
                              Schedule((0, 1), (2, 1), (0.5, 0.5)), positions="keep",
-                             kv_policy="compact")
+                             kv_policy="compact", protect=layer_mode.METHODS[method])
     c = Ctx(model)
     try:
-        res = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False).prefill(segs, STAGES)
+        res = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False).prefill(
+            segs, STAGES, protect=layer_mode.METHODS[method])
         assert (res.kept[0] + s1).tolist() == ref.kept[(ref.kept >= s1) & (ref.kept < s2)].tolist()
         assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2   # as above
     finally:
@@ -635,6 +649,7 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
     (["--schedule", "x"], "--schedule"),
     (["--keep", "0.3"], "--schedule"),                 # below what the default reaches
     (["--keep", "0.55"], "--schedule"),                # 3 layers reach 0.583 at most
+    (["--method", "fastv"], "lightkv-protect or lightkv-paper"),   # embed mode's only
 ])
 def test_cli_layer_mode_bad_input_is_one_line(args, why):
     import subprocess
