@@ -91,7 +91,8 @@ def test_bench_layer_rows(tmp_path):
                        ("layer-paper", 0.75)}
     assert r.stdout.count("skipped") == 3 and "--schedule" in r.stdout
     # a protected stage keeps m - floor(ratio * m) rows: never more than the published one
-    assert by["layer", 0.75]["vision_tokens_kept"] <= by["layer-paper", 0.75]["vision_tokens_kept"]
+    assert by["layer", 0.75]["vision_tokens_kept"] \
+        <= by["layer-paper", 0.75]["vision_tokens_kept"]
     for m in ("layer", "layer-exact", "layer-paper"):
         assert abs(by[m, 0.75]["keep_run"] - 0.75) < 0.05      # merge budgets are whole rows
         assert by[m, 0.75]["vision_tokens_kept"] < by[m, 0.75]["vision_tokens_in"]
