@@ -604,22 +604,22 @@ def _merge_stage(h, scores, stage: Stage, *, grid, positions, grid_rc, gpos, pro
     weight) over h's rows.
 
     protect 0: the published stage (windows, ratio) as given. protect > 0 (spec:
-    reference MergeState.step): the stage's budget is m - min(floor(ratio * m), m // 2)
-    rows of its m (the published stage's count if the image were one window: never more
-    than the published stage keeps, which floors each window's share); the
-    round(protect * budget) rows with the highest guidance of THIS layer are never
-    sources (mode "receive"); the stage merges at its ratio in its windows with that
-    rule, then again on what is left until exactly the budget remains (merge_to_budget:
-    protection leaves a window short of sources)."""
+    reference MergeState.step): the stage's budget is the rows the published stage keeps
+    on these rows (liblightkv's rows_without_threshold of that stage's plan: m - sum
+    over windows of min(floor(ratio * n_w), n_w // 2)); the round(protect * budget) rows
+    with the highest guidance of THIS layer are never sources (mode "receive"); the
+    stage merges at its ratio in its windows with that rule, then again on what is left
+    until exactly the budget remains (merge_to_budget: protection leaves a window short
+    of sources)."""
     from . import native
     from .embed_mode import protected_count
     from .merge_to_budget import merge_to_budget
     if not protect:
         return native.lightkv_merge(h, scores, windows=stage.windows, ratio=stage.ratio,
                                     grid=grid, positions=positions, backend=backend)
-    m = len(h)
-    # the IEEE double product floored, as liblightkv's and the reference's budget
-    target = m - min(math.floor(stage.ratio * m), m // 2)
+    target = native.MergePlan(len(h), h.shape[1], windows=stage.windows, ratio=stage.ratio,
+                              grid=grid, positions=positions,
+                              backend=backend).rows_without_threshold
     p = protected_count(float(protect), target)
     return merge_to_budget(h, scores, target=target, grid=grid_rc, positions=gpos,
                            windows=stage.windows, ratio=stage.ratio,

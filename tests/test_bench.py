@@ -90,9 +90,11 @@ def test_bench_layer_rows(tmp_path):
     assert set(by) == {("off", 1.0), ("layer", 0.75), ("layer-exact", 0.75),
                        ("layer-paper", 0.75)}
     assert r.stdout.count("skipped") == 3 and "--schedule" in r.stdout
-    # a protected stage keeps m - floor(ratio * m) rows: never more than the published one
-    assert by["layer", 0.75]["vision_tokens_kept"] \
-        <= by["layer-paper", 0.75]["vision_tokens_kept"]
+    # a protected stage keeps what the published one keeps on the same rows: the first
+    # stage on the whole grid exactly, the second within a row or two (its windows hold
+    # other survivors); 64 -> 44 -> 32 rows here
+    assert abs(by["layer", 0.75]["vision_tokens_kept"]
+               - by["layer-paper", 0.75]["vision_tokens_kept"]) <= 2
     for m in ("layer", "layer-exact", "layer-paper"):
         assert abs(by[m, 0.75]["keep_run"] - 0.75) < 0.05      # merge budgets are whole rows
         assert by[m, 0.75]["vision_tokens_kept"] < by[m, 0.75]["vision_tokens_in"]

@@ -100,12 +100,11 @@ class MergeState:
         """Merge the current rows x [M, D] (in orig_index order). Returns the stage-local
         result (kept/assign index the current rows) and updates the composition.
 
-        protect > 0 (LightKV-protect in a layer-mode stage): the stage's budget is
-        target = M - min(floor(ratio * M), M // 2) (`budget(M, ratio)`: the published
-        stage's count if the image were one window, never more than the published stage
-        keeps, which floors each window's share); the round(protect * target) rows with the
-        highest `scores` (ties: lower index; at most target - 1 in mode "keep") are
-        never sources; the stage merges at `ratio` in its windows with that rule and then
+        protect > 0 (LightKV-protect in a layer-mode stage): the stage's budget is the
+        rows the published stage keeps on these rows, target = M - sum over this stage's
+        windows of budget(n_w, ratio) = min(floor(ratio * n_w), n_w // 2); the
+        round(protect * target) rows with the highest `scores` (ties: lower index; at
+        most target - 1 in mode "keep") are never sources; the stage merges at `ratio` in its windows with that rule and then
         as variants.reduce_rows does, until exactly target rows are left (protection can
         leave a window short of sources). protect = 0 is the published stage."""
         xt, is_np = check_matrix(x)
@@ -124,7 +123,8 @@ class MergeState:
                 raise ValueError("protection needs guidance scores and no threshold")
             if protect_mode not in PROTECT_MODES:
                 raise ValueError(f"protect_mode must be one of {PROTECT_MODES}")
-            target = self.m - budget(self.m, ratio)
+            counts = torch.bincount(win.cpu(), minlength=windows * windows).tolist()
+            target = self.m - sum(budget(c, ratio) for c in counts)
             p = min(round(float(protect) * target), target - (protect_mode == "keep"))
             protected = torch.zeros(self.m, dtype=torch.bool)
             if p > 0:
