@@ -206,6 +206,7 @@ for _name, _res, _args in (
         ("llama_kv_cells_get", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32, _i32p, _f32p, _f32p]),
         ("llama_kv_cells_set_layers", C.c_bool, [C.c_void_p, C.c_int32, _i32p, C.c_int32,
                                                  C.c_int32]),
+        ("llama_kv_cells_set_pos", C.c_bool, [C.c_void_p, C.c_int32, _i32p, _i32p]),
         ("llama_set_position_gaps", None, [C.c_void_p, C.c_bool])):
     _fn = getattr(_l, _name)
     _fn.restype, _fn.argtypes = _res, _args
@@ -219,6 +220,16 @@ def kv_cells_set_layers(ctx, cells, il_begin: int, il_end: int) -> None:
     c = np.ascontiguousarray(cells, dtype=np.int32)
     if not _l.llama_kv_cells_set_layers(ctx, len(c), _ip(c), int(il_begin), int(il_end)):
         raise RuntimeError("llama.cpp could not restrict the KV cells to a layer range")
+
+
+def kv_cells_set_pos(ctx, cells, positions) -> None:
+    """Record `positions` for the occupied `cells` without re-rotating their K (patch 0006)."""
+    c = np.ascontiguousarray(cells, dtype=np.int32)
+    p = np.ascontiguousarray(positions, dtype=np.int32)
+    if p.shape != c.shape:
+        raise ValueError("kv_cells_set_pos needs one position a cell")
+    if not _l.llama_kv_cells_set_pos(ctx, len(c), _ip(c), _ip(p)):
+        raise RuntimeError("llama.cpp could not set the KV cells' positions")
 
 
 def kv_cells_get(ctx, layer: int, cells, n_embd_k: int, n_embd_v: int):
@@ -418,6 +429,8 @@ class LayerRunner:
         t_guid = t_merge = t_compact = 0.0
         prev_cells = None        # the cells of the rows entering this range
         layer_cells = []         # exact: (il_begin, il_end, cells) of each range
+        to_rows = []             # exact + renumber: each range's cells -> index of the row
+                                 # they are merged into, in the current rows
         maps = None              # per rows: (assign into the new rows, weight) of the merge
         cells_before = None
         logits = None
@@ -531,6 +544,10 @@ class LayerRunner:
                     r.pos = r.pos[:, kept]
                     vis_in += m
                     vis_out += len(kept)
+                if kv == "exact" and positions == "renumber":
+                    step = np.concatenate([a + base for (a, _), base in zip(
+                        maps, np.cumsum([0] + [len(r.orig) for r in rows])[:-1])])
+                    to_rows = [step[d] for d in to_rows] + [step]
                 if positions == "renumber":
                     p = start
                     for r in rows:
@@ -551,6 +568,15 @@ class LayerRunner:
         final_cells = np.concatenate([r.cells for r in rows])
         if kv == "compact":
             layer_cells = [(0, self.n_layer, final_cells)]
+        elif positions == "renumber":
+            # the earlier ranges' rows were stored at positions beyond the renumbered turn's
+            # end, where the causal mask would hide them from every later token (and the
+            # next position would not follow the sequence's): each takes the position of
+            # the final row it was merged into. K keeps the rotation it was stored with,
+            # as in the reference (its later tokens attend to every cached row)
+            final_pos = np.concatenate([r.pos[0] for r in rows])
+            for (_, _, cells), dest in zip(layer_cells, to_rows):
+                kv_cells_set_pos(self.ctx, cells, final_pos[dest])
         run_report.cells(cells_before, sum(len(c) for _, _, c in layer_cells))
         return LayerPrefill(
             logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],

@@ -393,9 +393,8 @@ LIGHTKV_API lightkv_status lightkv_guidance_model_scores(lightkv_guidance_model 
  * (else LIGHTKV_ERR_INVALID_ARGUMENT naming the bad value): at least one stage; layers
  * strictly increasing in [0, n_layer - 1) (a merge after the last layer saves nothing);
  * windows >= 1; ratio in [0, 1); a finite threshold when use_threshold; kv and positions
- * known, and not (EXACT, RENUMBER): exact keeps the rows before each merge at their original
- * positions, beyond a renumbered sequence's next position, where llama.cpp's causal mask
- * would hide them from every later token. */
+ * known (every pair: under EXACT with RENUMBER the driver moves the recorded positions of
+ * the rows before each merge below the turn's renumbered end, patch 0006). */
 typedef enum lightkv_kv_policy {
     LIGHTKV_KV_COMPACT = 0,  /* after the prefill every layer holds only the final rows     */
     LIGHTKV_KV_EXACT   = 1,  /* each layer keeps the rows it ran on (more cells than off)   */
