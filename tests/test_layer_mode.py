@@ -631,13 +631,23 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
         # each layer range keeps its rows: all, then 32 and 48 vision rows fewer
         assert st.kv_cells == 3 * off_cells - 32 - 48
         assert chat.ask("Is there a square?")          # later turns see every range
-    with _engine_chat(mode="layer", keep=0.6) as chat:   # the default schedule, 3 layers
+    # the default schedule, 3 layers, with the published stage
+    with _engine_chat(mode="layer", keep=0.6, method="lightkv-paper") as chat:
         chat.ask(s.question, [img])
         st = chat.last_stats
         # windows 2 (a quarter of the 8x8 grid's side); whole rows: 64 -> 32 -> 16 rows,
         # (1 + 1/2 + 1/4) / 3 = 0.583, the step nearest 0.6 (the next is 0.646)
         assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
         assert st.keep == pytest.approx(7 / 12)
+    with _engine_chat(mode="layer", keep=0.6) as chat:   # and with the default method
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        # lightkv-protect keeps the published count of ITS survivors: 32 after the first
+        # stage; the second stage's windows hold them unevenly (the asked object's
+        # region), each flooring half of its rows, so 16 to 18 rows (+2 rows: 1/96)
+        assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
+        assert st.stages[0]["vision_out"] == 32 and 16 <= st.vision_tokens_kept <= 18
+        assert abs(st.keep - 7 / 12) <= 1 / 96 + 1e-9
     with _engine_chat(mode="layer", kv="exact", positions="renumber",
                       schedule="0:2:0.5,1:1:0.5") as chat:
         chat.ask(s.question, [img])
