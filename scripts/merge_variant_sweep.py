@@ -23,9 +23,12 @@ import numpy as np
 
 
 def _native_protect(x, g, *, keep, grid, windows, protect, text_tokens, layer):
+    from types import SimpleNamespace
+
     from lightkv_edge import embed_mode
-    return embed_mode.merge_image(x, grid, text_tokens, keep=keep, windows=windows,
-                                  layer=layer, protect=protect)
+    m = embed_mode.merge_image(x, grid, text_tokens, keep=keep, windows=windows,
+                               layer=layer, protect=protect)
+    return SimpleNamespace(x=m.embd, kept=m.kept)    # the fields the sweep reads
 
 
 def configs() -> dict:
