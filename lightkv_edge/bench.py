@@ -15,7 +15,9 @@ from the PyTorch reference (needs torch), and so does the variant `lightkv-absor
 mode (docs/layer-mode.md) with the KV policies compact and exact and the default schedule
 for each keep (keep = the layer-averaged kept fraction; `keep_run` is that fraction as
 run); a keep the model's depth cannot reach is reported as skipped (not in the default
-list either). `--model-name` picks an embedded model. `--split val` evaluates on the
+list either); their stages merge with lightkv-protect, and `layer-paper` /
+`layer-exact-paper` are the same with the published stage (`--method lightkv-paper`).
+`--model-name` picks an embedded model. `--split val` evaluates on the
 validation split, the one to choose settings on; the default `test` split is for the
 final report. Every accuracy comes with its 95 % Wilson interval.
 """
@@ -32,8 +34,11 @@ from . import __version__
 DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 DEFAULT_METHODS = ("off", "lightkv-protect", "lightkv-paper", "unguided", "random", "fastv",
                    "dart", "pool")
-# bench name -> layer mode's KV policy
-_LAYER_KV = {"layer": "compact", "layer-exact": "exact"}
+# bench name -> layer mode's (KV policy, merge method at each stage)
+_LAYER_KV = {"layer": ("compact", "lightkv-protect"),
+             "layer-paper": ("compact", "lightkv-paper"),
+             "layer-exact": ("exact", "lightkv-protect"),
+             "layer-exact-paper": ("exact", "lightkv-paper")}
 SPLITS = ("test", "val")
 # KV eviction (docs/eviction.md), not in the default list: `evict` on top of off keeps KEEP
 # of each image's cells after the prefill; `embed+evict` reaches the same budget in two
@@ -46,7 +51,8 @@ def _chat_settings(method: str, keep: float) -> dict:
     if method == "off":
         return {"mode": "off"}
     if method in _LAYER_KV:
-        return {"mode": "layer", "keep": keep, "kv": _LAYER_KV[method]}
+        kv, merge = _LAYER_KV[method]
+        return {"mode": "layer", "keep": keep, "kv": kv, "method": merge}
     if method == "evict":
         return {"mode": "off", "evict": keep}
     if method == "embed+evict":

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "unguided (the same merge, equal weights), lightkv-absorb (a "
                          "variant, docs/merge-variants.md), or a baseline: random, fastv, "
                          "dart, pool (lightkv-absorb and the baselines run on the PyTorch "
-                         "reference: they need torch)")
+                         "reference: they need torch); layer mode: lightkv-protect "
+                         "(default) or lightkv-paper at each stage")
     lk.add_argument("--schedule", metavar="L:W:R,...",
                     help="layer mode: merge after decoder layer L (0-based) with W windows "
                          "per side, dropping R of each window, e.g. 12:4:0.5,18:2:0.5 "

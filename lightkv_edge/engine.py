@@ -147,6 +147,9 @@ class VisionChat:
         self.schedule = None
         if mode == "layer":
             from . import layer_mode
+            if method not in layer_mode.METHODS:
+                raise InputError(f"layer mode merges with {' or '.join(layer_mode.METHODS)}, "
+                                 f"not {method!r}", param="method")
             try:
                 layer_mode.check_policies(positions, kv)
             except ValueError as e:
@@ -622,7 +625,8 @@ class VisionChat:
             res, n_past, t_enc = layer_mode.prefill_chunks(
                 self.m, chunk_list, stages, n_past=self.n_past, positions=self.positions,
                 kv=self.kv, runner=self._layer_runner,
-                observe_q=ev.layers if ev else ())
+                observe_q=ev.layers if ev else (),
+                protect=layer_mode.METHODS[self.method])
         except ValueError as e:
             raise InputError(f"layer mode: {e}",
                              param="schedule" if self.schedule else "keep") from None

@@ -47,6 +47,12 @@ llama_cpp = use_our_llama_cpp()
 
 KV_POLICIES = ("compact", "exact")
 POSITION_POLICIES = ("keep", "renumber")
+# layer mode's merge rule per stage: method -> LightKV-protect's fraction (prefill's
+# `protect`). lightkv-protect (the default, as in embed mode): the top rows of the
+# stage's budget by that layer's guidance are never sources; lightkv-paper: the
+# published stage (docs/layer-mode.md, "Methods")
+DEFAULT_METHOD = "lightkv-protect"
+METHODS = {"lightkv-protect": 1.0, "lightkv-paper": 0.0}
 
 # the paper's schedule on a 32-layer model: merges after layers 12, 18 and 24
 _PAPER_LAYERS = (12, 18, 24)
@@ -370,12 +376,15 @@ class LayerRunner:
     # -- the prefill ------------------------------------------------------------------------
     def prefill(self, segments: list[Segment], stages, *, positions: str = "keep",
                 kv: str = "compact", turn_start: int | None = None,
-                observe_q=()) -> LayerPrefill:
+                observe_q=(), protect: float = 0.0) -> LayerPrefill:
         """Prefill one turn (its segments in order; the last must be text) under `stages`.
         turn_start: first position of the turn, for positions="renumber" (default: the
         first segment's first position). observe_q: layers whose queries of the last
-        (text) segment come back in window_q (KV eviction's window, evict.py)."""
+        (text) segment come back in window_q (KV eviction's window, evict.py).
+        protect: LightKV-protect's fraction of each stage's budget (METHODS; 0: the
+        published stage), as reference.prefill_with_merge(protect=...)."""
         check_policies(positions, kv)
+        check_protect(protect)
         if not segments or segments[-1].kind != "text":
             raise ValueError("the turn must end with text (the logits to sample from)")
         grids = []
@@ -520,11 +529,12 @@ class LayerRunner:
                     scores = scores_all[i]
                     t0 = time.perf_counter()
                     first = len(r.orig) == r.seg.n     # no earlier stage merged this image
-                    res = native.lightkv_merge(
-                        h, scores, windows=stage.windows, ratio=stage.ratio,
-                        grid=(r.grid_rc if _grid_matches(r.seg) else None) if first
-                        else r.grid_rc,
-                        positions=None if first else r.gpos, backend=self.backend)
+                    grid = (r.grid_rc if _grid_matches(r.seg) else None) if first \
+                        else r.grid_rc
+                    res = _merge_stage(h, scores, stage, grid=grid,
+                                       positions=None if first else r.gpos,
+                                       grid_rc=r.grid_rc, gpos=r.gpos, protect=protect,
+                                       backend=self.backend)
                     t_merge += (time.perf_counter() - t0) * 1e3
                     kept = np.asarray(res.kept, np.int64)
                     maps.append((np.asarray(res.assign, np.int64),
@@ -607,6 +617,42 @@ def _grid_rc(n: int, grid) -> tuple[int, int]:
     return side, side
 
 
+def check_protect(protect) -> None:
+    """LightKV-protect's fraction: a number in [0, 1] (ValueError otherwise)."""
+    if isinstance(protect, bool) or not isinstance(protect, (int, float, np.floating)) \
+            or not 0.0 <= float(protect) <= 1.0:
+        raise ValueError(f"protect must be a number in [0, 1], got {protect!r}")
+
+
+def _merge_stage(h, scores, stage: Stage, *, grid, positions, grid_rc, gpos, protect,
+                 backend):
+    """One image's rows h at one stage -> a native MergeResult-like (x, kept, assign,
+    weight) over h's rows.
+
+    protect 0: the published stage (windows, ratio) as given. protect > 0 (spec:
+    reference MergeState.step): the stage's budget is the rows the published stage keeps
+    on these rows (liblightkv's rows_without_threshold of that stage's plan: m - sum
+    over windows of min(floor(ratio * n_w), n_w // 2)); the round(protect * budget) rows
+    with the highest guidance of THIS layer are never sources (mode "receive"); the
+    stage merges at its ratio in its windows with that rule, then again on what is left
+    until exactly the budget remains (merge_to_budget: protection leaves a window short
+    of sources)."""
+    from . import native
+    from .embed_mode import protected_count
+    from .merge_to_budget import merge_to_budget
+    if not protect:
+        return native.lightkv_merge(h, scores, windows=stage.windows, ratio=stage.ratio,
+                                    grid=grid, positions=positions, backend=backend)
+    target = native.MergePlan(len(h), h.shape[1], windows=stage.windows, ratio=stage.ratio,
+                              grid=grid, positions=positions,
+                              backend=backend).rows_without_threshold
+    p = protected_count(float(protect), target)
+    return merge_to_budget(h, scores, target=target, grid=grid_rc, positions=gpos,
+                           windows=stage.windows, ratio=stage.ratio,
+                           protected=native.protect_top(scores, p) if p else None,
+                           backend=backend)
+
+
 # ---------------------------------------------------------------------------------------
 # a turn as libmtmd chunks (what the engine holds)
 # ---------------------------------------------------------------------------------------
@@ -652,16 +698,19 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
 
 
 def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
-                   kv: str = "compact", runner: LayerRunner | None = None, observe_q=()):
+                   kv: str = "compact", runner: LayerRunner | None = None, observe_q=(),
+                   protect: float = 0.0):
     """Prefill one turn of a VisionModel's conversation in layer mode.
 
     vm: lightkv_edge.model.VisionModel; chunks: the turn's libmtmd chunks in order (the
     last one text); stages: Stage tuples (check_schedule); n_past: the turn's first
     position. Returns (LayerPrefill, n_past after the turn, encoder ms). The KV cache then
     holds the turn's text rows and each image's final rows, in every layer; the logits of
-    the last row are in LayerPrefill.logits and in the context (sample with idx -1)."""
+    the last row are in LayerPrefill.logits and in the context (sample with idx -1).
+    protect: LightKV-protect's fraction of each stage's budget (METHODS[method])."""
     from . import mtmd
     check_policies(positions, kv)     # before the vision encoder runs
+    check_protect(protect)
     grids = []                      # checked before the vision encoder runs
     for ch in chunks:
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
@@ -674,7 +723,7 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past,
-                      observe_q=observe_q)
+                      observe_q=observe_q, protect=protect)
     if positions == "renumber":
         end = n_past + res.positions.shape[1]
     return res, end, t_enc

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ("off,lightkv-protect,lightkv-paper,unguided,random,fastv,dart,pool,"
-           "layer,layer-exact,evict,embed+evict")
+           "layer,layer-paper,layer-exact,evict,embed+evict")
 MODELS = "shapes-8x8,shapes-16x16"
 COST_MODES = "off,embed,layer,evict,decode-evict"
 

@@ -8,6 +8,10 @@ the engine's own first-layer guidance). Output: accuracy, correct, n and the 95 
 interval per (configuration, keep), printed and written as JSON.
 
     .venv/bin/python scripts/merge_variant_sweep.py --n 100 --configs protect-r-1.0,absorb-w1
+
+`native-protect-F` is the shipped native merge (`embed_mode.merge_image(protect=F)`,
+lightkv-protect with another fraction F of the budget protected): fast enough for the
+16x16 model (`--model-name shapes-16x16`).
 """
 from __future__ import annotations
 
@@ -16,6 +20,15 @@ import json
 import time
 
 import numpy as np
+
+
+def _native_protect(x, g, *, keep, grid, windows, protect, text_tokens, layer):
+    from types import SimpleNamespace
+
+    from lightkv_edge import embed_mode
+    m = embed_mode.merge_image(x, grid, text_tokens, keep=keep, windows=windows,
+                               layer=layer, protect=protect)
+    return SimpleNamespace(x=m.embd, kept=m.kept)    # the fields the sweep reads
 
 
 def configs() -> dict:
@@ -31,6 +44,8 @@ def configs() -> dict:
         out[f"absorb-w{w}"] = (V.absorb_reduce, {"windows": w})
         for t in (0.5, 0.8, 0.9):
             out[f"absorb-w{w}-t{t}"] = (V.absorb_reduce, {"windows": w, "threshold": t})
+    for f in (0.25, 0.5, 0.75, 1.0):
+        out[f"native-protect-{f}"] = (_native_protect, {"protect": f})
     for w in (2, 4):
         out[f"protect-r-1.0-w{w}"] = (V.protected_reduce, {"protect": 1.0, "mode": "receive",
                                                            "windows": w})
@@ -47,6 +62,7 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=1)
     ap.add_argument("--keeps", default="0.75,0.55,0.35,0.25,0.1")
     ap.add_argument("--configs", required=True, help="comma-separated, or 'list'")
+    ap.add_argument("--model-name", default=None, help="embedded model (default shapes-8x8)")
     ap.add_argument("--json")
     a = ap.parse_args()
     table = configs()
@@ -78,8 +94,12 @@ def main() -> int:
                            fn=fn, settings=settings):
                     t0 = time.perf_counter()
                     x = np.ascontiguousarray(embd, dtype=np.float32)
-                    g = embed_mode.prompt_guidance(x, text_embd, layer)
                     kw = {"windows": windows, **settings}
+                    if fn is _native_protect:   # the guidance is computed inside
+                        g = None
+                        kw.update(text_tokens=text_embd, layer=layer)
+                    else:
+                        g = embed_mode.prompt_guidance(x, text_embd, layer)
                     res = fn(x, g, keep=keep, grid=grid, **kw)
                     return embed_mode.MergedImage(np.asarray(res.x, np.float32),
                                                   np.asarray(res.kept), len(x),
@@ -87,7 +107,7 @@ def main() -> int:
                 engine.reduce_image = reduce
                 t0 = time.perf_counter()
                 chat = VisionChat(mode="embed", keep=keep, method="lightkv-paper", max_tokens=4,
-                                  n_threads=a.threads)
+                                  n_threads=a.threads, model_name=a.model_name)
                 try:
                     r = evaluate(chat, samples, image_of)
                 finally:
@@ -103,6 +123,7 @@ def main() -> int:
                 if a.json:
                     with open(a.json, "w") as f:
                         json.dump({"split": a.split, "n": a.n, "seed": a.seed,
+                                   "model_name": a.model_name or "shapes-8x8",
                                    "results": results}, f, indent=1)
     finally:
         engine.reduce_image = real

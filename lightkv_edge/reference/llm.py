@@ -114,11 +114,16 @@ def _embeddings(model, input_ids, vision_embeds, slices):
 @torch.no_grad()
 def prefill_with_merge(model, input_ids, vision_slices, schedule: Schedule, *,
                        positions: str = "keep", kv_policy: str = "exact",
-                       guided: bool = True, vision_embeds=None) -> PrefillResult:
+                       guided: bool = True, vision_embeds=None,
+                       protect: float = 0.0) -> PrefillResult:
     """Prefill `input_ids` ([S] / [1, S] token ids, or [S, D] / [1, S, D] inputs_embeds
     already holding the vision rows) through a LlamaForCausalLM / Qwen2ForCausalLM,
     merging each image of `vision_slices` [(start, n, grid), ...] after the layers of
-    `schedule`. Optionally `vision_embeds` (one [n, D] tensor per slice) are spliced in."""
+    `schedule`. Optionally `vision_embeds` (one [n, D] tensor per slice) are spliced in.
+    protect: LightKV-protect's fraction at every stage (MergeState.step: the top
+    round(protect * budget) rows by that layer's guidance are never sources, mode
+    "receive"; the stage keeps exactly the published stage's rows); 0 is the published
+    merge (layer mode's lightkv-paper), 1 layer mode's default lightkv-protect."""
     if positions not in ("keep", "renumber"):
         raise ValueError(f"positions must be 'keep' or 'renumber', got {positions!r}")
     if kv_policy not in ("exact", "compact"):
@@ -176,7 +181,8 @@ def prefill_with_merge(model, input_ids, vision_slices, schedule: Schedule, *,
             if hv.dtype not in (torch.float32, torch.float64):  # half models: merge in f32
                 hv = hv.float()
             res = st.step(hv, scores, windows=schedule.windows[stage],
-                          ratio=schedule.ratios[stage], threshold=schedule.threshold)
+                          ratio=schedule.ratios[stage], threshold=schedule.threshold,
+                          protect=protect)
             keep[rows[res.kept.cpu()]] = True
             new_vis.append((rows, res))
 

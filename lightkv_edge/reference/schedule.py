@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._util import back, check_int, check_matrix, check_ratio, check_scores, check_threshold
-from .merge import MergeResult, aggregate, grid_layout, match_windows, window_ids
+from .merge import MergeResult, aggregate, budget, grid_layout, match_windows, window_ids
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,48 @@ class MergeState:
     def m(self) -> int:
         return self.orig_index.numel()
 
-    def step(self, x, scores, *, windows, ratio, threshold=None) -> MergeResult:
+    def step(self, x, scores, *, windows, ratio, threshold=None, protect=0.0,
+             protect_mode="receive") -> MergeResult:
         """Merge the current rows x [M, D] (in orig_index order). Returns the stage-local
-        result (kept/assign index the current rows) and updates the composition."""
+        result (kept/assign index the current rows) and updates the composition.
+
+        protect > 0 (LightKV-protect in a layer-mode stage): the stage's budget is the
+        rows the published stage keeps on these rows, target = M - sum over this stage's
+        windows of budget(n_w, ratio) = min(floor(ratio * n_w), n_w // 2); the
+        round(protect * target) rows with the highest `scores` (ties: lower index; at
+        most target - 1 in mode "keep") are never sources; the stage merges at `ratio` in its windows with that rule and then
+        as variants.reduce_rows does, until exactly target rows are left (protection can
+        leave a window short of sources). protect = 0 is the published stage."""
         xt, is_np = check_matrix(x)
         if xt.shape[0] != self.m:
             raise ValueError(f"x has {xt.shape[0]} rows but the state holds {self.m}")
         windows = check_int(windows, "windows", 1)
         g = check_scores(scores, self.m, xt.device)
         win = window_ids(self.pos, self.rows, self.cols, windows)
-        dst_of = match_windows(xt.to(torch.float64), win, check_ratio(ratio),
-                               check_threshold(threshold))
-        out, kept, assign, weight = aggregate(xt, g, dst_of)
+        ratio = check_ratio(ratio)
+        threshold = check_threshold(threshold)
+        if not (isinstance(protect, (int, float)) and 0.0 <= float(protect) <= 1.0):
+            raise ValueError(f"protect must be in [0, 1], got {protect!r}")
+        if protect > 0:
+            from .variants import PROTECT_MODES, _top, reduce_rows
+            if g is None or threshold is not None:
+                raise ValueError("protection needs guidance scores and no threshold")
+            if protect_mode not in PROTECT_MODES:
+                raise ValueError(f"protect_mode must be one of {PROTECT_MODES}")
+            counts = torch.bincount(win.cpu(), minlength=windows * windows).tolist()
+            target = self.m - sum(budget(c, ratio) for c in counts)
+            p = min(round(float(protect) * target), target - (protect_mode == "keep"))
+            protected = torch.zeros(self.m, dtype=torch.bool)
+            if p > 0:
+                protected[_top(g.cpu().to(torch.float64), p)] = True
+            out, kept, assign, weight = reduce_rows(
+                xt.detach().cpu(), g.cpu().to(torch.float64), target=target,
+                rows=self.rows, cols=self.cols, pos=self.pos, windows=windows,
+                protected=protected, mode=protect_mode, ratio=ratio)
+            out = out.to(xt.device)
+        else:
+            dst_of = match_windows(xt.to(torch.float64), win, ratio, threshold)
+            out, kept, assign, weight = aggregate(xt, g, dst_of)
         kept_c, assign_c, weight_c = kept.cpu(), assign.cpu(), weight.cpu()
         self.stages.append((assign_c, weight_c))
         self.stage_orig.append(self.orig_index)

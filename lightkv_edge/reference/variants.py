@@ -132,16 +132,44 @@ def protected_reduce(x, scores, *, keep, grid=None, windows=None, protect=0.0,
     protected = torch.zeros(n, dtype=torch.bool)
     if p:
         protected[_top(g, p)] = True
-    cur = xt.detach().cpu()
-    assign = torch.arange(n)                                  # original -> current row
+    out, kept, assign, weight = reduce_rows(
+        xt.detach().cpu(), g, target=target, rows=rows, cols=cols, pos=pos,
+        windows=w or default_windows(rows, cols), protected=protected, mode=mode,
+        order=order)
+    dev = xt.device
+    return MergeResult(x=back(out.to(dev), is_np), kept=back(kept.to(dev), is_np),
+                       assign=back(assign.to(dev), is_np),
+                       weight=back(weight.to(device=dev, dtype=xt.dtype), is_np))
+
+
+def reduce_rows(x: torch.Tensor, g: torch.Tensor | None, *, target: int, rows: int,
+                cols: int, pos: torch.Tensor, windows: int, protected: torch.Tensor,
+                mode: str = "receive", order: str = "similarity",
+                ratio: float | None = None):
+    """The stage loop of `protected_reduce` on rows x [m, D] (CPU, ascending original
+    order) at `pos` [m, 2] on the original rows x cols grid, down to `target` rows:
+    stages in windows x windows true 2D windows of the original grid, the first at `ratio`
+    when given (a layer-mode stage, `MergeState.step(protect=...)`), every other at
+    min((m - target) / m + 1e-9, 0.5); a stage that merges nothing falls back to one
+    window, and stops the loop there. A merged row carries the summed guidance of its
+    group and its destination's protected flag.
+    Returns (out [M, D] x's dtype, kept [M] index into x's rows, assign [m], weight [m]
+    float64), composed over the stages."""
+    n = x.shape[0]
+    cur = x
+    assign = torch.arange(n)                                  # input -> current row
     weight = torch.ones(n, dtype=torch.float64)
     kept = torch.arange(n)
+    w, first = windows, True
     while cur.shape[0] > target:
-        w = min(w or default_windows(rows, cols), rows, cols)
+        w = min(w, rows, cols)
         m = cur.shape[0]
-        ratio = min((m - target) / m + 1e-9, 0.5)             # as embed_mode.merge_image
+        # as liblightkv's lightkv_merge_reduce (embed mode) and merge_to_budget (layer mode)
+        step_ratio = ratio if ratio is not None and first else \
+            min((m - target) / m + 1e-9, 0.5)
+        first = False
         win = window_ids(pos[kept], rows, cols, w)
-        dst_of = match_protected(cur.to(torch.float64), win, ratio, protected, g,
+        dst_of = match_protected(cur.to(torch.float64), win, step_ratio, protected, g,
                                  mode=mode, order=order)
         if bool((dst_of == torch.arange(m)).all()):
             if w == 1:
@@ -153,11 +181,8 @@ def protected_reduce(x, scores, *, keep, grid=None, windows=None, protect=0.0,
         assign = a_loc[assign]
         if g is not None:  # a merged row carries the guidance of everything it absorbed
             g = torch.zeros(k_loc.numel(), dtype=torch.float64).index_add_(0, a_loc, g)
-        cur, kept, protected = out.to(xt.dtype), kept[k_loc], protected[k_loc]
-    dev = xt.device
-    return MergeResult(x=back(cur.to(dev), is_np), kept=back(kept.to(dev), is_np),
-                       assign=back(assign.to(dev), is_np),
-                       weight=back(weight.to(device=dev, dtype=xt.dtype), is_np))
+        cur, kept, protected = out.to(x.dtype), kept[k_loc], protected[k_loc]
+    return cur, kept, assign, weight
 
 
 def protected_stage(x, scores, *, windows, ratio, grid=None, protect_count=0,
