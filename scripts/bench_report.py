@@ -1,4 +1,5 @@
-"""Regenerate the benchmark report: docs/bench/report.md, with its JSON, tables and pictures.
+"""Regenerate the benchmark report (report.md in --out, docs/bench by default), with its
+JSON, tables and pictures.
 
     python scripts/bench_report.py                        # the whole report (hours on 2 cores)
     python scripts/bench_report.py --cost-model qwen2vl-2b --cost-model smolvlm-500m
@@ -6,9 +7,9 @@
 
 Every step is a command a person can run alone; each is printed before it runs:
 1. quality: `python -m lightkv_edge bench` on both embedded models, every method and mode,
-   the same questions for every row -> quality.json, quality.md, quality.png;
+   the same questions for every row -> quality.json, its markdown table, quality.png;
 2. cost on the embedded 8x8 model: `python -m lightkv_edge cost` (one process per run,
-   configurations interleaved) -> cost-<model>.json / .md and its three pictures;
+   configurations interleaved) -> cost-<model>.json, its table and three pictures;
 3. the same for every --cost-model, a full-depth random-weight model of a real model's shapes
    (scripts/make_shape_models.py builds it once and caches it);
 4. report.md: the tables and pictures, and how they were made.

@@ -1,5 +1,5 @@
-"""scripts/bench_report.py, the one command behind docs/bench/report.md: every step at smoke
-size, and the report holds what the issue names (never a timing asserted)."""
+"""scripts/bench_report.py, the one command behind the benchmark report: every step at
+smoke size, and the report holds what the issue names (never a timing asserted)."""
 from __future__ import annotations
 
 import json
