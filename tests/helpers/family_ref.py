@@ -104,6 +104,25 @@ def _qwen(hf: Path, ids, img: Path, v25: bool):
                      image_grid_thw=px["image_grid_thw"]).logits[0, -1].numpy(), None
 
 
+def qwen25vl_image_rows(hf: Path, img: Path, *, window_px: int | None = None,
+                        windows: bool = True) -> np.ndarray:
+    """The Qwen2.5-VL tower's image rows (merged tokens, in libmtmd's order), f32 with
+    llama.cpp's f16 patch embedding; window_px replaces the checkpoint's window size,
+    windows=False makes every block attend to the whole image."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf, dtype=torch.float32).eval()
+    px = Qwen2VLImageProcessor.from_pretrained(hf)(images=[Image.open(img).convert("RGB")],
+                                                   return_tensors="pt")
+    vis = model.model.visual
+    _patch_embedding_in_f16(vis.patch_embed.proj)
+    if window_px is not None:
+        vis.window_size = window_px
+    if not windows:
+        vis.fullatt_block_indexes = list(range(len(vis.blocks)))
+    with torch.no_grad():
+        return vis(px["pixel_values"], grid_thw=px["image_grid_thw"]).numpy()
+
+
 def _gemma3(hf: Path, ids, img: Path):
     from transformers import AutoConfig, Gemma3ForConditionalGeneration, Gemma3ImageProcessor
     cfg = AutoConfig.from_pretrained(hf)
