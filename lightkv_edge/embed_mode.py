@@ -67,7 +67,7 @@ def protected_count(protect: float, target: int, mode: str = "receive") -> int:
 
 def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                 keep: float, windows: int | None, layer=None, protect: float = 0.0,
-                protect_mode: str = "receive") -> MergedImage:
+                protect_mode: str = "receive", cells: np.ndarray | None = None) -> MergedImage:
     """Merge one image's rows down to about `keep` of them, guided by the prompt's token ids
     `text_tokens` through `layer` (a native.GuidanceModel; None: unguided, all weights 1).
 
@@ -79,7 +79,10 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     protect (LightKV-protect, docs/merge-variants.md): the protected_count(protect, budget)
     rows with the highest guidance, chosen once here, are never merge sources in any stage
     (protect_mode "receive": they still absorb similar tokens; "keep": untouched). 0 is the
-    published merge exactly; it needs guidance (a layer)."""
+    published merge exactly; it needs guidance (a layer).
+
+    cells: None (row i sits at cell i of the grid, raster order), or int [n, 2], the (row,
+    col) of every row on the grid (families.row_cells: LLaVA's rows are not a raster)."""
     from . import native
 
     t0 = time.perf_counter()
@@ -101,6 +104,8 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         rows, cols = grid
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
+    if cells is None:
+        cells = np.stack([np.arange(n) // cols, np.arange(n) % cols], axis=1)
     w = windows
     assign = np.arange(n)                       # original token -> current row
     first_windows = None
@@ -109,7 +114,7 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         w = min(w or default_windows(rows, cols), rows, cols)
         # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
         ratio = min((len(x) - target) / len(x) + 1e-9, 0.5)
-        positions = np.stack([kept // cols, kept % cols], axis=1)
+        positions = cells[kept]
         res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=(rows, cols),
                                    positions=positions, protected=protected,
                                    protect_mode=protect_mode)
@@ -152,18 +157,20 @@ GUIDED_METHODS = ("lightkv-protect", "lightkv-paper", "fastv", *VARIANTS)
 
 def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                  keep: float, windows: int | None, method: str = DEFAULT_METHOD,
-                 layer=None, seed: int = 0) -> MergedImage:
+                 layer=None, seed: int = 0, cells: np.ndarray | None = None) -> MergedImage:
     """Cut one image's rows to about `keep` of them with `method`:
     lightkv-protect (guided merge whose top-guidance rows are never sources, the default),
     lightkv-paper (the published guided merge), unguided (the published merge, all weights
     1, ToMe style), random (seeded drop), fastv (top-k by the prompt guidance score), dart
     (duplication pruning), pool (2x2 average pooling: its budget is fixed at about a
     quarter), and the reference variants of VARIANTS (docs/merge-variants.md). The first
-    three are native (no torch); the others need the PyTorch reference."""
+    three are native (no torch); the others need the PyTorch reference. cells: the (row,
+    col) of every row where they are no raster of the grid (merge_image; the reference
+    methods assume a raster)."""
     if method in NATIVE_METHODS:
         return merge_image(embd, grid, text_tokens, keep=keep, windows=windows,
                            layer=layer if method != "unguided" else None,
-                           protect=NATIVE_METHODS[method])
+                           protect=NATIVE_METHODS[method], cells=cells)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     from . import reference as ref

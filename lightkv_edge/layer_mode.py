@@ -271,12 +271,15 @@ class _QKCapture:
 class Segment:
     """A run of rows of the turn: text (token ids) or one image (embeddings; grid (rows,
     cols), or None for the published padded square).
-    pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z)."""
+    pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z).
+    cells: None (image rows in raster order of the grid), or [n, 2] (row, col) of every
+    row on it (families.row_cells: LLaVA's)."""
     kind: str
     pos: np.ndarray
     tokens: np.ndarray | None = None
     embd: np.ndarray | None = None
     grid: tuple[int, int] | None = None
+    cells: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -421,7 +424,8 @@ class LayerRunner:
                 np.repeat(s.pos[:1], n_pos, 0)
             if s.kind == "image":
                 rc = _grid_rc(m, s.grid)
-                gpos = np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
+                gpos = (np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
+                        if s.cells is None else np.asarray(s.cells, np.int64))
                 rows.append(_Rows(s, np.asarray(s.embd, np.float32), pos.astype(np.int32),
                                   np.arange(m), gpos, rc))
             else:
@@ -517,7 +521,9 @@ class LayerRunner:
                                                             backend=self.backend)
                     t_guid += (time.perf_counter() - t0) * 1e3
                     t0 = time.perf_counter()
-                    first = len(r.orig) == r.seg.n     # no earlier stage merged this image
+                    # a raster no earlier stage merged: the plain grid (the published square
+                    # padding without one); else every row at its cell
+                    first = len(r.orig) == r.seg.n and r.seg.cells is None
                     res = native.lightkv_merge(
                         h, scores, windows=stage.windows, ratio=stage.ratio,
                         grid=(r.grid_rc if _grid_matches(r.seg) else None) if first
@@ -616,6 +622,7 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
     """libmtmd chunks of one turn -> (segments, the position after them, encoder ms).
     Images are encoded here (the vision tower runs once, as in every mode)."""
     from . import mtmd
+    from .families import row_cells
     segs, t_enc = [], 0.0
     n_pos = 4 if vm.use_mrope else 1
     for ch in chunks:
@@ -639,7 +646,8 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             t_enc += (time.perf_counter() - t0) * 1e3
             pos = mtmd.image_positions(ch, n_past, vm.use_mrope)
             grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
-            segs.append(Segment("image", pos, embd=embd, grid=grid))
+            cells = None if grid else row_cells(getattr(vm, "projector", None), n)
+            segs.append(Segment("image", pos, embd=embd, grid=grid, cells=cells))
             n_past += mtmd.chunk_get_n_pos(ch)
         else:
             raise ValueError("layer mode takes text and images only")

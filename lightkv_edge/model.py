@@ -115,6 +115,8 @@ class VisionModel:
         if gguf_file.field(mmproj_path, "general.architecture") != "clip":
             raise InputError(f"{mmproj_path} is not a vision projector (mmproj) file")
         self.model_path, self.mmproj_path = model_path, mmproj_path
+        # the family (lightkv_edge.families): how its image rows lie on their grid
+        self.projector = gguf_file.field(mmproj_path, "clip.projector_type")
         self.model = self.ctx = self.mctx = None
         n_threads = n_threads or os.cpu_count() or 1
         try:

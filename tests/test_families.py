@@ -310,6 +310,33 @@ def test_merge_gets_each_chunk_and_its_grid(family, images, monkeypatch):
             assert grid is None and math.isqrt(n) ** 2 == n, (n, grid)
 
 
+def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
+    """libmtmd gives a LLaVA image's rows as patches 1..n-1, then the class token (this
+    llama.cpp's llava graph; the parity test's reproduction of that order is what matches
+    llama.cpp's logits). The merge windows of embed and layer mode must see each patch row
+    at its own cell of the 4 x 4 grid, not one cell early as a raster read of the rows
+    would put it; the class token takes the one cell no row holds (patch 0's)."""
+    from lightkv_edge import families, native
+    m = tiny_model("llava15")
+    expected = np.array([divmod(i + 1, 4) for i in range(15)] + [(0, 0)])
+    assert np.array_equal(families.row_cells("mlp", 16), expected)
+    assert families.row_cells("idefics3", 16) is None   # rasters: no cells needed
+    assert families.row_cells("mlp", 15) is None        # no square: the padded square
+    seen = []
+    real = native.lightkv_merge
+
+    def spy(x, scores, **kw):
+        seen.append((len(x), kw.get("grid"), kw.get("positions")))
+        return real(x, scores, **kw)
+    monkeypatch.setattr(native, "lightkv_merge", spy)
+    for mode, kw in (("embed", {}), ("layer", {"schedule": "0:2:0.5"})):
+        seen.clear()
+        _run((m.text, m.mmproj), [images[0]], mode=mode, keep=0.5, **kw)
+        n, grid, pos = seen[0]              # the image's first merge sees all its rows
+        assert (n, grid) == (16, (4, 4)), mode
+        assert pos is not None and np.array_equal(pos, expected), (mode, pos)
+
+
 # -- layer mode -----------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=LAYER_MODE)
 def layer_family(request):
