@@ -617,9 +617,12 @@ class VisionChat:
         try:
             stages = self.schedule
             if stages is None:
-                grids = [mtmd.image_grid(c, self.m.use_mrope) for c in chunk_list
-                         if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE]
-                sides = [min(g) for g in grids if g]
+                # the grids the windows are cut on: a normal-RoPE chunk has none from
+                # libmtmd, its rows are squared (window_grid), so its windows are clipped
+                # like a grid's (a 4 x 4 chunk's 4 windows a side would merge nothing)
+                sides = [min(layer_mode.window_grid(mtmd.chunk_get_n_tokens(c),
+                                                    mtmd.image_grid(c, self.m.use_mrope)))
+                         for c in chunk_list if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE]
                 stages = layer_mode.default_schedule(
                     n_layer, self.keep, grid=(min(sides), min(sides)) if sides else None)
             t0 = time.perf_counter()

@@ -145,6 +145,8 @@ def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage
 
     def frac(f, r):
         stages = stages_at(f, r)
+        if not stages:      # a model too shallow for any merge at this depth factor
+            return 1.0
         if not side:
             return layer_keep_fraction(stages, n_layer)
         return _as_run_keep(stages, n_layer, int(grid[0]) * int(grid[1]))
@@ -403,7 +405,7 @@ class LayerRunner:
                 if s.embd.shape != (s.n, self.n_embd):
                     raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
                                      f"got {tuple(s.embd.shape)}")
-                grids.append(_grid_rc(s.n, s.grid))
+                grids.append(window_grid(s.n, s.grid))
             elif s.kind == "text":
                 if s.tokens is None or len(s.tokens) != s.n:
                     raise ValueError("a text segment needs one token per position column")
@@ -423,7 +425,7 @@ class LayerRunner:
             pos = s.pos if s.kind == "image" or s.pos.shape[0] == n_pos else \
                 np.repeat(s.pos[:1], n_pos, 0)
             if s.kind == "image":
-                rc = _grid_rc(m, s.grid)
+                rc = window_grid(m, s.grid)
                 gpos = (np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
                         if s.cells is None else np.asarray(s.cells, np.int64))
                 rows.append(_Rows(s, np.asarray(s.embd, np.float32), pos.astype(np.int32),
@@ -600,8 +602,9 @@ def _grid_matches(seg: Segment) -> bool:
     return seg.grid is not None and int(seg.grid[0]) * int(seg.grid[1]) == seg.n
 
 
-def _grid_rc(n: int, grid) -> tuple[int, int]:
-    """The grid the windows are cut on: (rows, cols), or the published square padding."""
+def window_grid(n: int, grid) -> tuple[int, int]:
+    """The grid the windows of an image of n rows are cut on: its grid (rows, cols), or,
+    without one (normal-RoPE chunks), the published padded square."""
     if grid and grid[0] * grid[1] == n:
         return int(grid[0]), int(grid[1])
     side = math.isqrt(n - 1) + 1
@@ -671,7 +674,7 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
             if mtmd.decode_use_non_causal(vm.mctx, ch):
                 raise ValueError(_NON_CAUSAL)
             n = mtmd.chunk_get_n_tokens(ch)
-            grids.append(_grid_rc(n, mtmd.image_grid(ch, vm.use_mrope)))
+            grids.append(window_grid(n, mtmd.image_grid(ch, vm.use_mrope)))
     check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids, kv=kv,
                    positions=positions)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)

@@ -347,9 +347,8 @@ def layer_family(request):
 def test_layer_mode_frees_what_it_merged(layer_family, images):
     fam, pair = layer_family
     _, off, pos_off = _run(pair, [images[0], images[1]], mode="off")
-    # one merge after layer 0, 2 x 2 windows of the (square or M-RoPE) grid of each chunk.
-    # (The default schedule's 4 windows per side would be no-ops on these 4 x 4 chunks:
-    # it clips windows to the grid only where libmtmd gives one, i.e. M-RoPE.)
+    # one merge after layer 0, 2 x 2 windows of the (square or M-RoPE) grid of each chunk
+    # (an explicit schedule; the default one: the next test)
     toks, lay, pos_lay = _run(pair, [images[0], images[1]], mode="layer",
                               schedule="0:2:0.5")
     assert len(toks) == N_TOK
@@ -358,6 +357,26 @@ def test_layer_mode_frees_what_it_merged(layer_family, images):
     assert lay.cells_freed == lay.vision_tokens_in - lay.vision_tokens_kept
     assert off.kv_cells - lay.kv_cells == lay.cells_freed
     assert pos_lay == pos_off     # positions kept (the default)
+
+
+def test_layer_mode_default_schedule_merges_small_chunks(layer_family, images):
+    """The default schedule clips its windows to a quarter of each image's grid side, the
+    squared rows' for normal-RoPE chunks, which libmtmd gives without a grid: on these
+    4 x 4 chunks one window a side, where the paper's 4 would be 1 x 1 windows that drop
+    nothing. The tiny models' 2 layers leave one merge (after layer 0): keep 0.8 (the
+    rows present averaged over the 2 layers) asks it to drop 40%, the whole-row step
+    nearest is 6 of a 16-row chunk (0.8125; 7 would give 0.781). (Qwen's schedule is cut
+    for its smallest grid, the 3 x 8 chunk's 3: measured 23 of 40 rows kept, 0.7875.)"""
+    fam, pair = layer_family
+    toks, lay, _ = _run(pair, [images[0], images[1]], mode="layer", keep=0.8)
+    assert len(toks) == N_TOK
+    assert [(s["layer"], s["windows"]) for s in lay.stages] == [(0, 1)]
+    assert lay.vision_tokens_in == _n_in(fam, 2)
+    if not FAMILIES[fam]["mrope"]:      # all 16-row chunks
+        assert lay.vision_tokens_kept == 10 * len(_chunks(fam, 2))
+    assert 0 < lay.vision_tokens_kept < lay.vision_tokens_in
+    assert abs(lay.keep - 0.8) < 0.02
+    assert lay.cells_freed == lay.vision_tokens_in - lay.vision_tokens_kept
 
 
 def test_layer_mode_refused_where_not_covered(images):
