@@ -310,6 +310,41 @@ def test_merge_gets_each_chunk_and_its_grid(family, images, monkeypatch):
             assert grid is None and math.isqrt(n) ** 2 == n, (n, grid)
 
 
+def _image_rows(fam, img):
+    """llama.cpp's image rows of `img` (its first image chunk), [n, D]."""
+    m = tiny_model(fam)
+    rows = []
+    with _chat((m.text, m.mmproj), mode="off", max_tokens=1) as chat:
+        encode = chat._encode
+
+        def spy(chunk, stats):
+            embd = encode(chunk, stats)
+            rows.append(np.array(embd, copy=True))
+            return embd
+        chat._encode = spy
+        chat.ask(PROMPT, [img])
+    return rows[0].reshape(-1, 64)
+
+
+def test_llava_rows_are_patches_1_on_then_the_class_token(parity_images):
+    """What libmtmd really emits for a LLaVA-1.5 image, row by row: the reference tower in
+    this llama.cpp's order (patch i at position embedding i, the class token appended at
+    position n, rows 1..n kept: patches 1..n-1, then the class token) matches; transformers'
+    own rows (class token first, patches 0..n-1) do not."""
+    from tests.helpers.family_ref import llava_image_rows
+    m = tiny_model("llava15")
+    img = parity_images["32"]
+    ours = _image_rows("llava15", img)
+    ref = llava_image_rows(m.hf, img)
+    scale = np.abs(ref).max()
+    assert ours.shape == ref.shape == (16, 64)
+    # measured 4.6e-4 of the largest value (float32 op order through 2 blocks + MLP)
+    assert np.abs(ours - ref).max() / scale < 2e-3
+    own = llava_image_rows(m.hf, img, llama_cpp_order=False)
+    # measured 0.89 of the largest value
+    assert np.abs(ours - own).max() / scale > 10 * 2e-3
+
+
 def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
     """libmtmd gives a LLaVA image's rows as patches 1..n-1, then the class token (this
     llama.cpp's llava graph; the parity test's reproduction of that order is what matches
@@ -488,17 +523,7 @@ def test_qwen25vl_windows_are_llama_cpps(parity_images):
     from tests.helpers.family_ref import qwen25vl_image_rows
     m = tiny_model("qwen25vl")
     img = parity_images["128"]
-    rows = []
-    with _chat((m.text, m.mmproj), mode="off", max_tokens=1) as chat:
-        encode = chat._encode
-
-        def spy(chunk, stats):
-            embd = encode(chunk, stats)
-            rows.append(np.array(embd, copy=True))
-            return embd
-        chat._encode = spy
-        chat.ask(PROMPT, [img])
-    ours = rows[0].reshape(64, -1)
+    ours = _image_rows("qwen25vl", img)
     ref = qwen25vl_image_rows(m.hf, img)
     scale = np.abs(ref).max()
     # measured 4e-4 of the largest value (float32 op order through 4 blocks and the merger)

@@ -52,13 +52,17 @@ def _patch_embedding_in_f16(conv: torch.nn.Module) -> None:
     conv.forward = lambda x: forward(_f16(x))
 
 
-def _llava(hf: Path, ids, img: Path):
+def _llava_model(hf: Path):
     from transformers import AutoConfig, LlavaForConditionalGeneration, \
         LlavaNextForConditionalGeneration
     cfg = AutoConfig.from_pretrained(hf)
     cls = (LlavaNextForConditionalGeneration if cfg.model_type == "llava_next"
            else LlavaForConditionalGeneration)
-    model = cls.from_pretrained(hf, dtype=torch.float32).eval()
+    return cfg, cls.from_pretrained(hf, dtype=torch.float32).eval()
+
+
+def _llava_tower(cfg, model, hf: Path, img: Path, cls_first: bool) -> torch.Tensor:
+    """The projected image rows [n, D]: transformers' order (cls_first) or llama.cpp's."""
     pre = json.loads((hf / "preprocessor_config.json").read_text())
     x = np.asarray(Image.open(img).convert("RGB"), np.float32) / 255.0
     assert x.shape[:2] == (cfg.vision_config.image_size,) * 2, "needs an unresized image"
@@ -66,26 +70,35 @@ def _llava(hf: Path, ids, img: Path):
     px = torch.from_numpy(x).permute(2, 0, 1)[None]
     vm = model.model.vision_tower.vision_model
     n_feat = cfg.vision_config.num_hidden_layers + 1 + cfg.vision_feature_layer
+    w = vm.embeddings.patch_embedding.weight
+    if not cls_first:       # llama.cpp's patch embedding (_patch_embedding_in_f16)
+        w, px = _f16(w), _f16(px)
+    patches = torch.nn.functional.conv2d(px, w, stride=cfg.vision_config.patch_size)
+    patches = patches.flatten(2).transpose(1, 2)
+    cls = vm.embeddings.class_embedding[None, None]
+    seq = torch.cat([cls, patches] if cls_first else [patches, cls], 1)
+    h = vm.pre_layrnorm(seq + vm.embeddings.position_embedding.weight[None, :seq.shape[1]])
+    for layer in vm.encoder.layers[:n_feat]:
+        h = layer(h, None, None)[0]
+    return model.model.multi_modal_projector(h[:, 1:])[0]
 
-    def tower(cls_first: bool):
-        w, x = vm.embeddings.patch_embedding.weight, px
-        if not cls_first:       # llama.cpp's patch embedding (_patch_embedding_in_f16)
-            w, x = _f16(w), _f16(x)
-        patches = torch.nn.functional.conv2d(x, w, stride=cfg.vision_config.patch_size)
-        patches = patches.flatten(2).transpose(1, 2)
-        cls = vm.embeddings.class_embedding[None, None]
-        seq = torch.cat([cls, patches] if cls_first else [patches, cls], 1)
-        h = vm.pre_layrnorm(seq + vm.embeddings.position_embedding.weight[None, :seq.shape[1]])
-        for layer in vm.encoder.layers[:n_feat]:
-            h = layer(h, None, None)[0]
-        return model.model.multi_modal_projector(h[:, 1:])
 
+def llava_image_rows(hf: Path, img: Path, *, llama_cpp_order: bool = True) -> np.ndarray:
+    """A LLaVA image's projected rows [n, D]: in this llama.cpp's order (patches 1..n-1,
+    then the class token; see the module docstring) or transformers' (patches 0..n-1)."""
+    cfg, model = _llava_model(Path(hf))
+    with torch.no_grad():
+        return _llava_tower(cfg, model, Path(hf), img, not llama_cpp_order).numpy()
+
+
+def _llava(hf: Path, ids, img: Path):
+    cfg, model = _llava_model(hf)
     tokens = _ids(ids, cfg.image_token_index)
     out = []
     with torch.no_grad():
         for cls_first in (False, True):
             emb = model.get_input_embeddings()(tokens)
-            emb[tokens == cfg.image_token_index] = tower(cls_first)[0]
+            emb[tokens == cfg.image_token_index] = _llava_tower(cfg, model, hf, img, cls_first)
             out.append(model(inputs_embeds=emb).logits[0, -1].numpy())
     return out[0], out[1]
 
