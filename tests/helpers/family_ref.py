@@ -162,7 +162,8 @@ def _idefics3_original_positions(embeddings):
     h gets bucket h - 1 (and 0 stays 0), so rows 0 and 1 (and columns 0 and 1) share one
     position and the table's last row and column are never used. That is transformers'
     change, not llama.cpp's: the measured difference was 0.15 on the image rows and 4.9e-2
-    of the largest logit; 1.3e-3 once the positions agree, all of it the text model's."""
+    of the largest logit; 1.3e-3 once the positions agree, all of it the text model's
+    (llama.cpp's flash attention: tests/test_families.py, PARITY_RTOL)."""
     import types
 
     def forward(self, pixel_values, patch_attention_mask):
