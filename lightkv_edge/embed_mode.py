@@ -55,6 +55,9 @@ class MergedImage:
     scores: np.ndarray | None = None
     grid: tuple[int, int] | None = None
     windows: int | None = None
+    # the (row, col) of every original token on the grid where they are no raster (None:
+    # raster order; families.row_cells)
+    cells: np.ndarray | None = None
 
 
 def protected_count(protect: float, target: int, mode: str = "receive") -> int:
@@ -104,6 +107,7 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         rows, cols = grid
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
+    given_cells = cells
     if cells is None:
         cells = np.stack([np.arange(n) // cols, np.arange(n) % cols], axis=1)
     w = windows
@@ -133,7 +137,8 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         if protected is not None:
             protected = protected[res.kept]
     return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
-                       scores=scores_in, grid=(rows, cols), windows=first_windows)
+                       scores=scores_in, grid=(rows, cols), windows=first_windows,
+                       cells=given_cells)
 
 
 # -- the native LightKV merges: method -> protected fraction of the budget ----------------
