@@ -205,15 +205,13 @@ class VisionChat:
         self.positions = positions
         self.temp, self.seed, self.max_tokens = temp, seed, max_tokens
         self.ignore_eos = ignore_eos
-        self._projector = None
         if mode != "off":
             # the family, before libmtmd reads the file: embed and layer cover known ones
             from . import families
             check_gguf(model, "model")     # in VisionModel's order: the same first error
             mm = check_gguf(mmproj, "mmproj")
             if gguf_file.field(mm, "general.architecture") == "clip":  # else VisionModel says
-                self._projector = gguf_file.field(mm, "clip.projector_type")
-                families.check_mode(self._projector, mode, mm)
+                families.check_mode(gguf_file.field(mm, "clip.projector_type"), mode, mm)
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()
@@ -716,7 +714,8 @@ class VisionChat:
         grid = mtmd.image_grid(chunk, self.m.use_mrope)
         merged = reduce_image(embd, grid, text_ids, keep=self.keep, windows=self.windows,
                               method=self.method, layer=self._layer0, seed=self.seed,
-                              cells=None if grid else row_cells(self._projector, len(embd)))
+                              cells=None if grid else row_cells(self.m.projector, len(embd),
+                                                                self.m.class_token))
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
         self._merges.append(merged)

@@ -649,7 +649,8 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             t_enc += (time.perf_counter() - t0) * 1e3
             pos = mtmd.image_positions(ch, n_past, vm.use_mrope)
             grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
-            cells = None if grid else row_cells(getattr(vm, "projector", None), n)
+            cells = None if grid else row_cells(getattr(vm, "projector", None), n,
+                                                getattr(vm, "class_token", False))
             segs.append(Segment("image", pos, embd=embd, grid=grid, cells=cells))
             n_past += mtmd.chunk_get_n_pos(ch)
         else:

@@ -358,9 +358,10 @@ def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
     from lightkv_edge import families, native
     m = tiny_model("llava15")
     expected = np.array([divmod(i + 1, 4) for i in range(15)] + [(0, 0)])
-    assert np.array_equal(families.row_cells("mlp", 16), expected)
-    assert families.row_cells("idefics3", 16) is None   # rasters: no cells needed
-    assert families.row_cells("mlp", 15) is None        # no square: the padded square
+    assert np.array_equal(families.row_cells("mlp", 16, True), expected)
+    assert families.row_cells("idefics3", 16, False) is None   # rasters: no cells needed
+    assert families.row_cells("mlp", 16, False) is None  # no class token (SigLIP): a raster
+    assert families.row_cells("mlp", 15, True) is None   # no square: the padded square
     seen = []
     real = native.lightkv_merge
 

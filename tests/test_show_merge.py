@@ -120,7 +120,7 @@ def test_draw_merge_puts_tokens_on_their_cells():
     assign[[0, 15]] = [0, 1]                             # every other token dropped
     merged = embed_mode.MergedImage(np.zeros((2, 1), np.float32), np.array([0, 15]), 16, 0.0,
                                     assign=assign, scores=None, grid=(4, 4),
-                                    cells=row_cells("mlp", 16))
+                                    cells=row_cells("mlp", 16, True))
     a = np.asarray(draw_merge(rgb, merged), np.int16)
     grey = tuple(a[70, 70])                               # a dropped cell (3, 3)
     assert tuple(a[10, 30]) != grey and tuple(a[10, 10]) != grey   # cells (0, 1), (0, 0)
