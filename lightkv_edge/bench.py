@@ -134,15 +134,21 @@ def run_bench(args) -> int:
     image_of = (lambda s: image_from_pil(s.image, "sample"))
     if (args.model is None) != (args.mmproj is None):
         raise InputError("give both --model and --mmproj (or neither)")
-    model_name = getattr(args, "model_name", None)
-    if model_name is not None and args.model is not None:
+    model_names = getattr(args, "model_name", None)
+    if model_names is not None and args.model is not None:
         raise InputError("give either --model-name or --model/--mmproj, not both")
+    if isinstance(model_names, str):
+        model_names = [model_names]
+
+    def model_file(name):  # no machine paths in results
+        return Path(args.model or embedded_model(name or DEFAULT_MODEL)[0]).name
 
     results = []
-    runs = [("off", 1.0)] if "off" in methods else []
-    runs += [(m, k) for k in keeps for m in methods if m != "off"
-             and not (m == "pool" and abs(k - 0.25) > 1e-9)]
-    for i, (method, keep) in enumerate(runs, 1):
+    per_model = [("off", 1.0)] if "off" in methods else []
+    per_model += [(m, k) for k in keeps for m in methods if m != "off"
+                  and not (m == "pool" and abs(k - 0.25) > 1e-9)]
+    runs = [(name, m, k) for name in (model_names or [None]) for m, k in per_model]
+    for i, (model_name, method, keep) in enumerate(runs, 1):
         t0 = time.perf_counter()
         chat = VisionChat(args.model, args.mmproj, **_chat_settings(method, keep),
                           seed=args.seed, max_tokens=4, n_threads=args.threads,
@@ -157,15 +163,13 @@ def run_bench(args) -> int:
             continue
         finally:
             chat.close()
-        r = {"method": method, "keep": keep, **r}
+        r = {"model": model_file(model_name), "method": method, "keep": keep, **r}
         results.append(r)
         print(f"[{i}/{len(runs)}] {method:9s} keep {keep:.2f}  acc {r['accuracy']:.3f}  "
               + " ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
               + f"  prefill {r['t_prefill_ms']:.1f} ms  kv {r['kv_bytes'] / 1024:.1f} KiB"
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    # no machine paths in results
-    model = Path(args.model or embedded_model(model_name or DEFAULT_MODEL)[0]).name
-    out = {"version": __version__, "model": model,
+    out = {"version": __version__, "models": [model_file(m) for m in (model_names or [None])],
            "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "seed": args.seed, "split": split, "results": results}
     if args.json:
@@ -180,25 +184,31 @@ def run_bench(args) -> int:
 
 
 def markdown_table(out: dict) -> str:
-    """The results as a markdown table, rows grouped by kept fraction."""
-    rows = sorted(out["results"], key=lambda r: (-r["keep"], r["method"] != "lightkv-protect",
-                                                  r["method"]))
+    """The results as markdown: a table per model, rows grouped by kept fraction."""
+    n = out["results"][0]["n"] if out["results"] else 0
+    lines = [f"Held-out `{out['split']}` split, seed {out['seed']}, n = {n} per row, the same "
+             f"questions for every row; device: {out['device']}; lightkv-edge "
+             f"{out['version']}. Costs are means per sample."]
+    for model in out["models"]:
+        lines += ["", f"Model `{model}`:", ""] if len(out["models"]) > 1 else [""]
+        lines += _model_table([r for r in out["results"] if r["model"] == model])
+    return "\n".join(lines) + "\n"
+
+
+def _model_table(rows: list[dict]) -> list[str]:
+    rows = sorted(rows, key=lambda r: (-r["keep"], r["method"] != "lightkv-protect", r["method"]))
     types = sorted({t for r in rows for t in r["per_type"]})
     head = ["method", "keep", "tokens kept", "accuracy", "95 % CI", *types, "encode ms",
-            "merge ms",
-            "prefill ms", "KV KiB", "decode tok/s"]
-    lines = [f"Held-out `{out['split']}` split, seed {out['seed']}, n = {rows[0]['n']} per "
-             f"row; model `{Path(out['model']).name}`; device: {out['device']}; "
-             f"lightkv-edge {out['version']}. Costs are means per sample.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            "merge ms", "prefill ms", "KV KiB", "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], f"{r['keep']:.2f}",
                  f"{r['vision_tokens_kept']:.1f} / {r['vision_tokens_in']:.0f}",
                  f"**{r['accuracy']:.3f}**" if r["method"] == "lightkv-protect"
                  else f"{r['accuracy']:.3f}",
-                 "{:.3f}-{:.3f}".format(*r["ci95"]) if "ci95" in r else "",
+                 "{:.3f}-{:.3f}".format(*r["ci95"]),
                  *[f"{r['per_type'].get(t, float('nan')):.3f}" for t in types],
                  f"{r['t_encode_ms']:.1f}", f"{r['t_merge_ms']:.2f}", f"{r['t_prefill_ms']:.1f}",
                  f"{r['kv_bytes'] / 1024:.1f}", f"{r['decode_tps']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines

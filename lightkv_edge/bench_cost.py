@@ -158,7 +158,10 @@ def _worker_main(argv: list[str]) -> int:
         result = measure(job)
     except LightKVError as e:      # the parent shows this one line
         print(" ".join(str(e).split()), file=sys.stderr)
-        return 2
+        # a keep this model's depth cannot reach in layer mode: the parent skips the
+        # configuration (as bench does), the others go on
+        return UNREACHABLE if job["mode"] == "layer" and getattr(e, "param", None) == "keep" \
+            else 2
     print(json.dumps(result), flush=True)
     return 0
 
@@ -176,8 +179,17 @@ def _run_worker(job: dict, timeout: float) -> dict:
                          param="run_timeout") from None
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if p.returncode == UNREACHABLE:
+            raise _Unreachable(tail)
         raise InputError(f"a run of {job['mode']}@{job['keep']} failed: {tail}", param="model")
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+UNREACHABLE = 3   # the worker's exit code for a layer-mode keep the model cannot reach
+
+
+class _Unreachable(Exception):
+    """A configuration this model cannot run (its reason in the message)."""
 
 
 def _spread(values: list[float]) -> dict:
@@ -236,10 +248,19 @@ def run_cost(args) -> int:
     total = args.runs * len(configs)
     t_start = time.perf_counter()
     done = 0
+    skipped: dict[str, str] = {}
     for i in range(args.runs):
         order = configs[i % len(configs):] + configs[:i % len(configs)]   # rotated
         for c in order:
-            r = _run_worker(dict(job_base, mode=c.mode, keep=c.keep), args.run_timeout)
+            if c.name in skipped:
+                continue
+            try:
+                r = _run_worker(dict(job_base, mode=c.mode, keep=c.keep), args.run_timeout)
+            except _Unreachable as e:
+                skipped[c.name] = str(e)
+                total -= args.runs - i
+                print(f"{c.name}: skipped: {e}", file=sys.stderr, flush=True)
+                continue
             runs[c.name].append(r)
             done += 1
             eta = (time.perf_counter() - t_start) / done * (total - done)
@@ -255,7 +276,8 @@ def run_cost(args) -> int:
            "image": args.image or f"synthetic {args.image_size}x{args.image_size}",
            "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
            "embed_method": args.method or "default",
-           "rows": summarize(configs, runs), "raw": runs}
+           "rows": summarize([c for c in configs if c.name not in skipped], runs),
+           "skipped": skipped, "raw": {k: v for k, v in runs.items() if k not in skipped}}
     print(markdown_table(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
@@ -307,6 +329,8 @@ def markdown_table(out: dict) -> str:
             cell(r, "decode_tps_short", "{:.1f}"), cell(r, "decode_tps_long", "{:.1f}"),
             ratio(r, "decode_tps_long"), f"{r['kv_bytes_end_long']['median'] / 2**20:.2f}",
             f"{r['peak_rss_mb']['median']:.0f}"]) + " |")
+    for name, reason in out.get("skipped", {}).items():
+        lines.append(f"\n{name}: skipped ({reason})")
     return "\n".join(lines) + "\n"
 
 

@@ -27,15 +27,17 @@ def _pyplot():
     return plt
 
 
-def quality_plot(benches: list[dict], path: Path) -> Path:
-    """Accuracy vs kept fraction for every method of each `bench --json` result (a panel
-    per result, e.g. one per embedded model)."""
+def quality_plot(bench: dict, path: Path) -> Path:
+    """Accuracy vs kept fraction for every method of a `bench --json` result, a panel per
+    model it measured."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(benches), figsize=(6 * len(benches), 4.5), squeeze=False)
-    for ax, b in zip(axes[0], benches):
+    models = bench["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
         by_method: dict[str, list[dict]] = {}
-        for r in b["results"]:
-            by_method.setdefault(r["method"], []).append(r)
+        for r in bench["results"]:
+            if r["model"] == model:
+                by_method.setdefault(r["method"], []).append(r)
         for method, rows in sorted(by_method.items()):
             if method == "off":
                 r = rows[0]
@@ -48,8 +50,8 @@ def quality_plot(benches: list[dict], path: Path) -> Path:
             line, = ax.plot(k, [r["accuracy"] for r in rows], marker="o", ms=4, label=method)
             ax.fill_between(k, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows],
                             color=line.get_color(), alpha=0.12)
-        n = b["results"][0]["n"]
-        ax.set_title(f"{b['model']}: {b['split']} split, seed {b['seed']}, n = {n} per point",
+        n = next(iter(by_method.values()))[0]["n"]
+        ax.set_title(f"{model}: {bench['split']} split, seed {bench['seed']}, n = {n} per point",
                      fontsize=9)
         ax.set_xlabel("kept fraction of vision tokens")
         ax.set_ylabel("accuracy (band: 95 % Wilson interval)")

@@ -83,6 +83,17 @@ def _layer_list(text: str) -> list[int]:
     return v
 
 
+def _model_names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",")]
+    bad = [x for x in names if x not in EMBEDDED_MODELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown embedded model {bad[0]!r} (choose from "
+                                         f"{', '.join(EMBEDDED_MODELS)})")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a model is named twice: {text}")
+    return names
+
+
 def _temperature(text: str) -> float:
     try:
         v = float(text)
@@ -227,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", metavar="LIST",
                        help="comma-separated (default: off,lightkv-protect,lightkv-paper,"
                             "unguided,random,fastv,dart,pool; also lightkv-absorb)")
-    bench.add_argument("--model-name", metavar="NAME", choices=EMBEDDED_MODELS,
-                       help="which embedded model: " + ", ".join(EMBEDDED_MODELS)
+    bench.add_argument("--model-name", metavar="LIST", type=_model_names,
+                       help="embedded models, comma-separated, each measured on the same "
+                            "questions: " + ", ".join(EMBEDDED_MODELS)
                             + f" (default {DEFAULT_MODEL})")
     bench.add_argument("--keep", metavar="LIST",
                        help="comma-separated kept fractions (default 0.75,0.55,0.35,0.25,0.1)")

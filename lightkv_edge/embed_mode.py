@@ -92,53 +92,46 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     n = len(embd)
     target = max(1, math.ceil(keep * n))
     x = np.ascontiguousarray(embd, dtype=np.float32)
-    kept = np.arange(n)
     scores = None if layer is None else prompt_guidance(x, text_tokens, layer)
     if protect_mode not in native.PROTECT_MODES:
         raise ValueError(f"protect_mode must be one of {', '.join(native.PROTECT_MODES)}")
     p = protected_count(protect, target, protect_mode)
     if p and scores is None:
         raise ValueError("protection needs guidance (a layer)")
-    # protected rows are carried through the stages like the scores (flag[kept])
-    protected = native.protect_top(scores, p) if p else None
     # every stage cuts windows of the ORIGINAL grid (true 2D windows, not a re-squared
     # sequence): the survivors keep their original (row, col)
     if grid and grid[0] * grid[1] == n:
         rows, cols = grid
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
-    given_cells = cells
-    if cells is None:
-        cells = np.stack([np.arange(n) // cols, np.arange(n) % cols], axis=1)
-    w = windows
-    assign = np.arange(n)                       # original token -> current row
-    first_windows = None
-    scores_in = scores
-    while len(x) > target:
-        w = min(w or default_windows(rows, cols), rows, cols)
-        # r = floor(ratio * n_w) per window; the epsilon keeps an exact product exact
-        ratio = min((len(x) - target) / len(x) + 1e-9, 0.5)
-        positions = cells[kept]
-        res = native.lightkv_merge(x, scores, windows=w, ratio=ratio, grid=(rows, cols),
-                                   positions=positions, protected=protected,
-                                   protect_mode=protect_mode)
-        if len(res.kept) == len(x):
-            if w == 1:
-                break  # nothing left to merge
-            w = 1      # the remainder is below one token per window: one window
-            continue
-        first_windows = first_windows or w
-        assign = res.assign[assign]
-        if scores is not None:
-            # a merged row carries the guidance of everything it absorbed
-            scores = np.bincount(res.assign, weights=scores, minlength=len(res.kept))
-            scores = scores.astype(np.float32)
-        x, kept = res.x, kept[res.kept]
-        if protected is not None:
-            protected = protected[res.kept]
-    return MergedImage(x, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
-                       scores=scores_in, grid=(rows, cols), windows=first_windows,
-                       cells=given_cells)
+    # rows that are no raster of the grid (cells: LLaVA's) go to the merge in the raster
+    # order of their cells, a permutation of the grid's, and come back in their own order
+    order = None
+    if cells is not None:
+        cells = np.asarray(cells, np.int64)
+        at = cells[:, 0] * cols + cells[:, 1] if cells.shape == (n, 2) else None
+        if at is None or rows * cols != n or not np.array_equal(np.sort(at), np.arange(n)):
+            raise ValueError(f"cells must give each of the {rows}x{cols} grid's cells once")
+        order = np.argsort(at)                  # raster cell -> row
+    # the whole schedule in one native call: the stages' rows never come back to Python
+    res = native.merge_reduce(x if order is None else x[order],
+                              scores if order is None or scores is None else scores[order],
+                              target=target, windows=windows or default_windows(rows, cols),
+                              grid=(rows, cols) if rows * cols == n else None,
+                              protect_count=p, protect_mode=protect_mode)
+    first_windows = res.stages[0][0] if res.stages else None
+    out, kept, assign = res.x, res.kept, res.assign
+    if order is not None:
+        kept_rows = order[np.asarray(res.kept)]  # the row of each result row
+        back = np.argsort(kept_rows)            # result rows by ascending row
+        out, kept = np.asarray(res.x)[back], kept_rows[back]
+        renum = np.empty(len(back), np.int64)
+        renum[back] = np.arange(len(back))
+        a = np.asarray(res.assign)
+        assign = np.empty(n, np.int64)
+        assign[order] = np.where(a >= 0, renum[np.maximum(a, 0)], -1)
+    return MergedImage(out, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
+                       scores=scores, grid=(rows, cols), windows=first_windows, cells=cells)
 
 
 # -- the native LightKV merges: method -> protected fraction of the budget ----------------

@@ -563,13 +563,11 @@ class VisionChat:
         ev = self._evictor
         t0 = time.perf_counter()
         images = list(images)
-        q = self._window_q
+        q = self._window_q      # the captured queries (on the lightkv backend)
         self._window_q = None
-        rows = len(next(iter(q.values())))
-        w = rows if ev.window is None else min(ev.window, rows)
-        # the window's positions: the turn's last w rows (text: one position a row)
+        w = q.rows if ev.window is None else min(ev.window, q.rows)
+        # the window: the turn's last w rows (text: one position a row)
         q_pos = np.arange(self.n_past - w, self.n_past, dtype=np.int32)
-        q = {li: a[-w:] for li, a in q.items()}
         stats.evict_vision_before = ev.vision_cells(images)
         stats.evict_kv_bytes_before = self.m.kv_bytes()
         freed = ev.evict(q, q_pos, images)

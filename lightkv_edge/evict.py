@@ -13,10 +13,13 @@ How the pieces are read, without a new llama.cpp patch:
 - the cell of every row: the context keeps the layer range [0, n_layer) set (patch 0003),
   which is the stock graph but records the KV cell of each token of the last decode;
   the engine decodes the rows itself (no libmtmd helper) and logs them here (CellLog);
-- the window's queries: Qcur-<layer> (after RoPE) through the eval callback (patch 0004,
-  layer_mode._QKCapture), switched on only for the window's decodes;
-- the keys: llama_kv_cells_get of every live cell, per layer read;
-- the scores: one small ggml graph in liblightkv (native.attention_received).
+- the window's queries: Qcur-<layer> (after RoPE), copied by liblightkv's eval callback
+  (native.Capture, set with patch 0004's llama_set_eval_callback) into tensors on the
+  lightkv backend, switched on only for the window's decodes; they stay there;
+- the keys: the live cells' rows of each read layer's K cache, read where llama.cpp keeps
+  them (the capture notes the cache tensor Kcur is stored into);
+- the scores: one small ggml graph in liblightkv per layer read, on the captured queries
+  and those rows (native.Capture.attention_received); only the [cells] scores come back.
 The patches cover the llama, qwen2 and qwen2vl graphs; other architectures are refused
 when the Evictor is made (before any compute).
 
@@ -29,14 +32,13 @@ only the cells that layer sees.
 """
 from __future__ import annotations
 
-import ctypes as C
 import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer_mode import _QKCapture, _ip, _l, kv_cells_get, kv_cells_set_layers, llama_cpp
+from .layer_mode import QueryWindow, _ip, _l, kv_cells_set_layers, llama_cpp
 
 
 def keep_count(n: int, keep: float) -> int:
@@ -178,11 +180,11 @@ class Evictor:
         if not _l.llama_set_layer_range(ctx, 0, self.n_layer):
             raise ValueError("KV eviction does not cover this model's architecture (the "
                              "llama, qwen2 and qwen2vl graphs are patched)")
-        self._q = _QKCapture()
+        from . import native
+        self._q = native.Capture(backend=backend)   # the window's queries, on the backend
         self.log = CellLog()
         self.n_images = 0
-        self._gen_q: list[dict] = []        # per generated token: {layer: [H*d]}
-        self._gen_pos: list[int] = []
+        self._gen_pos: list[int] = []       # positions of the tokens generated since scoring
         self.t_score_ms = 0.0
         self.last_budgets: dict[int, list[int]] = {}   # adaptive: image -> b_l, last eviction
 
@@ -194,7 +196,7 @@ class Evictor:
     def clear(self) -> None:
         self.log = CellLog()
         self.n_images = 0
-        self._gen_q, self._gen_pos = [], []
+        self._gen_pos = []
 
     def record(self, n: int, pos_t, image: int = -1) -> np.ndarray:
         """After a llama_decode of n rows: log the cells they went to."""
@@ -215,54 +217,53 @@ class Evictor:
 
     # -- the window's queries ---------------------------------------------------------------
     def observe(self, on: bool) -> None:
-        """Capture Qcur of the read layers in the following decodes (or stop)."""
+        """Capture Qcur of the read layers in the following decodes, from none (or stop;
+        what was captured stays readable)."""
         if on:
-            self._q.want_q(self.layers)
-            _l.llama_set_eval_callback(self.ctx, C.cast(self._q.cb, C.c_void_p), None)
+            self._q.reset()
+            self._q.want({li: "qc" for li in self.layers})   # queries, and the K cache
+            _l.llama_set_eval_callback(self.ctx, self._q.callback, self._q.handle)
         else:
             _l.llama_set_eval_callback(self.ctx, None, None)
-            self._q.want(None)
+            self._q.want({})
 
-    def take_queries(self) -> dict[int, np.ndarray]:
-        """{layer: [rows, H * d]} captured since observe(True), in decode order."""
-        out = {}
-        for li in self.layers:
-            got = self._q.got.get(f"Qcur-{li}".encode(), [])
-            if not got:
-                raise RuntimeError(f"llama.cpp's graph gave no Qcur-{li}")
-            out[li] = np.concatenate(got).reshape(-1, self.n_head * self.head_dim)
-        for v in self._q.got.values():
-            v.clear()
-        return out
+    def take_queries(self) -> QueryWindow:
+        """The queries captured since observe(True), every read layer the same rows."""
+        rows = {li: self._q.rows(li) for li in self.layers}
+        if not all(rows.values()):
+            raise RuntimeError(f"llama.cpp's graph gave no Qcur-{min(rows, key=rows.get)}")
+        if len(set(rows.values())) != 1:
+            raise RuntimeError(f"the read layers captured different numbers of queries: {rows}")
+        return QueryWindow(self._q, rows[self.layers[0]])
 
     # -- scoring and freeing ------------------------------------------------------------------
-    def scores(self, queries: dict[int, np.ndarray], q_pos) -> tuple[np.ndarray, np.ndarray]:
-        """Attention received by every live cell from the window, summed over the read
-        layers -> (indices into the log, scores)."""
+    def scores(self, queries: QueryWindow, q_pos) -> tuple[np.ndarray, np.ndarray]:
+        """Attention received by every live cell from the window (the last len(q_pos) of
+        the captured queries), summed over the read layers -> (indices into the log, scores)."""
         idx, per_layer = self.layer_scores(queries, q_pos)
         return idx, per_layer.sum(axis=0)
 
-    def layer_scores(self, queries: dict[int, np.ndarray], q_pos):
-        """Attention received by every live cell from the window in each read layer (0
-        where the layer does not see the cell) -> (indices into the log, [layers, cells])."""
-        from . import native
+    def layer_scores(self, queries: QueryWindow, q_pos):
+        """Attention received by every live cell from the window (the last len(q_pos) of
+        the captured queries) in each read layer (0 where the layer does not see the cell)
+        -> (indices into the log, [layers, cells])."""
         t0 = time.perf_counter()
         idx, cells, pos, _ = self.log.live()
         end = np.asarray(self.log.end, np.int64)[idx]
         q_pos = np.asarray(q_pos, np.int32)
+        if not 0 < len(q_pos) <= queries.rows:
+            raise ValueError(f"{len(q_pos)} window positions for {queries.rows} captured queries")
         out = np.zeros((len(self.layers), len(cells)), np.float64)
-        nk = self.n_head_kv * self.head_dim
+        # the K cache is read by liblightkv's backend, not through llama.cpp: the last
+        # decode may still be writing it (asynchronous backends) until the context syncs
+        llama_cpp.llama_synchronize(self.ctx)
         for j, li in enumerate(self.layers):
             vis = np.flatnonzero(end > li)          # the cells this layer's softmax spans
-            q = queries[li][-len(q_pos):].reshape(len(q_pos), self.n_head, self.head_dim)
-            k, _ = kv_cells_get(self.ctx, li, cells[vis], nk, nk)
-            k = k.reshape(len(vis), self.n_head_kv, self.head_dim).transpose(1, 0, 2)
-            out[j, vis] = native.attention_received(q.transpose(1, 0, 2), k, q_pos, pos[vis],
-                                                    backend=self.backend)
+            out[j, vis] = queries.capture.attention_received(li, cells[vis], q_pos, pos[vis])
         self.t_score_ms += (time.perf_counter() - t0) * 1e3
         return idx, out
 
-    def evict(self, queries: dict[int, np.ndarray], q_pos, images=None) -> int:
+    def evict(self, queries: QueryWindow, q_pos, images=None) -> int:
         """Keep keep_count(n, keep) of the n live cells of each image in `images` (default:
         every image with live cells); returns the number of cells freed."""
         if self.adaptive:
@@ -285,7 +286,7 @@ class Evictor:
             self.log.alive[i] = False
         return len(drop)
 
-    def evict_adaptive(self, queries: dict[int, np.ndarray], q_pos, images=None) -> int:
+    def evict_adaptive(self, queries: QueryWindow, q_pos, images=None) -> int:
         """Each layer keeps its own top-b_l cells of each image (layer_budgets), nested
         along depth: layer l chooses among the cells layer l-1 kept (ties to the earlier
         cell). A cell kept by layers [0, e) is hidden from the others (patch 0005); kept by
@@ -344,28 +345,32 @@ class Evictor:
 
     # -- while decoding -----------------------------------------------------------------------
     def start_decoding(self) -> None:
-        self._gen_q, self._gen_pos = [], []
+        self._gen_pos = []
         if self.decode_every:
             self.observe(True)
 
     def decoded(self, pos: int) -> int:
         """After a generated token's decode at `pos`: log its cell; every decode_every
-        tokens, re-score every image with those tokens' queries. Returns cells freed."""
+        tokens, re-score every image with those tokens' queries (captured on the backend,
+        one row a token). Returns cells freed."""
         self.record(1, [pos])
         if not self.decode_every:
             return 0
-        self._gen_q.append(self.take_queries())
         self._gen_pos.append(pos)
-        if len(self._gen_q) < self.decode_every:
+        if len(self._gen_pos) < self.decode_every:
             return 0
-        q = {li: np.concatenate([g[li] for g in self._gen_q]) for li in self.layers}
-        freed = self.evict(q, self._gen_pos)
-        self._gen_q, self._gen_pos = [], []
+        window = self.take_queries()
+        if window.rows != len(self._gen_pos):
+            raise RuntimeError(f"{window.rows} queries captured for {len(self._gen_pos)} "
+                               "generated tokens")
+        freed = self.evict(window, self._gen_pos)
+        self._q.reset()
+        self._gen_pos = []
         return freed
 
     def stop_decoding(self) -> None:
         self.observe(False)
-        self._gen_q, self._gen_pos = [], []
+        self._gen_pos = []
 
 
 __all__ = ["Evictor", "CellLog", "keep_count", "check_keep", "check_every", "layer_budgets",

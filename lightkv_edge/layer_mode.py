@@ -7,8 +7,9 @@ graph per llama_decode, so the prefill of a turn is split at the merge layers wi
 patches (native/patches/0003, 0004):
 
     stage 0: every row of the turn (text tokens and image embeddings) through layers
-             [0, l1 + 1); the hidden state leaving layer l1 and layer l1's post-RoPE
-             Q/K (read through the eval callback) come back;
+             [0, l1 + 1); the hidden state leaving layer l1 comes back, and layer
+             l1's post-RoPE Q/K stay on the lightkv backend (native.Capture: the eval
+             callback in liblightkv copies them there);
     merge:   each image's rows are merged in its own windows (native LightKV merge),
              guided by layer l1's attention from the turn's text rows;
     compact: the turn's cells are freed, the kept rows run through [l1 + 1, l2 + 1) into
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._libs import lib_path, use_our_llama_cpp
+from ._libs import use_our_llama_cpp
 
 llama_cpp = use_our_llama_cpp()
 
@@ -201,18 +202,10 @@ for _name, _res, _args in (
         ("llama_kv_cells_get", C.c_bool, [C.c_void_p, C.c_int32, C.c_int32, _i32p, _f32p, _f32p]),
         ("llama_kv_cells_set_layers", C.c_bool, [C.c_void_p, C.c_int32, _i32p, C.c_int32,
                                                  C.c_int32]),
+        ("llama_kv_cells_set_pos", C.c_bool, [C.c_void_p, C.c_int32, _i32p, _i32p]),
         ("llama_set_position_gaps", None, [C.c_void_p, C.c_bool])):
     _fn = getattr(_l, _name)
     _fn.restype, _fn.argtypes = _res, _args
-
-_ggml = C.CDLL(str(lib_path("ggml-base")))
-_ggml.ggml_get_name.restype, _ggml.ggml_get_name.argtypes = C.c_char_p, [C.c_void_p]
-_ggml.ggml_nbytes.restype, _ggml.ggml_nbytes.argtypes = C.c_size_t, [C.c_void_p]
-_ggml.ggml_op_desc.restype, _ggml.ggml_op_desc.argtypes = C.c_char_p, [C.c_void_p]
-_ggml.ggml_backend_tensor_get.restype = None
-_ggml.ggml_backend_tensor_get.argtypes = [C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t]
-_EVAL_CB = C.CFUNCTYPE(C.c_bool, C.c_void_p, C.c_bool, C.c_void_p)
-
 
 def _ip(a: np.ndarray):
     return a.ctypes.data_as(_i32p)
@@ -223,6 +216,16 @@ def kv_cells_set_layers(ctx, cells, il_begin: int, il_end: int) -> None:
     c = np.ascontiguousarray(cells, dtype=np.int32)
     if not _l.llama_kv_cells_set_layers(ctx, len(c), _ip(c), int(il_begin), int(il_end)):
         raise RuntimeError("llama.cpp could not restrict the KV cells to a layer range")
+
+
+def kv_cells_set_pos(ctx, cells, positions) -> None:
+    """Record `positions` for the occupied `cells` without re-rotating their K (patch 0006)."""
+    c = np.ascontiguousarray(cells, dtype=np.int32)
+    p = np.ascontiguousarray(positions, dtype=np.int32)
+    if p.shape != c.shape:
+        raise ValueError("kv_cells_set_pos needs one position a cell")
+    if not _l.llama_kv_cells_set_pos(ctx, len(c), _ip(c), _ip(p)):
+        raise RuntimeError("llama.cpp could not set the KV cells' positions")
 
 
 def kv_cells_get(ctx, layer: int, cells, n_embd_k: int, n_embd_v: int):
@@ -236,34 +239,13 @@ def kv_cells_get(ctx, layer: int, cells, n_embd_k: int, n_embd_v: int):
     return k, v
 
 
-class _QKCapture:
-    """Copies Qcur-<layer> / Kcur-<layer> out of the graph through the eval callback: the
-    ROPE nodes of that name (the projections before RoPE carry the same name)."""
-
-    def __init__(self):
-        self.names: set[bytes] = set()
-        self.got: dict[bytes, list[np.ndarray]] = {}
-        self.cb = _EVAL_CB(self._on_eval)   # kept alive as long as the runner
-
-    def want(self, layer: int | None):
-        self.names = set() if layer is None else {f"Qcur-{layer}".encode(),
-                                                  f"Kcur-{layer}".encode()}
-        self.got = {n: [] for n in self.names}
-
-    def want_q(self, layers):
-        """Qcur of several layers (KV eviction's observation window, lightkv_edge/evict.py)."""
-        self.names = {f"Qcur-{layer}".encode() for layer in layers}
-        self.got = {n: [] for n in self.names}
-
-    def _on_eval(self, t, ask, _ud):
-        name = _ggml.ggml_get_name(t)
-        if name not in self.names or _ggml.ggml_op_desc(t) != b"ROPE":
-            return not ask
-        if not ask:
-            buf = np.empty(_ggml.ggml_nbytes(t) // 4, np.float32)
-            _ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, buf.nbytes)
-            self.got[name].append(buf)
-        return True
+@dataclass(frozen=True)
+class QueryWindow:
+    """An observation window's queries (KV eviction, evict.py): the last `rows` Qcur rows
+    that `capture` (native.Capture) holds of each layer it observed, on the lightkv
+    backend; they never come to the host."""
+    capture: object
+    rows: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,8 +299,9 @@ class LayerPrefill:
     t_guidance_ms: float = 0.0
     t_merge_ms: float = 0.0
     t_compact_ms: float = 0.0
-    # observe_q: {layer: [rows of the last segment, n_head * head_dim]} Qcur after RoPE
-    window_q: dict = field(default_factory=dict)
+    # observe_q: the last segment's Qcur rows (after RoPE) of the observed layers, kept in
+    # the runner's capture until its next prefill (None without observe_q)
+    window_q: QueryWindow | None = None
 
 
 class LayerRunner:
@@ -338,7 +321,10 @@ class LayerRunner:
         self.head_dim = self.n_embd // self.n_head
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.backend = backend
-        self._qk = _QKCapture()
+        from . import native
+        # the merge layers' Q/K (and the eviction's window queries), copied on the lightkv
+        # backend by liblightkv's eval callback
+        self.capture = native.Capture(backend=backend)
         # the patches cover some graph builders only: ask llama.cpp (no compute) first
         covered = _l.llama_set_layer_range(ctx, 0, self.n_layer)
         _l.llama_set_layer_range(ctx, 0, -1)
@@ -440,10 +426,13 @@ class LayerRunner:
         t_guid = t_merge = t_compact = 0.0
         prev_cells = None        # the cells of the rows entering this range
         layer_cells = []         # exact: (il_begin, il_end, cells) of each range
+        to_rows = []             # exact + renumber: each range's cells -> index of the row
+                                 # they are merged into, in the current rows
         maps = None              # per rows: (assign into the new rows, weight) of the merge
         cells_before = None
         logits = None
-        window_q = {}
+        window_q = None
+        self.capture.reset()
         try:
             for k in range(len(bounds) - 1):
                 a, b = bounds[k], bounds[k + 1]
@@ -459,12 +448,13 @@ class LayerRunner:
                     # exact: the previous range's cells stay, seen by its layers only
                     kv_cells_set_layers(self.ctx, prev_cells, bounds[k - 1], a)
                     layer_cells.append((bounds[k - 1], a, prev_cells))
-                self._qk.want(None if last else b - 1)
-                observed = [f"Qcur-{li}".encode() for li in observe_q if a <= li < b]
-                self._qk.names |= set(observed)
-                self._qk.got.update({n: [] for n in observed})
-                _l.llama_set_eval_callback(self.ctx, None if last and not observed else
-                                           C.cast(self._qk.cb, C.c_void_p), None)
+                observed = [li for li in observe_q if a <= li < b]
+                want = {li: "qc" for li in observed}   # the window's queries, the K cache
+                if not last:                            # the merge layer's guidance
+                    want[b - 1] = "qkc" if b - 1 in want else "qk"
+                self.capture.want(want)
+                _l.llama_set_eval_callback(self.ctx, self.capture.callback if want else None,
+                                           self.capture.handle)
                 for r in rows:
                     r.h, cells = [], []
                     for lo in range(0, len(r.orig), self.n_batch):
@@ -478,10 +468,12 @@ class LayerRunner:
                             r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
                                        .copy())
                     r.cells = np.concatenate(cells)
-                for name in observed:    # the last segment is decoded last in every range
-                    got = np.concatenate(self._qk.got[name]).reshape(-1, self.n_head *
-                                                                     self.head_dim)
-                    window_q[int(name.split(b"-")[1])] = got[-len(rows[-1].orig):]
+                for li in observed:
+                    if self.capture.rows(li) != sum(len(r.orig) for r in rows):
+                        raise RuntimeError(f"llama.cpp's graph gave no Qcur-{li} for every row "
+                                           "(the architecture names it otherwise)")
+                if observe_q:            # the last segment is decoded last in every range
+                    window_q = QueryWindow(self.capture, len(rows[-1].orig))
                 new_cells = np.concatenate([r.cells for r in rows])
                 if cells_before is None:
                     cells_before = len(new_cells)
@@ -497,14 +489,28 @@ class LayerRunner:
                     logits = np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy()
                     break
 
-                # guidance from layer b-1's Q/K, then each image merged in its windows
-                t0 = time.perf_counter()
-                q, kk = self._qk_arrays(b - 1)
+                # guidance from layer b-1's Q/K (one graph on the lightkv backend for every
+                # image: the totals do not depend on which rows are read), then each image
+                # merged in its windows
+                stage = stages[k]
                 offsets = np.cumsum([0] + [len(r.orig) for r in rows])
                 text_rows = np.concatenate([np.arange(offsets[i], offsets[i + 1])
                                             for i, r in enumerate(rows) if r.seg.kind == "text"])
-                t_guid += (time.perf_counter() - t0) * 1e3
-                stage = stages[k]
+                guided = [i for i, r in enumerate(rows)
+                          if r.seg.kind == "image" and stage.ratio != 0.0]
+                scores_all = {}
+                if guided:
+                    t0 = time.perf_counter()
+                    for li, kind in ((b - 1, "q"), (b - 1, "k")):
+                        if self.capture.rows(li, kind) != offsets[-1]:
+                            raise RuntimeError(
+                                f"llama.cpp's graph gave no Qcur-{li}/Kcur-{li} for every row "
+                                "(the architecture names them otherwise)")
+                    vis = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in guided])
+                    g = self.capture.guidance(b - 1, vis, text_rows)
+                    cuts = np.cumsum([0] + [offsets[i + 1] - offsets[i] for i in guided])
+                    scores_all = {i: g[cuts[j]:cuts[j + 1]] for j, i in enumerate(guided)}
+                    t_guid += (time.perf_counter() - t0) * 1e3
                 maps, vis_in, vis_out = [], 0, 0
                 from . import native
                 for i, r in enumerate(rows):
@@ -517,11 +523,7 @@ class LayerRunner:
                             vis_in += m
                             vis_out += m
                         continue
-                    t0 = time.perf_counter()
-                    vis = np.arange(offsets[i], offsets[i + 1])
-                    scores = native.guidance_scores_from_qk(q, kk, vis, text_rows,
-                                                            backend=self.backend)
-                    t_guid += (time.perf_counter() - t0) * 1e3
+                    scores = scores_all[i]
                     t0 = time.perf_counter()
                     # a raster no earlier stage merged: the plain grid (the published square
                     # padding without one); else every row at its cell
@@ -540,6 +542,10 @@ class LayerRunner:
                     r.pos = r.pos[:, kept]
                     vis_in += m
                     vis_out += len(kept)
+                if kv == "exact" and positions == "renumber":
+                    step = np.concatenate([a + base for (a, _), base in zip(
+                        maps, np.cumsum([0] + [len(r.orig) for r in rows])[:-1])])
+                    to_rows = [step[d] for d in to_rows] + [step]
                 if positions == "renumber":
                     p = start
                     for r in rows:
@@ -554,12 +560,21 @@ class LayerRunner:
                 prev_cells = new_cells
         finally:
             _l.llama_set_eval_callback(self.ctx, None, None)
-            self._qk.want(None)
+            self.capture.want({})
             _l.llama_set_layer_range(self.ctx, 0, -1)
 
         final_cells = np.concatenate([r.cells for r in rows])
         if kv == "compact":
             layer_cells = [(0, self.n_layer, final_cells)]
+        elif positions == "renumber":
+            # the earlier ranges' rows were stored at positions beyond the renumbered turn's
+            # end, where the causal mask would hide them from every later token (and the
+            # next position would not follow the sequence's): each takes the position of
+            # the final row it was merged into. K keeps the rotation it was stored with,
+            # as in the reference (its later tokens attend to every cached row)
+            final_pos = np.concatenate([r.pos[0] for r in rows])
+            for (_, _, cells), dest in zip(layer_cells, to_rows):
+                kv_cells_set_pos(self.ctx, cells, final_pos[dest])
         run_report.cells(cells_before, sum(len(c) for _, _, c in layer_cells))
         return LayerPrefill(
             logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],
@@ -569,16 +584,6 @@ class LayerRunner:
             layer_cells=layer_cells,
             t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact,
             window_q=window_q)
-
-    def _qk_arrays(self, layer: int):
-        qs = self._qk.got.get(f"Qcur-{layer}".encode(), [])
-        ks = self._qk.got.get(f"Kcur-{layer}".encode(), [])
-        if not qs or not ks:
-            raise RuntimeError(f"llama.cpp's graph gave no Qcur-{layer}/Kcur-{layer} "
-                               "(the architecture names them otherwise)")
-        q = np.concatenate(qs).reshape(-1, self.n_head, self.head_dim).transpose(1, 0, 2)
-        k = np.concatenate(ks).reshape(-1, self.n_head_kv, self.head_dim).transpose(1, 0, 2)
-        return np.ascontiguousarray(q), np.ascontiguousarray(k)
 
     def _compact(self, src_cells, maps, rows, n_layers: int):
         """Layers [0, n_layers) of the new rows' cells := the merge's weighted combination

@@ -17,8 +17,9 @@ def test_bench_json_and_table(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    for key in ("model", "device", "version", "results"):
+    for key in ("models", "device", "version", "results"):
         assert key in data
+    assert data["models"] == ["shapes-vlm-q8_0.gguf"]
     runs = {(x["method"], x["keep"]) for x in data["results"]}
     # off once; every other method at every keep, pooling only where its budget allows
     assert runs == {("off", 1.0), ("lightkv-protect", 0.5), ("unguided", 0.5), ("random", 0.5),
@@ -36,8 +37,33 @@ def test_bench_json_and_table(tmp_path):
     assert "| method | keep |" in md.read_text()
 
 
+def test_bench_over_both_embedded_models_in_one_json_and_table(tmp_path):
+    """--model-name LIST: every row of every model on the same questions, in one JSON
+    (each row names its model) and one markdown file with a table per model."""
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "4",
+                        "--model-name", "shapes-8x8,shapes-16x16", "--methods",
+                        "off,lightkv-protect,fastv", "--keep", "0.5", "-t", "2",
+                        "--json", str(out), "--markdown", str(md)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["models"]) == 2 and len(set(data["models"])) == 2
+    by = {(x["model"], x["method"]): x for x in data["results"]}
+    assert set(by) == {(m, k) for m in data["models"] for k in ("off", "lightkv-protect", "fastv")}
+    for model, n_in in zip(data["models"], (64, 256)):   # 8x8 and 16x16 grids
+        assert by[(model, "off")]["vision_tokens_in"] == n_in
+        for m in ("lightkv-protect", "fastv"):           # the same budget for both methods
+            assert by[(model, m)]["vision_tokens_kept"] == n_in // 2
+    text = md.read_text()
+    assert all(f"Model `{m}`" in text for m in data["models"])
+    assert text.count("| method | keep |") == 2
+
+
 def test_bench_bad_arguments():
-    for args in (["--methods", "nosuch"], ["--keep", "0"], ["--keep", "x"]):
+    for args in (["--methods", "nosuch"], ["--keep", "0"], ["--keep", "x"],
+                 ["--model-name", "shapes-8x8,nosuch"],
+                 ["--model-name", "shapes-8x8,shapes-8x8"]):
         r = subprocess.run([sys.executable, "-m", "lightkv_edge", "bench", "--n", "2", *args],
                            capture_output=True, text=True, cwd=REPO, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -86,11 +86,14 @@ def test_plots_are_written(tmp_path):
 
 def test_quality_plot_is_written(tmp_path):
     from lightkv_edge.bench_plots import quality_plot
-    rows = [{"method": "off", "keep": 1.0, "n": 40, "accuracy": 0.9, "ci95": [0.8, 0.95]}]
-    rows += [{"method": m, "keep": k, "n": 40, "accuracy": a * k, "ci95": [a * k - .1, a * k]}
-             for m, a in (("embed", 0.9), ("fastv", 0.8)) for k in (0.25, 0.55, 0.75)]
-    b = {"model": "m.gguf", "split": "test", "seed": 0, "results": rows}
-    f = quality_plot([b, b], tmp_path / "q.png")
+    rows = [{"model": mo, "method": "off", "keep": 1.0, "n": 40, "accuracy": 0.9,
+             "ci95": [0.8, 0.95]} for mo in ("a.gguf", "b.gguf")]
+    rows += [{"model": mo, "method": m, "keep": k, "n": 40, "accuracy": a * k,
+              "ci95": [a * k - .1, a * k]}
+             for mo in ("a.gguf", "b.gguf") for m, a in (("embed", 0.9), ("fastv", 0.8))
+             for k in (0.25, 0.55, 0.75)]
+    b = {"models": ["a.gguf", "b.gguf"], "split": "test", "seed": 0, "results": rows}
+    f = quality_plot(b, tmp_path / "q.png")
     assert f.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -112,18 +115,22 @@ def test_bad_input_is_one_line_exit_2(args, needle):
 
 
 def test_a_tiny_sweep_end_to_end(tmp_path):
-    """Two configurations, two rounds, on the embedded model: every figure present and
-    sane, the processes really separate (one row per run in raw), files written."""
+    """Three configurations, two rounds, on the embedded model: every figure present and
+    sane, the processes really separate (one row per run in raw), files written; layer
+    mode at a keep the 3-layer model cannot reach is skipped with its reason, the rest go on."""
     model, mmproj = embedded_model()
     out = tmp_path / "cost.json"
-    p = _cli("-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed,evict",
+    p = _cli("-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed,evict,layer",
              "--keep", "0.55", "--runs", "2", "--short-tokens", "2", "--long-tokens", "4",
              "--image-size", "128", "-t", "1", "--json", str(out),
              "--markdown", str(tmp_path / "cost.md"))
     assert p.returncode == 0, p.stderr
     d = json.loads(out.read_text())
     assert [r["config"] for r in d["rows"]] == ["off", "embed@0.55", "evict@0.55"]
-    assert all(len(v) == 2 for v in d["raw"].values())
+    assert all(len(v) == 2 for v in d["raw"].values()) and set(d["raw"]) == {
+        "off", "embed@0.55", "evict@0.55"}
+    assert list(d["skipped"]) == ["layer@0.55"] and "--schedule" in d["skipped"]["layer@0.55"]
+    assert p.stderr.count("layer@0.55: skipped") == 1       # tried once, not every round
     off, emb, ev = d["rows"]
     assert off["vision_tokens_kept"]["median"] == off["vision_tokens_in"]["median"] == 64
     assert emb["vision_tokens_kept"]["median"] == 36          # ceil(0.55 * 64)
@@ -141,3 +148,4 @@ def test_a_tiny_sweep_end_to_end(tmp_path):
     for run in d["raw"]["off"] + d["raw"]["embed@0.55"] + d["raw"]["evict@0.55"]:
         assert run["n_decoded_short"] == 2 and run["n_decoded_long"] == 4   # eos ignored
     assert (tmp_path / "cost.md").read_text().count("\n| ") == 4
+    assert "layer@0.55: skipped" in (tmp_path / "cost.md").read_text()

@@ -362,6 +362,29 @@ def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
     assert families.row_cells("idefics3", 16, False) is None   # rasters: no cells needed
     assert families.row_cells("mlp", 16, False) is None  # no class token (SigLIP): a raster
     assert families.row_cells("mlp", 15, True) is None   # no square: the padded square
+    # embed mode: the whole merge is one native.merge_reduce on a full grid, whose rows
+    # must come in the raster order of their cells: the class token (cell (0, 0)), then
+    # patches 1..15, i.e. rows 15, 0, 1, ..., 14 of what the encoder gave
+    encoded, reduced = [], []
+    real_reduce = native.merge_reduce
+
+    def spy_reduce(x, scores, **kw):
+        reduced.append((np.array(x, copy=True), kw.get("grid")))
+        return real_reduce(x, scores, **kw)
+    monkeypatch.setattr(native, "merge_reduce", spy_reduce)
+    from lightkv_edge.engine import VisionChat
+    encode = VisionChat._encode
+
+    def spy_encode(self, chunk, stats):
+        embd = encode(self, chunk, stats)
+        encoded.append(np.array(embd, copy=True))
+        return embd
+    monkeypatch.setattr(VisionChat, "_encode", spy_encode)
+    _run((m.text, m.mmproj), [images[0]], mode="embed", keep=0.5)
+    (x, grid), rows = reduced[0], encoded[0].reshape(16, -1)
+    assert grid == (4, 4)
+    assert np.array_equal(x, rows[[15] + list(range(15))])
+    # layer mode: each stage is one native.lightkv_merge, given every row's cell
     seen = []
     real = native.lightkv_merge
 
@@ -369,12 +392,31 @@ def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
         seen.append((len(x), kw.get("grid"), kw.get("positions")))
         return real(x, scores, **kw)
     monkeypatch.setattr(native, "lightkv_merge", spy)
-    for mode, kw in (("embed", {}), ("layer", {"schedule": "0:2:0.5"})):
-        seen.clear()
-        _run((m.text, m.mmproj), [images[0]], mode=mode, keep=0.5, **kw)
-        n, grid, pos = seen[0]              # the image's first merge sees all its rows
-        assert (n, grid) == (16, (4, 4)), mode
-        assert pos is not None and np.array_equal(pos, expected), (mode, pos)
+    _run((m.text, m.mmproj), [images[0]], mode="layer", keep=0.5, schedule="0:2:0.5")
+    n, grid, pos = seen[0]                  # the image's first merge sees all its rows
+    assert (n, grid) == (16, (4, 4))
+    assert pos is not None and np.array_equal(pos, expected), pos
+
+
+def test_merge_of_rows_on_cells_is_the_raster_merge_permuted():
+    """embed_mode.merge_image with cells: the same merge as of the rows put in raster order
+    of their cells, the result given back in the rows' own order (kept ascending, assign
+    per original row)."""
+    from lightkv_edge import families
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    cells = families.row_cells("mlp", 16, True)
+    order = [15] + list(range(15))             # raster cell -> row
+    a = embed_mode.merge_image(x, None, [], keep=0.5, windows=2, cells=cells)
+    b = embed_mode.merge_image(x[order], (4, 4), [], keep=0.5, windows=2)
+    assert len(a.kept) == len(b.kept) == 8
+    assert list(a.kept) == sorted(a.kept)
+    assert sorted(a.kept.tolist()) == sorted(np.array(order)[b.kept].tolist())
+    for row in range(16):    # each row lands in the same group in both
+        raster = order.index(row)
+        np.testing.assert_array_equal(a.embd[a.assign[row]], b.embd[b.assign[raster]])
+    with pytest.raises(ValueError, match="cells"):
+        embed_mode.merge_image(x, None, [], keep=0.5, windows=2, cells=cells[:, ::-1] * 0)
 
 
 # -- layer mode -----------------------------------------------------------------------------

@@ -248,8 +248,6 @@ def test_bad_policies_raise(tiny):
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
         with pytest.raises(ValueError, match="not available"):
             run.prefill(_segments(t1, img, t2), STAGES, kv="lossy")
-        with pytest.raises(ValueError, match="use positions 'keep'"):
-            run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions="renumber")
         with pytest.raises(ValueError, match="positions"):
             run.prefill(_segments(t1, img, t2), STAGES, positions="shift")
         with pytest.raises(ValueError, match="end with text"):
@@ -319,8 +317,7 @@ def test_schedule_and_report_live_in_liblightkv():
     assert r.keep_fraction == pytest.approx((1 + 0.5 + 0.25 * 2) / 4)
     r.cells(80, 80 + 48 + 32)                  # exact adds cells: nothing freed
     assert r.cells_freed == 0
-    for kw, why in ((dict(kv="exact", positions="renumber"), "use positions 'keep'"),
-                    (dict(kv="lossy"), "not available"), (dict(positions="x"), "positions"),
+    for kw, why in ((dict(kv="lossy"), "not available"), (dict(positions="x"), "positions"),
                     (dict(threshold=float("nan")), "threshold")):
         with pytest.raises(ValueError, match=why):
             native.LayerSchedule([(0, 2, 0.5)], 4, **kw)
@@ -328,9 +325,10 @@ def test_schedule_and_report_live_in_liblightkv():
                         ([], "no stage")):
         with pytest.raises(ValueError, match=why):
             native.LayerSchedule(stages, 4)
-    with pytest.raises(ValueError, match="use positions 'keep'"):
-        native.check_layer_policies("exact", "renumber")
-    native.check_layer_policies("exact", "keep")
+    for kv in ("compact", "exact"):              # every pair of policies is valid
+        for positions in ("keep", "renumber"):
+            native.check_layer_policies(kv, positions)
+            native.LayerSchedule([(0, 2, 0.5)], 4, kv=kv, positions=positions)
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,7 +361,7 @@ def _qwen_turn(vm, question="what colour is the circle?"):
 
 
 @pytest.mark.parametrize("positions, kv", [("keep", "compact"), ("renumber", "compact"),
-                                           ("keep", "exact")])
+                                           ("keep", "exact"), ("renumber", "exact")])
 def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -432,6 +430,11 @@ def test_embedded_qwen2vl_matches_reference(qwen_f32, positions, kv):
         if kv == "exact":     # each layer range keeps the rows it ran on, in its own cells
             assert [(a, b, len(c)) for a, b, c in res.layer_cells] == [
                 (0, 1, S), (1, 2, ref.keys[1].shape[1]), (2, 3, len(res.cells))]
+        # every cell of the turn lies before the next position (renumber: the earlier
+        # ranges' rows moved below the renumbered end, patch 0006); the 8 answer tokens
+        # follow it
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(vm.ctx), 0) == \
+            n_past + STEPS - 1
     finally:
         mtmd.chunks_free(handle)
         vm.close()
@@ -622,10 +625,12 @@ def test_engine_layer_mode_answers_and_compacts(tmp_path):
         # (1 + 1/2 + 1/4) / 3 = 0.583, the step nearest 0.6 (the next is 0.646)
         assert [(d["layer"], d["windows"]) for d in st.stages] == [(0, 2), (1, 2)]
         assert st.keep == pytest.approx(7 / 12)
-    from lightkv_edge.errors import InputError
-    with pytest.raises(InputError, match="use positions 'keep'") as e:
-        _engine_chat(mode="layer", kv="exact", positions="renumber")
-    assert e.value.param == "kv"
+    with _engine_chat(mode="layer", kv="exact", positions="renumber",
+                      schedule="0:2:0.5,1:1:0.5") as chat:
+        chat.ask(s.question, [img])
+        st = chat.last_stats
+        assert st.vision_tokens_kept == 16 and st.kv_cells == 3 * off_cells - 32 - 48
+        assert chat.ask("Is there a square?")          # later turns see every range
 
 
 @pytest.mark.parametrize("args, why", [
@@ -682,23 +687,29 @@ def test_cell_layers_hide_cells_and_undo_to_stock(tiny):
         c.close()
 
 
-def test_exact_matches_reference(tiny, hf):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_matches_reference(tiny, hf, positions):
     """Policy exact on the tiny llama: every layer sees the rows present when it ran
     (layer 0 all 80, layer 1 the 48 after the first merge, layers 2-3 the 32 after the
     second), as reference.prefill_with_merge(kv_policy="exact"): same kept rows, logits,
-    8 greedy tokens and per-layer cached K/V."""
+    8 greedy tokens and per-layer cached K/V. Renumber: each range ran (and stored K) at
+    its own renumbered positions; the later tokens follow the final rows' end and see
+    every range's rows in its layers."""
     from tests.helpers.layer_ref import greedy_after_prefill
     m, model = tiny
     t1, img, t2 = _turn(m)
     S = len(t1) + N_IMG + len(t2)
-    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref = _reference(hf, m, t1, img, t2, STAGES, positions, kv_policy="exact")
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, STEPS)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
         assert res.kept[0].tolist() == (ref.kept[len(t1):len(t1) + res.vision_out]
                                         - len(t1)).tolist()
+        assert res.positions[0].tolist() == ref.positions.tolist()
+        # every cell of the turn lies before the next position (0 .. next - 1)
+        assert c.n_cells() == (0, int(ref.next_position) - 1)
         assert [(a, b, len(cells)) for a, b, cells in res.layer_cells] == [
             (0, 1, S), (1, 2, S - 32), (2, 4, S - 48)]
         all_cells = np.concatenate([cells for _, _, cells in res.layer_cells])
@@ -707,7 +718,7 @@ def test_exact_matches_reference(tiny, hf):
         # no compaction here: a row hidden from, or shown to, a wrong layer moves the
         # logits by > 0.1 (test_cell_layers_hide_cells_...; test_merging_changes_...)
         assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2
-        toks, logits = c.greedy(res.logits, S)
+        toks, logits = c.greedy(res.logits, int(ref.next_position))
         assert toks == ref_toks
         for a, b in zip(logits, ref_logits):
             assert np.max(np.abs(a - b.numpy())) < 1e-2
@@ -726,21 +737,22 @@ def test_exact_matches_reference(tiny, hf):
         c.close()
 
 
-def test_exact_second_text_turn_matches_reference(tiny, hf):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_second_text_turn_matches_reference(tiny, hf, positions):
     """A later turn (6 tokens in one batch) on top of an exact prefill sees, in each
     layer, that layer's rows: the reference decodes the same tokens on its per-layer
     cache; then 8 greedy tokens agree."""
     from tests.helpers.layer_ref import greedy_after_prefill
     m, model = tiny
     t1, img, t2 = _turn(m)
-    S = len(t1) + N_IMG + len(t2)
     turn2 = [int(x) for x in np.random.default_rng(8).integers(259, m.n_vocab, 6)]
-    ref = _reference(hf, m, t1, img, t2, STAGES, "keep", kv_policy="exact")
+    ref = _reference(hf, m, t1, img, t2, STAGES, positions, kv_policy="exact")
     ref_toks, ref_logits = greedy_after_prefill(hf, ref, len(turn2) + STEPS, forced=turn2)
+    S = int(ref.next_position)
     c = Ctx(model)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
         c.decode_tokens(turn2, np.arange(S, S + len(turn2)))
         got = c.logits()
         want = ref_logits[len(turn2)].numpy()        # after the turn's last token
@@ -751,24 +763,28 @@ def test_exact_second_text_turn_matches_reference(tiny, hf):
         c.close()
 
 
-def test_exact_second_image_turn_leaves_the_first_untouched(tiny):
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_exact_second_image_turn_leaves_the_first_untouched(tiny, positions):
     """A second exact turn with an image: the first turn's cells of every range keep
-    their K/V bit for bit, and its own ranges get their own cells."""
+    their K/V bit for bit, and its own ranges get their own cells; renumber: the second
+    turn starts after the first's renumbered end, and every cell of both turns lies
+    before the position that follows it."""
     m, model = tiny
     t1, img, t2 = _turn(m, seed=5)
     u1, img2, u2 = _turn(m, seed=6)
-    S = len(t1) + N_IMG + len(t2)
     c = Ctx(model, n_ctx=512)
     try:
         run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
-        first = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        first = run.prefill(_segments(t1, img, t2), STAGES, kv="exact", positions=positions)
+        S = int(first.positions[0, -1]) + 1           # the first turn's next position
         nk = m.n_head_kv * m.head_dim
         before = {(li, j): layer_mode.kv_cells_get(c.ctx, li, cells, nk, nk)
                   for j, (a, b, cells) in enumerate(first.layer_cells) for li in range(a, b)}
         segs = _segments(u1[1:], img2, u2)
         for s in segs:
             s.pos = s.pos + S
-        second = run.prefill(segs, STAGES, kv="exact")
+        second = run.prefill(segs, STAGES, kv="exact", positions=positions)
+        assert c.n_cells() == (0, int(second.positions[0, -1]))
         old = set(np.concatenate([x for _, _, x in first.layer_cells]).tolist())
         new = set(np.concatenate([x for _, _, x in second.layer_cells]).tolist())
         assert not old & new
@@ -827,3 +843,112 @@ def test_non_causal_images_are_refused_before_the_encoder(tmp_path, monkeypatch)
         with pytest.raises(InputError, match="non-causal attention .*--mode embed"):
             chat.ask(s.question, [img])
         assert chat.n_cells == 0
+
+
+# ---------------------------------------------------------------------------------------
+# saved state (llama_state_*) of an `exact` cache: patch 0005 carries the layer ranges
+# ---------------------------------------------------------------------------------------
+def _state(ctx, seq_id=None) -> bytes:
+    if seq_id is None:
+        n = llama_cpp.llama_state_get_size(ctx)
+        buf = (ctypes.c_uint8 * n)()
+        assert llama_cpp.llama_state_get_data(ctx, buf, n) == n
+    else:
+        n = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+        buf = (ctypes.c_uint8 * n)()
+        assert llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq_id) == n
+    assert n > 0
+    return bytes(buf)
+
+
+def _restore(ctx, data: bytes, seq_id=None) -> None:
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    if seq_id is None:
+        assert llama_cpp.llama_state_set_data(ctx, buf, len(data)) == len(data)
+    else:
+        assert llama_cpp.llama_state_seq_set_data(ctx, buf, len(data), seq_id) == len(data)
+
+
+def _seq_state_flag(data: bytes) -> bool:
+    # a sequence state: magic, seq_id, then the KV cache's n_stream word (bit 31: the
+    # cells' layer ranges follow each stream's data)
+    return bool(np.frombuffer(data, np.uint32, count=3)[2] >> 31)
+
+
+def test_exact_state_carries_the_layer_ranges(tiny):
+    """A saved exact cache restores with each range's rows seen by its layers only: the
+    continuation of a restored whole state is bit-identical to the original's; a restored
+    sequence state (other cell indices, so another summation order: 1e-4, as in
+    test_exact_with_zero_ratios_answers_as_off) gives the same tokens. Made visible to
+    every layer, the restored rows change the logits by > 1e-2 (what a state without the
+    ranges would give). A compact cache's state has no ranges (stock bytes, no flag)."""
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        res = run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        whole, seq = _state(c.ctx), _state(c.ctx, 0)
+        assert _seq_state_flag(seq)
+        want_toks, want_logits = c.greedy(res.logits, S)
+    finally:
+        c.close()
+    for data, seq_id in ((whole, None), (seq, 0)):
+        c = Ctx(model)
+        try:
+            layer_mode._l.llama_set_position_gaps(c.ctx, True)   # as the runner's context
+            _restore(c.ctx, data, seq_id)
+            assert c.n_cells() == (0, S - 1)
+            toks, logits = c.greedy(res.logits, S)
+            assert toks == want_toks
+            for a, b in zip(logits, want_logits):
+                if seq_id is None:
+                    assert np.array_equal(a, b)
+                else:
+                    assert np.max(np.abs(a - b)) < 1e-4
+        finally:
+            c.close()
+    c = Ctx(model)
+    try:
+        _restore(c.ctx, whole)
+        cells = np.concatenate([x for _, _, x in res.layer_cells])
+        layer_mode.kv_cells_set_layers(c.ctx, cells, 0, N_LAYER)
+        c.decode_tokens([want_toks[0]], [S])
+        assert np.max(np.abs(c.logits() - want_logits[1])) > 1e-2
+    finally:
+        c.close()
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        run.prefill(_segments(t1, img, t2), STAGES, kv="compact")
+        assert not _seq_state_flag(_state(c.ctx, 0))
+    finally:
+        c.close()
+
+
+def test_whole_state_restore_drops_earlier_layer_ranges(tiny):
+    """Restoring a whole state into a context whose cells were restricted (an exact
+    prefill) leaves none of the old ranges on the restored cells: the continuation is
+    bit-identical to the saved context's (`off`, stock decoding)."""
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    S = len(t1) + N_IMG + len(t2)
+    c = Ctx(model)
+    try:
+        first = _stock(c, t1, img, t2)
+        off_state = _state(c.ctx)
+        want_toks, want_logits = c.greedy(first, S)
+    finally:
+        c.close()
+    c = Ctx(model)
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        run.prefill(_segments(t1, img, t2), STAGES, kv="exact")
+        _restore(c.ctx, off_state)
+        toks, logits = c.greedy(first, S)
+        assert toks == want_toks
+        for a, b in zip(logits, want_logits):
+            assert np.array_equal(a, b)
+    finally:
+        c.close()

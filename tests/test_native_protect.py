@@ -186,10 +186,48 @@ def test_embed_mode_protected_schedule_equals_the_reference(grid):
                     case = (keep, seed, protect, mode)
                     assert len(nat.kept) == max(1, math.ceil(keep * n)), case
                     assert np.array_equal(nat.kept, ref.kept), case
+                    assert np.array_equal(nat.assign, ref.assign), case
                     # per stage float32 rounding, up to 4 stages: still far below 1e-5
                     close_rows(nat.embd, ref.x)
                     checked += 1
     assert checked == len(KEEPS) * 2 * 3 * 2
+
+
+def test_merge_reduce_equals_the_reference_with_composed_weights():
+    """native.merge_reduce (the whole schedule in one liblightkv call) against
+    protected_reduce on grids, the square padding (N not a square) and explicit windows:
+    kept and assign exact, the composed weights and rows to float32 accuracy, and the
+    stages it reports end at the target with one window whenever it fell back to one."""
+    checked = 0
+    for n, grid in ((64, (8, 8)), (60, (6, 10)), (50, None), (256, (16, 16))):
+        for keep in KEEPS:
+            for windows in (1, 2, 3):
+                x, g = draw(n + windows, n)
+                for protect, mode in ((0.0, "receive"), (1.0, "receive"), (0.5, "keep")):
+                    target = max(1, math.ceil(keep * n))
+                    p = embed_mode.protected_count(protect, target, mode)
+                    nat = native.merge_reduce(x, g, target=target, windows=windows, grid=grid,
+                                              protect_count=p, protect_mode=mode)
+                    ref = V.protected_reduce(x, g, keep=keep, grid=grid, windows=windows,
+                                             protect=protect, mode=mode)
+                    case = (n, keep, windows, protect, mode)
+                    assert np.array_equal(nat.kept, ref.kept), case
+                    assert np.array_equal(nat.assign, ref.assign), case
+                    close_rows(nat.x, ref.x)
+                    # a weight is a product of <= 5 stage weights, each float32-rounded
+                    np.testing.assert_allclose(nat.weight, ref.weight, rtol=1e-5, atol=1e-6)
+                    rows = [r for _, r in nat.stages]
+                    assert rows == sorted(rows, reverse=True) and rows[-1] == len(nat.kept), case
+                    assert all(w in (min(windows, *(grid or (8, 8))), 1) for w, _ in nat.stages)
+                    checked += 1
+    assert checked == 4 * len(KEEPS) * 3 * 3
+
+
+def test_merge_reduce_of_nothing_to_merge_is_the_input():
+    x, g = draw(3, 64)
+    r = native.merge_reduce(x, g, target=64, windows=2, grid=(8, 8), protect_count=10)
+    assert r.stages == () and np.array_equal(r.x, x) and np.array_equal(r.kept, np.arange(64))
+    assert np.array_equal(r.weight, np.ones(64, np.float32))
 
 
 def test_lightkv_protect_keeps_the_top_guidance_set():
@@ -242,6 +280,28 @@ def test_the_c_api_rejects_bad_masks_and_modes_without_aborting():
     out = np.zeros(4, np.uint8)
     assert lib.lightkv_protect_top(None, 4, 2, native._u8p(out)) == native._INVALID
     assert b"scores" in lib.lightkv_last_error(None)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(target=0), "target"),
+    (dict(target=65), "target"),
+    (dict(protect_count=40), "protect_count"),
+    (dict(protect_count=-1), "protect_count"),
+    (dict(windows=0), "windows"),
+    (dict(grid=(8, 9)), "grid"),
+    (dict(protect_mode="drop"), "protect_mode"),
+    (dict(scores=None, protect_count=3), "scores"),
+    (dict(scores=-np.ones(64, np.float32)), ">= 0"),
+])
+def test_bad_merge_reduce_input_is_a_one_line_value_error(kw, message):
+    """Checked by liblightkv (or the binding) before any graph: one line, no abort."""
+    x, g = draw(0, 64)
+    args = dict(scores=g, target=32, windows=2, grid=(8, 8), protect_count=4)
+    args.update(kw)
+    scores = args.pop("scores")
+    with pytest.raises(ValueError, match=message) as e:
+        native.merge_reduce(x, scores, **args)
+    assert "\n" not in str(e.value)
 
 
 def test_embed_mode_rejects_protection_without_guidance():

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GuidanceModel", "MergePlan", "MergeResult", "NativeMemoryError", "backends",
+__all__ = ["Capture", "GuidanceModel", "MergePlan", "MergeResult", "NativeMemoryError", "backends",
            "guidance_scores_from_qk", "gguf_fields", "gguf_has_tensor", "lightkv_merge",
-           "protect_top", "PROTECT_MODES", "set_num_threads", "last_n_splits"]
+           "protect_top", "PROTECT_MODES", "merge_reduce", "ReduceResult", "set_num_threads", "last_n_splits"]
 
 # lightkv_status
 _OK, _INVALID, _OOM, _BACKEND, _NUMERIC, _INTERNAL = range(6)
@@ -38,6 +38,11 @@ PROTECT_MODES = {"receive": 0, "keep": 1}
 class _MergeParams(C.Structure):
     _fields_ = [("windows", C.c_int32), ("ratio", C.c_double), ("grid_rows", C.c_int64),
                 ("grid_cols", C.c_int64), ("use_threshold", C.c_int32), ("threshold", C.c_double)]
+
+
+class _ReduceParams(C.Structure):
+    _fields_ = [("target", C.c_int64), ("windows", C.c_int32), ("grid_rows", C.c_int64),
+                ("grid_cols", C.c_int64), ("protect_count", C.c_int64), ("protect_mode", C.c_int32)]
 
 
 class _ContextParams(C.Structure):
@@ -98,6 +103,9 @@ def _load():
                                                       C.POINTER(_MergeParams), i64p, u8p, C.c_int32,
                                                       C.POINTER(p_res)]),
             "lightkv_protect_top": (C.c_int, [f32p, C.c_int64, C.c_int64, u8p]),
+            "lightkv_merge_reduce": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
+                                               C.POINTER(_ReduceParams), C.POINTER(p_res)]),
+            "lightkv_merge_result_stages": (C.c_int32, [p_res, C.POINTER(C.c_int32), i64p, C.c_int32]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
@@ -114,6 +122,22 @@ def _load():
             "lightkv_attention_received": (C.c_int, [p_ctx, f32p, f32p, C.c_int64, C.c_int64, C.c_int64,
                                                      C.c_int64, C.c_int64, C.POINTER(C.c_int32),
                                                      C.POINTER(C.c_int32), C.c_float, f32p]),
+            "lightkv_capture_create": (C.c_int, [p_ctx, C.POINTER(C.c_void_p)]),
+            "lightkv_capture_free": (None, [C.c_void_p]),
+            "lightkv_capture_want": (C.c_int, [C.c_void_p, C.POINTER(C.c_int32), C.POINTER(C.c_int32),
+                                               C.c_int32]),
+            "lightkv_capture_reset": (C.c_int, [C.c_void_p]),
+            "lightkv_capture_eval": (C.c_bool, [C.c_void_p, C.c_bool, C.c_void_p]),
+            "lightkv_capture_shape": (C.c_int, [C.c_void_p, C.c_int32, C.c_int32, i64p, i64p, i64p]),
+            "lightkv_capture_stats": (C.c_int, [C.c_void_p, i64p, i64p, i64p]),
+            "lightkv_capture_read": (C.c_int, [C.c_void_p, C.c_int32, C.c_int32, C.c_int64, C.c_int64,
+                                               f32p]),
+            "lightkv_capture_guidance": (C.c_int, [C.c_void_p, C.c_int32, i64p, C.c_int64, i64p,
+                                                   C.c_int64, C.c_float, f32p]),
+            "lightkv_capture_attention_received": (C.c_int, [C.c_void_p, C.c_int32, C.c_int64,
+                                                             C.POINTER(C.c_int32), C.c_int64,
+                                                             C.POINTER(C.c_int32), C.POINTER(C.c_int32),
+                                                             C.c_float, f32p]),
             "lightkv_gguf_open": (C.c_int, [C.c_char_p, C.POINTER(C.c_void_p)]),
             "lightkv_gguf_free": (None, [C.c_void_p]),
             "lightkv_gguf_value": (C.c_int, [C.c_void_p, C.c_char_p, C.POINTER(C.c_int32), i64p,
@@ -485,6 +509,56 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
     return _result(ctx.lib, res, n, d)
 
 
+@dataclass(frozen=True)
+class ReduceResult(MergeResult):
+    """A MergeResult over the original tokens, plus the stages that ran: (windows per side,
+    rows left) each."""
+
+    stages: tuple
+
+
+def merge_reduce(x, scores, *, target, windows, grid=None, protect_count=0,
+                 protect_mode="receive", backend=None) -> ReduceResult:
+    """Embed mode's whole progressive merge of one image in one native call
+    (lightkv_merge_reduce): stages of the merge on what is left until `target` rows remain,
+    true 2D windows of the original grid (`windows` per side at first, clamped to the grid,
+    one window once a stage merges nothing), ratio min((m - target) / m + 1e-9, 0.5) per
+    stage, the `protect_count` highest-scored rows never sources (protect_mode as
+    lightkv_merge), a merged row carrying the summed scores of what it absorbed.
+
+    x [N, D]; scores [N] >= 0 or None (unguided); grid (rows, cols) with rows * cols == N,
+    or None (the published square padding). As reference.variants.protected_reduce."""
+    xa = _float32_array(x, "x", 2)
+    n, d = xa.shape
+    sa = _scores(scores, n)
+    if protect_mode not in PROTECT_MODES:
+        raise ValueError(f"protect_mode must be one of {', '.join(PROTECT_MODES)}, got {protect_mode!r}")
+    p = _ReduceParams()
+    p.target = _int(target, "target")
+    p.windows = _int(windows, "windows")
+    if not 1 <= p.windows == windows:
+        raise ValueError(f"windows must be >= 1, got {windows!r}")
+    if grid is None:
+        p.grid_rows = p.grid_cols = 0
+    else:
+        rows, cols = grid
+        p.grid_rows, p.grid_cols = _int(rows, "grid rows"), _int(cols, "grid cols")
+    p.protect_count = _int(protect_count, "protect_count")
+    p.protect_mode = PROTECT_MODES[protect_mode]
+    ctx = _context(backend, None)
+    res = C.c_void_p()
+    with ctx.lock:
+        ctx.check(ctx.lib.lightkv_merge_reduce(ctx.h, _f32p(xa), n, d,
+                                               None if sa is None else _f32p(sa), C.byref(p),
+                                               C.byref(res)))
+        k = ctx.lib.lightkv_merge_result_stages(res, None, None, 0)
+        win, rows_left = (C.c_int32 * max(k, 1))(), (C.c_int64 * max(k, 1))()
+        ctx.lib.lightkv_merge_result_stages(res, win, rows_left, k)
+        stages = tuple((int(win[i]), int(rows_left[i])) for i in range(k))
+        r = _result(ctx.lib, res, n, d)
+    return ReduceResult(x=r.x, kept=r.kept, assign=r.assign, weight=r.weight, stages=stages)
+
+
 def plan_cache_stats(backend: str | None = None) -> list[dict]:
     """What each plan cached by lightkv_merge on that context has done (tests): runs,
     uploads of its constant inputs, buffers and graph allocations made for it."""
@@ -616,6 +690,148 @@ def attention_received(q, k, q_pos, k_pos, scale=None, *, backend=None) -> np.nd
                                                 sc, _f32p(out))
         ctx.check(st)
     return out
+
+
+# ------------------------------------------------------------------------ Q/K capture
+class Capture:
+    """Q/K of llama.cpp's graphs, copied by liblightkv's eval callback (lightkv_capture_eval,
+    C: no Python per graph node) into tensors on this lightkv backend, appended along the
+    token axis over micro-batches and decodes until reset(); read with one graph each:
+
+        cap = Capture(backend="CPU")
+        cap.want({3: "qk"})                                   # Qcur-3 and Kcur-3
+        llama_set_eval_callback(lctx, cap.callback, cap.handle)
+        ... llama_decode ...
+        g = cap.guidance(3, vision_rows, text_rows)           # [V] to the host, nothing else
+
+    Layer numbers and kinds are checked in liblightkv (ValueError, one line); a failure inside
+    the callback (a node of another shape, out of memory) is raised by the next read.
+    Unset the callback before the capture goes (close() or garbage collection)."""
+
+    _KINDS = {"q": 1, "k": 2}
+    _LETTERS = {"q": 1, "k": 2, "c": 4}    # c: the layer's K cache tensor (no rows)
+
+    def __init__(self, *, backend: str | None = None):
+        self._ctx = _context(backend)
+        lib = self._ctx.lib
+        self._h = C.c_void_p()
+        with self._ctx.lock:
+            self._ctx.check(lib.lightkv_capture_create(self._ctx.h, C.byref(self._h)))
+        # the C function's address: what llama_set_eval_callback takes
+        self.callback = C.cast(lib.lightkv_capture_eval, C.c_void_p)
+        self.backend = self._ctx.name
+
+    @property
+    def handle(self) -> C.c_void_p:
+        """The capture's C handle (the callback's user_data)."""
+        if not self._h:
+            raise ValueError("the capture is closed")
+        return self._h
+
+    def _call(self, fn, *args):
+        h = self.handle
+        with self._ctx.lock:
+            self._ctx.check(fn(h, *args))
+
+    @classmethod
+    def _kind(cls, kind) -> int:
+        if kind not in ("q", "k"):
+            raise ValueError(f"kind must be 'q' or 'k', got {kind!r}")
+        return cls._KINDS[kind]
+
+    def want(self, layers: dict) -> None:
+        """Capture from now on {layer: letters}, letters of "q" (Qcur rows), "k" (Kcur
+        rows), "c" (the layer's K cache, for attention_received), e.g. "qk" or "qc"; an
+        empty dict: nothing."""
+        if not isinstance(layers, dict):
+            raise ValueError(f"layers must be a dict {{layer: letters of 'qkc'}}, got {layers!r}")
+        ls, ks = [], []
+        for layer, kinds in layers.items():
+            ls.append(_int(layer, "layer"))
+            if not isinstance(kinds, str) or not kinds or len(set(kinds)) != len(kinds) or \
+                    not set(kinds) <= set(self._LETTERS):
+                raise ValueError(f"what to capture of layer {layer} must be letters of 'qkc' "
+                                 f"(each once), got {kinds!r}")
+            ks.append(sum(self._LETTERS[c] for c in kinds))
+        if not all(-2**31 <= x < 2**31 for x in ls):
+            raise ValueError(f"layers out of range: {ls}")
+        la = np.asarray(ls, np.int32)
+        ka = np.asarray(ks, np.int32)
+        i32 = C.POINTER(C.c_int32)
+        self._call(self._ctx.lib.lightkv_capture_want, la.ctypes.data_as(i32), ka.ctypes.data_as(i32),
+                   len(ls))
+
+    def reset(self) -> None:
+        """Forget every captured row (and a failure kept from the callback)."""
+        self._call(self._ctx.lib.lightkv_capture_reset)
+
+    def shape(self, layer: int, kind: str = "q") -> tuple[int, int, int]:
+        """(rows captured, heads, head_dim) of Qcur / Kcur of layer ((0, 0, 0) when none)."""
+        r, h, d = C.c_int64(), C.c_int64(), C.c_int64()
+        self._call(self._ctx.lib.lightkv_capture_shape, _int(layer, "layer"), self._kind(kind),
+                   C.byref(r), C.byref(h), C.byref(d))
+        return r.value, h.value, d.value
+
+    def rows(self, layer: int, kind: str = "q") -> int:
+        return self.shape(layer, kind)[0]
+
+    def stats(self) -> dict:
+        """Counters: nodes asked about, answered 'wanted', copies made."""
+        a, w, c = C.c_int64(), C.c_int64(), C.c_int64()
+        self._call(self._ctx.lib.lightkv_capture_stats, C.byref(a), C.byref(w), C.byref(c))
+        return {"asked": a.value, "wanted": w.value, "copied": c.value}
+
+    def read(self, layer: int, kind: str = "q") -> np.ndarray:
+        """Host copy of every captured row: float32 [rows, heads, head_dim] (tests)."""
+        n, h, d = self.shape(layer, kind)
+        out = np.zeros((n, h, d), np.float32)
+        self._call(self._ctx.lib.lightkv_capture_read, _int(layer, "layer"), self._kind(kind), 0, n,
+                   _f32p(out))
+        return out
+
+    def guidance(self, layer: int, vision, text, scale=None) -> np.ndarray:
+        """guidance_scores_from_qk of layer's captured Q and K (the captured rows are the
+        sequence), computed on the backend: float32 [n_vision]. scale: default 1/sqrt(d)."""
+        n, _, d = self.shape(layer, "q")
+        sc = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else _real(scale, "scale")
+        v = _index(vision, n, "vision")
+        t = _index(text, n, "text")
+        out = np.zeros(v.shape[0], np.float32)
+        i64 = C.POINTER(C.c_int64)
+        self._call(self._ctx.lib.lightkv_capture_guidance, _int(layer, "layer"), v.ctypes.data_as(i64),
+                   v.shape[0], t.ctypes.data_as(i64), t.shape[0], sc, _f32p(out))
+        return out
+
+    def attention_received(self, layer: int, cells, q_pos, k_pos, scale=None) -> np.ndarray:
+        """attention_received with the queries = the last len(q_pos) captured Q rows of
+        layer and the keys = rows `cells` of layer's K cache (wanted with "c" during the
+        decodes), read where llama.cpp keeps them: float32 [len(cells)]. k_pos: the cells'
+        positions. scale: default 1/sqrt(head_dim)."""
+        ca = np.asarray(cells)
+        if ca.ndim != 1 or (ca.size and not np.issubdtype(ca.dtype, np.integer)):
+            raise ValueError(f"cells must be a 1-D integer array, got {ca.dtype} {ca.shape}")
+        ca = np.ascontiguousarray(ca, dtype=np.int32)
+        qp = np.ascontiguousarray(q_pos, dtype=np.int32).reshape(-1)
+        kp = np.ascontiguousarray(k_pos, dtype=np.int32)
+        if kp.shape != ca.shape:
+            raise ValueError(f"k_pos must be [{ca.shape[0]}], got {kp.shape}")
+        _, _, d = self.shape(layer, "q")
+        sc = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else _real(scale, "scale")
+        out = np.zeros(ca.shape[0], np.float32)
+        i32 = C.POINTER(C.c_int32)
+        self._call(self._ctx.lib.lightkv_capture_attention_received, _int(layer, "layer"), qp.shape[0],
+                   ca.ctypes.data_as(i32), ca.shape[0], qp.ctypes.data_as(i32), kp.ctypes.data_as(i32),
+                   sc, _f32p(out))
+        return out
+
+    def close(self) -> None:
+        """Free the capture (llama.cpp must not hold its callback any more)."""
+        if getattr(self, "_h", None):
+            self._ctx.lib.lightkv_capture_free(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.close()
 
 
 # ------------------------------------------------------------------------ GGUF metadata

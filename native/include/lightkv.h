@@ -23,6 +23,7 @@
 #ifndef LIGHTKV_H
 #define LIGHTKV_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -56,6 +57,8 @@ typedef struct lightkv_merge_plan   lightkv_merge_plan;
 typedef struct lightkv_merge_result lightkv_merge_result;
 typedef struct lightkv_gguf          lightkv_gguf;
 typedef struct lightkv_guidance_model lightkv_guidance_model;
+typedef struct lightkv_capture       lightkv_capture;
+struct ggml_tensor;                  /* ggml.h's; only lightkv_capture_eval takes one */
 
 /* Parameters of one merge stage. */
 typedef struct lightkv_merge_params {
@@ -174,6 +177,36 @@ LIGHTKV_API lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, co
  * NULL when count == 0); count in [0, n]; out_mask: caller-owned [n], 1 = protected. */
 LIGHTKV_API lightkv_status lightkv_protect_top(const float * scores, int64_t n, int64_t count, uint8_t * out_mask);
 
+/* --- the progressive schedule in one call (embed mode's merge of one image) ---------------
+ * Stages of the merge until `target` rows remain: stage k runs on the rows left by stage k-1
+ * with ratio min((m - target) / m + 1e-9, 0.5) (m: its rows; the epsilon keeps an exact
+ * product exact), true 2D windows of the ORIGINAL grid (grid_rows x grid_cols; 0 x 0: the
+ * published square padding), `windows` per side (clamped to the grid's shorter side); a
+ * stage that merges nothing is followed by one with a single window, and the schedule stops
+ * when a single window merges nothing. The protected set (lightkv_protect_top of the
+ * scores, protect_count rows) is chosen once, on the input, and carried with the rows; a
+ * merged row carries the summed scores of what it absorbed (float64 sums, stored float32).
+ * With protect_count 0 every stage is the published one. One call instead of a call per
+ * stage: the rows, scores and flags never leave the library between stages. */
+typedef struct lightkv_reduce_params {
+    int64_t target;         /* rows to keep, in [1, N]                                      */
+    int32_t windows;        /* first stage's windows per side, >= 1                         */
+    int64_t grid_rows;      /* the image's grid: rows * cols == N, or 0 x 0 (square padding) */
+    int64_t grid_cols;
+    int64_t protect_count;  /* rows never sources, in [0, target]; > 0 needs scores          */
+    int32_t protect_mode;   /* a lightkv_protect_mode                                       */
+} lightkv_reduce_params;
+/* x [N, D] and scores [N] (or NULL: unguided) as lightkv_merge_plan_run. The result is over
+ * the ORIGINAL tokens: kept = original index of each row, assign = row of every input token,
+ * weight = its composed coefficient (x[j] = sum over assign == j of weight * x_in). */
+LIGHTKV_API lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                                const float * scores, const lightkv_reduce_params * params,
+                                                lightkv_merge_result ** out);
+/* The stages a lightkv_merge_reduce result ran (0 for other results), and the windows per
+ * side and the rows left after each (caller-owned [count] each; either may be NULL). */
+LIGHTKV_API int32_t         lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * windows,
+                                                        int64_t * rows, int32_t count);
+
 LIGHTKV_API int64_t         lightkv_merge_result_rows(const lightkv_merge_result * r);   /* M */
 LIGHTKV_API int64_t         lightkv_merge_result_tokens(const lightkv_merge_result * r); /* N */
 LIGHTKV_API int64_t         lightkv_merge_result_dim(const lightkv_merge_result * r);    /* D */
@@ -210,6 +243,75 @@ LIGHTKV_API lightkv_status lightkv_attention_received(lightkv_context * ctx,
                                                       int64_t n_query, int64_t n_key, int64_t head_dim,
                                                       const int32_t * q_pos, const int32_t * k_pos,
                                                       float scale, float * out);
+
+/* --- capture: a llama.cpp graph's Q/K, kept on the context's backend --------------------------
+ * llama.cpp asks its eval callback about every node of every graph it computes.
+ * lightkv_capture_eval has the signature of ggml_backend_sched_eval_callback: pass it with the
+ * capture as user_data (llama_set_eval_callback(lctx, lightkv_capture_eval, cap)). It answers
+ * ask=true only for the wanted ROPE nodes named "Qcur-<layer>" / "Kcur-<layer>" (the query and
+ * key heads after RoPE, f32 [head_dim, n_head, n_tokens]; the projections before RoPE carry the
+ * same names and are not taken) and, once such a node is computed, copies it into a tensor the
+ * capture owns in a buffer of ctx's backend (device to device when llama.cpp computed it on that
+ * device), appended along the token axis: the micro-batches of one or several decodes
+ * concatenate, in compute order, until lightkv_capture_reset. Nothing goes to host memory; the
+ * reads below run their graphs on the captured tensors.
+ *
+ * A failure inside the callback (a node of another type or shape, out of memory) cannot be
+ * returned through llama.cpp: the capture keeps the first one, copies nothing more, and every
+ * read call fails with it (LIGHTKV_ERR_BACKEND) until lightkv_capture_reset.
+ * Ownership: lightkv_capture_create / lightkv_capture_free; the capture keeps a pointer to ctx
+ * (free it before ctx). Do not free, reset or read a capture while llama.cpp computes with it
+ * set; unset the callback before freeing it. */
+typedef enum lightkv_capture_kind {
+    LIGHTKV_CAPTURE_Q       = 1,  /* "Qcur-<layer>" */
+    LIGHTKV_CAPTURE_K       = 2,  /* "Kcur-<layer>" */
+    LIGHTKV_CAPTURE_K_CACHE = 4,  /* no rows: the layer's K cache tensor, found as the one its
+                                     Kcur is stored into (a SET_ROWS node; asked about, never
+                                     split on); llama.cpp owns it: read it only while that
+                                     context lives (lightkv_capture_reset forgets it) */
+} lightkv_capture_kind;
+
+LIGHTKV_API lightkv_status lightkv_capture_create(lightkv_context * ctx, lightkv_capture ** out);
+LIGHTKV_API void           lightkv_capture_free(lightkv_capture * cap);
+/* The nodes copied from now on: for each i < n, kinds[i] (LIGHTKV_CAPTURE_Q, _K, _K_CACHE, or'ed)
+ * of layers[i]; layers distinct, in [0, 2^20); n 0: none. Rows captured before stay readable,
+ * also those of layers no longer wanted. */
+LIGHTKV_API lightkv_status lightkv_capture_want(lightkv_capture * cap, const int32_t * layers,
+                                                const int32_t * kinds, int32_t n);
+/* Forget every captured row (the buffers stay for the next rows) and a kept failure. */
+LIGHTKV_API lightkv_status lightkv_capture_reset(lightkv_capture * cap);
+/* The eval callback (see above); user_data NULL: wants nothing. Never stops the computation. */
+LIGHTKV_API bool           lightkv_capture_eval(struct ggml_tensor * t, bool ask, void * user_data);
+/* Rows captured of (layer, kind) so far and their heads (0, 0, 0 when none); kind Q or K. */
+LIGHTKV_API lightkv_status lightkv_capture_shape(const lightkv_capture * cap, int32_t layer, int32_t kind,
+                                                 int64_t * n_rows, int64_t * n_head, int64_t * head_dim);
+/* Counters since create: nodes asked about, nodes answered "wanted", copies made (one per
+ * wanted node and micro-batch). Any pointer may be NULL. */
+LIGHTKV_API lightkv_status lightkv_capture_stats(const lightkv_capture * cap, int64_t * n_asked,
+                                                 int64_t * n_wanted, int64_t * n_copied);
+/* Host copy of captured rows [row0, row0 + n_rows) as [n_rows][n_head][head_dim] float32
+ * (tests and debugging; the reads below need none). */
+LIGHTKV_API lightkv_status lightkv_capture_read(lightkv_capture * cap, int32_t layer, int32_t kind,
+                                                int64_t row0, int64_t n_rows, float * out);
+/* lightkv_guidance_scores of layer's captured Q and K, every captured row being the sequence
+ * (n_seq = the rows; Q and K must have as many), in one graph on ctx's backend; only the
+ * [n_vision] scores come to the host. Indices, scale and out_scores as there. */
+LIGHTKV_API lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32_t layer,
+                                                    const int64_t * vision_idx, int64_t n_vision,
+                                                    const int64_t * text_idx, int64_t n_text,
+                                                    float scale, float * out_scores);
+/* lightkv_attention_received with the queries = the LAST n_query captured Q rows of layer
+ * (q_pos [n_query] their positions) and the keys = rows cells[0..n_key) of layer's K cache
+ * (LIGHTKV_CAPTURE_K_CACHE wanted during the decodes; any stored type ggml's get_rows reads,
+ * converted to float32; a single-stream cache), read where the cache is when one of ctx's
+ * backends can (the same device, or a host buffer), else gathered through the host. Cells
+ * in [0, cache size); k_pos [n_key] their positions. Nothing but the [n_key] scores comes to
+ * the host. */
+LIGHTKV_API lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t layer,
+                                                                    int64_t n_query, const int32_t * cells,
+                                                                    int64_t n_key, const int32_t * q_pos,
+                                                                    const int32_t * k_pos, float scale,
+                                                                    float * out);
 
 /* --- GGUF metadata -------------------------------------------------------------------------- */
 /* The header, key/values and tensor infos of a GGUF file, read by ggml's own gguf reader
@@ -291,9 +393,8 @@ LIGHTKV_API lightkv_status lightkv_guidance_model_scores(lightkv_guidance_model 
  * (else LIGHTKV_ERR_INVALID_ARGUMENT naming the bad value): at least one stage; layers
  * strictly increasing in [0, n_layer - 1) (a merge after the last layer saves nothing);
  * windows >= 1; ratio in [0, 1); a finite threshold when use_threshold; kv and positions
- * known, and not (EXACT, RENUMBER): exact keeps the rows before each merge at their original
- * positions, beyond a renumbered sequence's next position, where llama.cpp's causal mask
- * would hide them from every later token. */
+ * known (every pair: under EXACT with RENUMBER the driver moves the recorded positions of
+ * the rows before each merge below the turn's renumbered end, patch 0006). */
 typedef enum lightkv_kv_policy {
     LIGHTKV_KV_COMPACT = 0,  /* after the prefill every layer holds only the final rows     */
     LIGHTKV_KV_EXACT   = 1,  /* each layer keeps the rows it ran on (more cells than off)   */

@@ -80,6 +80,7 @@ namespace {
 
 constexpr double  EPS_WEIGHT  = 1e-8;   // max(sum of weights, 1e-8), as the method states
 constexpr float   PAD_MASK    = -4.0f;  // added to padding destination slots (cosines >= -1)
+constexpr double  SMALL_GRAPH_WORK = 4.0 * (1 << 20);  // multiply-adds run on one CPU thread (run_allocated)
 
 // ------------------------------------------------------------------------------- backends
 void ensure_backends_loaded() {
@@ -170,7 +171,25 @@ void lightkv_context::alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf) {
     }
 }
 
+// Multiply-adds of the graph's matrix products plus one per element of every other node.
+static double graph_work(ggml_cgraph * gf) {
+    double work = 0.0;
+    for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+        const ggml_tensor * t = ggml_graph_node(gf, i);
+        const double per = t->op == GGML_OP_MUL_MAT ? (double) t->src[0]->ne[0] : 1.0;
+        work += (double) ggml_nelements(t) * per;
+    }
+    return work;
+}
+
 void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
+    // The CPU backend puts its threads through a barrier after every node. A merge or
+    // guidance graph of a small image (64 rows: ~1M multiply-adds, ~0.1 ms on one core)
+    // loses more there than the split gains: measured with the context's 2 threads, a
+    // 5-stage merge took 1.6 ms at best against 1.3 ms on one thread, and on a machine busy
+    // with other work the median went to 18-34 ms (a barrier waits for a descheduled
+    // thread) against 5.7-6.5 ms. So graphs below SMALL_GRAPH_WORK run on one thread.
+    set_threads(cpu, graph_work(gf) < SMALL_GRAPH_WORK ? 1 : n_threads);
     last_splits += ggml_backend_sched_get_n_splits(s);
     const ggml_status st = ggml_backend_sched_graph_compute(s, gf);
     if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
@@ -251,6 +270,9 @@ struct lightkv_merge_result {
     std::vector<int64_t> kept;
     std::vector<int64_t> assign;
     std::vector<float>   weight;
+    // lightkv_merge_reduce: windows per side and rows left after each stage it ran
+    std::vector<int32_t> stage_windows;
+    std::vector<int64_t> stage_rows;
 };
 
 namespace {
@@ -691,6 +713,112 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     *out = res.release();
 }
 
+// The progressive schedule of lightkv_merge_reduce: run_plan stages on what is left, the
+// rows, their scores, protected flags and original indices kept here between stages (one
+// call from the caller instead of one per stage).
+void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, const float * scores,
+                const lightkv_reduce_params & rp, lightkv_merge_result ** out) {
+    if (!out) LKV_INVALID("out must not be NULL");
+    *out = nullptr;
+    if (!x) LKV_INVALID("x must not be NULL");
+    lightkv_merge_params grid = lightkv_merge_params_default();
+    grid.grid_rows = rp.grid_rows;
+    grid.grid_cols = rp.grid_cols;
+    int64_t rows = 0, cols = 0;
+    validate_params(n, d, &grid, false, &rows, &cols);  // N, D and the grid
+    if (rp.windows < 1) LKV_INVALID("windows must be >= 1, got %d", (int) rp.windows);
+    if (rp.target < 1 || rp.target > n) {
+        LKV_INVALID("target must be in [1, N = %lld], got %lld", (long long) n, (long long) rp.target);
+    }
+    if (rp.protect_count < 0 || rp.protect_count > rp.target) {
+        LKV_INVALID("protect_count must be in [0, target = %lld], got %lld", (long long) rp.target,
+                    (long long) rp.protect_count);
+    }
+    if (rp.protect_mode != LIGHTKV_PROTECT_RECEIVE && rp.protect_mode != LIGHTKV_PROTECT_KEEP) {
+        LKV_INVALID("protect_mode must be LIGHTKV_PROTECT_RECEIVE (0) or LIGHTKV_PROTECT_KEEP (1), got %d",
+                    (int) rp.protect_mode);
+    }
+    if (rp.protect_count > 0 && !scores) LKV_INVALID("protecting %lld rows needs their scores", (long long) rp.protect_count);
+    validate_scores(scores, n);
+
+    std::vector<float>   cur(x, x + n * d);                  // the rows of the current stage
+    std::vector<float>   sc;                                  // their scores (empty: unguided)
+    if (scores) sc.assign(scores, scores + n);
+    std::vector<uint8_t> prot;                                // their protected flags (empty: none)
+    if (rp.protect_count > 0) {
+        prot.resize((size_t) n);
+        if (lightkv_protect_top(scores, n, rp.protect_count, prot.data()) != LIGHTKV_OK) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not choose the protected rows");
+        }
+    }
+    std::vector<int64_t> kept((size_t) n), assign((size_t) n), pos;
+    std::iota(kept.begin(), kept.end(), 0);                   // original index of every row
+    std::iota(assign.begin(), assign.end(), 0);               // row of every original token
+    std::vector<double>  weight((size_t) n, 1.0);             // composed coefficients
+    auto res = std::make_unique<lightkv_merge_result>();
+    int32_t w = (int32_t) std::min<int64_t>(rp.windows, std::min(rows, cols));
+    while ((int64_t) kept.size() > rp.target) {
+        const int64_t m = (int64_t) kept.size();
+        lightkv_merge_plan plan;
+        plan.ctx = &lc;
+        plan.n = m;
+        plan.d = d;
+        plan.params = lightkv_merge_params_default();
+        plan.params.windows = w;
+        plan.params.ratio = std::min((double) (m - rp.target) / (double) m + 1e-9, 0.5);
+        plan.params.grid_rows = rows;
+        plan.params.grid_cols = cols;
+        plan.shared_sched = true;
+        pos.resize((size_t) (2 * m));
+        for (int64_t i = 0; i < m; i++) {  // survivors at their cell of the original grid
+            pos[2 * i] = kept[i] / cols;
+            pos[2 * i + 1] = kept[i] % cols;
+        }
+        set_protection(plan, prot.empty() ? nullptr : prot.data(), rp.protect_mode);
+        build_plan(plan, pos.data());
+        lightkv_merge_result * raw = nullptr;
+        run_plan(plan, cur.data(), sc.empty() ? nullptr : sc.data(), &raw);
+        std::unique_ptr<lightkv_merge_result> st(raw);
+        if (st->m == m) {
+            if (w == 1) break;  // nothing left to merge
+            w = 1;              // the remainder is below one token per window: one window
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            weight[i] *= (double) st->weight[assign[i]];
+            assign[i] = st->assign[assign[i]];
+        }
+        if (!sc.empty()) {  // a merged row carries the scores of everything it absorbed
+            std::vector<double> total((size_t) st->m, 0.0);
+            for (int64_t i = 0; i < m; i++) total[st->assign[i]] += (double) sc[i];
+            sc.assign(total.begin(), total.end());
+        }
+        std::vector<int64_t> next((size_t) st->m);
+        for (int64_t j = 0; j < st->m; j++) next[j] = kept[st->kept[j]];
+        kept.swap(next);
+        if (!prot.empty()) {
+            std::vector<uint8_t> flags((size_t) st->m);
+            for (int64_t j = 0; j < st->m; j++) flags[j] = prot[st->kept[j]];
+            prot.swap(flags);
+        }
+        cur.swap(st->x);
+        res->stage_windows.push_back(w);
+        res->stage_rows.push_back(st->m);
+    }
+    res->n = n;
+    res->d = d;
+    res->m = (int64_t) kept.size();
+    res->x = std::move(cur);
+    res->kept = std::move(kept);
+    res->assign = std::move(assign);
+    res->weight.assign(weight.begin(), weight.end());
+    *out = res.release();
+}
+
+}  // namespace
+
+namespace lightkv {
+
 void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen) {
     if (n < 0) LKV_INVALID("%s count must be >= 0", what);
     if (n > 0 && !idx) LKV_INVALID("%s indices must not be NULL", what);
@@ -708,7 +836,36 @@ void check_finite(const float * v, int64_t n, const char * what) {
     }
 }
 
-}  // namespace
+void check_finite_result(const float * v, int64_t n, const char * what) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!std::isfinite(v[i])) fail(LIGHTKV_ERR_NUMERIC, "%s are not finite (q.k overflows float32)", what);
+    }
+}
+
+std::vector<float> causal_mask(const int32_t * q_pos, int64_t n_query, const int32_t * k_pos, int64_t n_key) {
+    // a query that sees no key would divide by zero in the softmax: refused here
+    std::vector<float> mask((size_t) (n_query * n_key));
+    for (int64_t i = 0; i < n_query; i++) {
+        bool any = false;
+        for (int64_t j = 0; j < n_key; j++) {
+            const bool sees = k_pos[j] <= q_pos[i];
+            mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
+            any = any || sees;
+        }
+        if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
+    }
+    return mask;
+}
+
+std::vector<int32_t> text_rows_per_head(const int64_t * text_idx, int64_t n_text, int64_t n_head_kv) {
+    std::vector<int32_t> ti((size_t) (n_text * n_head_kv));
+    for (int64_t h = 0; h < n_head_kv; h++) {
+        for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
+    }
+    return ti;
+}
+
+}  // namespace lightkv
 
 // =============================================================================== C API
 extern "C" {
@@ -783,6 +940,7 @@ lightkv_status lightkv_context_create_ext(const lightkv_context_params * params,
         }
         int n_threads = params->n_threads;
         if (n_threads <= 0) n_threads = (int) std::max(1u, std::thread::hardware_concurrency());
+        lc->n_threads = n_threads;
         set_threads(lc->cpu, n_threads);
 
         if (params->force_cpu_ops) {
@@ -922,6 +1080,29 @@ lightkv_status lightkv_protect_top(const float * scores, int64_t n, int64_t coun
     });
 }
 
+lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                    const float * scores, const lightkv_reduce_params * params,
+                                    lightkv_merge_result ** out) {
+    return guarded(ctx, [&] {
+        if (!out) LKV_INVALID("out must not be NULL");
+        *out = nullptr;
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (!params) LKV_INVALID("params must not be NULL");
+        run_reduce(*ctx, x, n, d, scores, *params, out);
+    });
+}
+
+int32_t lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * windows, int64_t * rows,
+                                    int32_t count) {
+    if (!r) return 0;
+    const int32_t k = (int32_t) r->stage_rows.size();
+    for (int32_t i = 0; i < std::min(k, count); i++) {
+        if (windows) windows[i] = r->stage_windows[i];
+        if (rows) rows[i] = r->stage_rows[i];
+    }
+    return k;
+}
+
 int64_t lightkv_merge_result_rows(const lightkv_merge_result * r)   { return r ? r->m : 0; }
 int64_t lightkv_merge_result_tokens(const lightkv_merge_result * r) { return r ? r->n : 0; }
 int64_t lightkv_merge_result_dim(const lightkv_merge_result * r)    { return r ? r->d : 0; }
@@ -972,12 +1153,8 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
         buf_ptr in_buf = ctx->alloc_inputs(in_meta.get());
         ggml_backend_tensor_set(t_q, q, 0, ggml_nbytes(t_q));
         ggml_backend_tensor_set(t_k, k, 0, ggml_nbytes(t_k));
-        std::vector<int32_t> ti((size_t) (n_text * n_head_kv)), vi((size_t) n_vision);
-        for (int64_t h = 0; h < n_head_kv; h++) {
-            for (int64_t j = 0; j < n_text; j++) ti[h * n_text + j] = (int32_t) text_idx[j];
-        }
-        for (int64_t i = 0; i < n_vision; i++) vi[i] = (int32_t) vision_idx[i];
-        upload(t_t, ti);
+        std::vector<int32_t> vi(vision_idx, vision_idx + n_vision);
+        upload(t_t, text_rows_per_head(text_idx, n_text, n_head_kv));
         upload(t_v, vi);
 
         ctx_ptr g = new_meta_context(32);
@@ -987,11 +1164,7 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
         ggml_build_forward_expand(gf, gs);
         ctx->compute(gf);
         ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
-        for (int64_t i = 0; i < n_vision; i++) {
-            if (!std::isfinite(out_scores[i])) {
-                fail(LIGHTKV_ERR_NUMERIC, "guidance scores are not finite (q.k overflows float32)");
-            }
-        }
+        check_finite_result(out_scores, n_vision, "guidance scores");
     });
 }
 
@@ -1017,17 +1190,7 @@ lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q
         checked_mul(checked_mul(n_query, n_key, "logits"), n_head, "logits");
         check_finite(q, nq, "q");
         check_finite(k, nk, "k");
-        // the mask, and a query that sees no key would divide by zero: refuse it here
-        std::vector<float> mask((size_t) (n_query * n_key));
-        for (int64_t i = 0; i < n_query; i++) {
-            bool any = false;
-            for (int64_t j = 0; j < n_key; j++) {
-                const bool sees = k_pos[j] <= q_pos[i];
-                mask[(size_t) (i * n_key + j)] = sees ? 0.0f : -INFINITY;
-                any = any || sees;
-            }
-            if (!any) LKV_INVALID("query %lld (position %d) sees no key", (long long) i, q_pos[i]);
-        }
+        const std::vector<float> mask = causal_mask(q_pos, n_query, k_pos, n_key);
         ctx->last_splits = 0;
 
         ctx_ptr in_meta = new_meta_context(3);
@@ -1046,11 +1209,7 @@ lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q
         ggml_build_forward_expand(gf, r);
         ctx->compute(gf);
         ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
-        for (int64_t j = 0; j < n_key; j++) {
-            if (!std::isfinite(out[j])) {
-                fail(LIGHTKV_ERR_NUMERIC, "attention scores are not finite (q.k overflows float32)");
-            }
-        }
+        check_finite_result(out, n_key, "attention scores");
     });
 }
 

@@ -48,6 +48,18 @@ using sched_ptr = std::unique_ptr<ggml_backend_sched, sched_deleter>;
 // graph of up to 512 nodes
 ctx_ptr new_meta_context(size_t n_tensors);
 
+// Indices into a sequence of n_seq: each in [0, n_seq), no duplicates (seen: scratch).
+void check_indices(const int64_t * idx, int64_t n, int64_t n_seq, const char * what, std::vector<char> & seen);
+// every value finite (else LIGHTKV_ERR_INVALID_ARGUMENT naming `what`)
+void check_finite(const float * v, int64_t n, const char * what);
+// every value of a graph's result finite (else LIGHTKV_ERR_NUMERIC: q.k overflowed float32)
+void check_finite_result(const float * v, int64_t n, const char * what);
+// attention_received's mask [n_query][n_key]: 0 where k_pos[j] <= q_pos[i] (llama.cpp's causal
+// mask by position), -inf elsewhere; a query that sees no key is LIGHTKV_ERR_INVALID_ARGUMENT
+std::vector<float> causal_mask(const int32_t * q_pos, int64_t n_query, const int32_t * k_pos, int64_t n_key);
+// guidance_from_qk's text_idx input: the text indices repeated for each of n_head_kv key heads
+std::vector<int32_t> text_rows_per_head(const int64_t * text_idx, int64_t n_text, int64_t n_head_kv);
+
 template <typename T>
 void upload(ggml_tensor * t, const std::vector<T> & v) {
     ggml_backend_tensor_set(t, v.data(), 0, v.size() * sizeof(T));
@@ -64,6 +76,7 @@ struct lightkv_context {
     std::vector<std::string>     force_cpu_ops;
     std::string                  error;
     int32_t                      last_splits = 0;
+    int32_t                      n_threads   = 1;        // CPU threads for graphs worth splitting
 
     ~lightkv_context();
 

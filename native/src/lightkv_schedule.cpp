@@ -33,10 +33,6 @@ void check_policies(int32_t kv, int32_t positions) {
     if (positions != LIGHTKV_POSITIONS_KEEP && positions != LIGHTKV_POSITIONS_RENUMBER) {
         LKV_INVALID("unknown positions policy %d", positions);
     }
-    if (kv == LIGHTKV_KV_EXACT && positions == LIGHTKV_POSITIONS_RENUMBER) {
-        LKV_INVALID("KV policy 'exact' keeps the original positions of the rows before each "
-                    "merge; use positions 'keep' with it");
-    }
 }
 
 // the vision rows present at each layer (present[k] over the layers of range k), averaged
