@@ -55,6 +55,9 @@ class MergedImage:
     scores: np.ndarray | None = None
     grid: tuple[int, int] | None = None
     windows: int | None = None
+    # the (row, col) of every original token on the grid where they are no raster (None:
+    # raster order; families.row_cells)
+    cells: np.ndarray | None = None
 
 
 def protected_count(protect: float, target: int, mode: str = "receive") -> int:
@@ -67,7 +70,7 @@ def protected_count(protect: float, target: int, mode: str = "receive") -> int:
 
 def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                 keep: float, windows: int | None, layer=None, protect: float = 0.0,
-                protect_mode: str = "receive") -> MergedImage:
+                protect_mode: str = "receive", cells: np.ndarray | None = None) -> MergedImage:
     """Merge one image's rows down to about `keep` of them, guided by the prompt's token ids
     `text_tokens` through `layer` (a native.GuidanceModel; None: unguided, all weights 1).
 
@@ -79,7 +82,10 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
     protect (LightKV-protect, docs/merge-variants.md): the protected_count(protect, budget)
     rows with the highest guidance, chosen once here, are never merge sources in any stage
     (protect_mode "receive": they still absorb similar tokens; "keep": untouched). 0 is the
-    published merge exactly; it needs guidance (a layer)."""
+    published merge exactly; it needs guidance (a layer).
+
+    cells: None (row i sits at cell i of the grid, raster order), or int [n, 2], the (row,
+    col) of every row on the grid (families.row_cells: LLaVA's rows are not a raster)."""
     from . import native
 
     t0 = time.perf_counter()
@@ -98,14 +104,34 @@ def merge_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
         rows, cols = grid
     else:
         rows = cols = math.isqrt(n - 1) + 1     # the published square padding
+    # rows that are no raster of the grid (cells: LLaVA's) go to the merge in the raster
+    # order of their cells, a permutation of the grid's, and come back in their own order
+    order = None
+    if cells is not None:
+        cells = np.asarray(cells, np.int64)
+        at = cells[:, 0] * cols + cells[:, 1] if cells.shape == (n, 2) else None
+        if at is None or rows * cols != n or not np.array_equal(np.sort(at), np.arange(n)):
+            raise ValueError(f"cells must give each of the {rows}x{cols} grid's cells once")
+        order = np.argsort(at)                  # raster cell -> row
     # the whole schedule in one native call: the stages' rows never come back to Python
-    res = native.merge_reduce(x, scores, target=target,
-                              windows=windows or default_windows(rows, cols),
+    res = native.merge_reduce(x if order is None else x[order],
+                              scores if order is None or scores is None else scores[order],
+                              target=target, windows=windows or default_windows(rows, cols),
                               grid=(rows, cols) if rows * cols == n else None,
                               protect_count=p, protect_mode=protect_mode)
     first_windows = res.stages[0][0] if res.stages else None
-    return MergedImage(res.x, res.kept, n, (time.perf_counter() - t0) * 1e3, assign=res.assign,
-                       scores=scores, grid=(rows, cols), windows=first_windows)
+    out, kept, assign = res.x, res.kept, res.assign
+    if order is not None:
+        kept_rows = order[np.asarray(res.kept)]  # the row of each result row
+        back = np.argsort(kept_rows)            # result rows by ascending row
+        out, kept = np.asarray(res.x)[back], kept_rows[back]
+        renum = np.empty(len(back), np.int64)
+        renum[back] = np.arange(len(back))
+        a = np.asarray(res.assign)
+        assign = np.empty(n, np.int64)
+        assign[order] = np.where(a >= 0, renum[np.maximum(a, 0)], -1)
+    return MergedImage(out, kept, n, (time.perf_counter() - t0) * 1e3, assign=assign,
+                       scores=scores, grid=(rows, cols), windows=first_windows, cells=cells)
 
 
 # -- the native LightKV merges: method -> protected fraction of the budget ----------------
@@ -129,18 +155,20 @@ GUIDED_METHODS = ("lightkv-protect", "lightkv-paper", "fastv", *VARIANTS)
 
 def reduce_image(embd: np.ndarray, grid: tuple[int, int] | None, text_tokens, *,
                  keep: float, windows: int | None, method: str = DEFAULT_METHOD,
-                 layer=None, seed: int = 0) -> MergedImage:
+                 layer=None, seed: int = 0, cells: np.ndarray | None = None) -> MergedImage:
     """Cut one image's rows to about `keep` of them with `method`:
     lightkv-protect (guided merge whose top-guidance rows are never sources, the default),
     lightkv-paper (the published guided merge), unguided (the published merge, all weights
     1, ToMe style), random (seeded drop), fastv (top-k by the prompt guidance score), dart
     (duplication pruning), pool (2x2 average pooling: its budget is fixed at about a
     quarter), and the reference variants of VARIANTS (docs/merge-variants.md). The first
-    three are native (no torch); the others need the PyTorch reference."""
+    three are native (no torch); the others need the PyTorch reference. cells: the (row,
+    col) of every row where they are no raster of the grid (merge_image; the reference
+    methods assume a raster)."""
     if method in NATIVE_METHODS:
         return merge_image(embd, grid, text_tokens, keep=keep, windows=windows,
                            layer=layer if method != "unguided" else None,
-                           protect=NATIVE_METHODS[method])
+                           protect=NATIVE_METHODS[method], cells=cells)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     from . import reference as ref

@@ -616,9 +616,12 @@ class VisionChat:
         try:
             stages = self.schedule
             if stages is None:
-                grids = [mtmd.image_grid(c, self.m.use_mrope) for c in chunk_list
-                         if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE]
-                sides = [min(g) for g in grids if g]
+                # the grids the windows are cut on: a normal-RoPE chunk has none from
+                # libmtmd, its rows are squared (window_grid), so its windows are clipped
+                # like a grid's (a 4 x 4 chunk's 4 windows a side would merge nothing)
+                sides = [min(layer_mode.window_grid(mtmd.chunk_get_n_tokens(c),
+                                                    mtmd.image_grid(c, self.m.use_mrope)))
+                         for c in chunk_list if mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE]
                 stages = layer_mode.default_schedule(
                     n_layer, self.keep, grid=(min(sides), min(sides)) if sides else None)
             t0 = time.perf_counter()
@@ -708,10 +711,13 @@ class VisionChat:
         embd = self._encode(chunk, stats)
         all_pos = mtmd.image_positions(chunk, self.n_past, self.m.use_mrope)
         # for normal-RoPE models libmtmd keeps no layout (grid None): the merge squares the
-        # rows (published behaviour)
+        # rows (published behaviour), where LLaVA's are no raster (families.row_cells)
+        from .families import row_cells
         grid = mtmd.image_grid(chunk, self.m.use_mrope)
         merged = reduce_image(embd, grid, text_ids, keep=self.keep, windows=self.windows,
-                              method=self.method, layer=self._layer0, seed=self.seed)
+                              method=self.method, layer=self._layer0, seed=self.seed,
+                              cells=None if grid else row_cells(self.m.projector, len(embd),
+                                                                self.m.class_token))
         stats.t_merge_ms += merged.t_merge_ms
         stats.vision_tokens_kept += len(merged.kept)
         self._merges.append(merged)

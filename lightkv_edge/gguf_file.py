@@ -23,3 +23,12 @@ def field(path, key: str):
     """A metadata value (str, int, float or bool), or None when absent."""
     return fields(path, [key])[key]
 
+
+
+def has_tensor(path, name: str) -> bool:
+    """Whether the file has a tensor of that name (no tensor data read)."""
+    from . import native
+    try:
+        return native.gguf_has_tensor(path, name)
+    except ValueError as e:
+        raise ModelError(str(e)) from None

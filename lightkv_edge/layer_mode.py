@@ -152,6 +152,8 @@ def default_schedule(n_layer: int, keep: float = 0.55, grid=None) -> tuple[Stage
 
     def frac(f, r):
         stages = stages_at(f, r)
+        if not stages:      # a model too shallow for any merge at this depth factor
+            return 1.0
         if not side:
             return layer_keep_fraction(stages, n_layer)
         return _as_run_keep(stages, n_layer, int(grid[0]) * int(grid[1]))
@@ -259,12 +261,15 @@ class QueryWindow:
 class Segment:
     """A run of rows of the turn: text (token ids) or one image (embeddings; grid (rows,
     cols), or None for the published padded square).
-    pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z)."""
+    pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z).
+    cells: None (image rows in raster order of the grid), or [n, 2] (row, col) of every
+    row on it (families.row_cells: LLaVA's)."""
     kind: str
     pos: np.ndarray
     tokens: np.ndarray | None = None
     embd: np.ndarray | None = None
     grid: tuple[int, int] | None = None
+    cells: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -395,7 +400,7 @@ class LayerRunner:
                 if s.embd.shape != (s.n, self.n_embd):
                     raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
                                      f"got {tuple(s.embd.shape)}")
-                grids.append(_grid_rc(s.n, s.grid))
+                grids.append(window_grid(s.n, s.grid))
             elif s.kind == "text":
                 if s.tokens is None or len(s.tokens) != s.n:
                     raise ValueError("a text segment needs one token per position column")
@@ -415,8 +420,9 @@ class LayerRunner:
             pos = s.pos if s.kind == "image" or s.pos.shape[0] == n_pos else \
                 np.repeat(s.pos[:1], n_pos, 0)
             if s.kind == "image":
-                rc = _grid_rc(m, s.grid)
-                gpos = np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
+                rc = window_grid(m, s.grid)
+                gpos = (np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
+                        if s.cells is None else np.asarray(s.cells, np.int64))
                 rows.append(_Rows(s, np.asarray(s.embd, np.float32), pos.astype(np.int32),
                                   np.arange(m), gpos, rc))
             else:
@@ -528,7 +534,9 @@ class LayerRunner:
                         continue
                     scores = scores_all[i]
                     t0 = time.perf_counter()
-                    first = len(r.orig) == r.seg.n     # no earlier stage merged this image
+                    # a raster no earlier stage merged: the plain grid (the published square
+                    # padding without one); else every row at its cell
+                    first = len(r.orig) == r.seg.n and r.seg.cells is None
                     grid = (r.grid_rc if _grid_matches(r.seg) else None) if first \
                         else r.grid_rc
                     res = _merge_stage(h, scores, stage, grid=grid,
@@ -609,8 +617,9 @@ def _grid_matches(seg: Segment) -> bool:
     return seg.grid is not None and int(seg.grid[0]) * int(seg.grid[1]) == seg.n
 
 
-def _grid_rc(n: int, grid) -> tuple[int, int]:
-    """The grid the windows are cut on: (rows, cols), or the published square padding."""
+def window_grid(n: int, grid) -> tuple[int, int]:
+    """The grid the windows of an image of n rows are cut on: its grid (rows, cols), or,
+    without one (normal-RoPE chunks), the published padded square."""
     if grid and grid[0] * grid[1] == n:
         return int(grid[0]), int(grid[1])
     side = math.isqrt(n - 1) + 1
@@ -667,6 +676,7 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
     """libmtmd chunks of one turn -> (segments, the position after them, encoder ms).
     Images are encoded here (the vision tower runs once, as in every mode)."""
     from . import mtmd
+    from .families import row_cells
     segs, t_enc = [], 0.0
     n_pos = 4 if vm.use_mrope else 1
     for ch in chunks:
@@ -690,7 +700,9 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             t_enc += (time.perf_counter() - t0) * 1e3
             pos = mtmd.image_positions(ch, n_past, vm.use_mrope)
             grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
-            segs.append(Segment("image", pos, embd=embd, grid=grid))
+            cells = None if grid else row_cells(getattr(vm, "projector", None), n,
+                                                getattr(vm, "class_token", False))
+            segs.append(Segment("image", pos, embd=embd, grid=grid, cells=cells))
             n_past += mtmd.chunk_get_n_pos(ch)
         else:
             raise ValueError("layer mode takes text and images only")
@@ -717,7 +729,7 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
             if mtmd.decode_use_non_causal(vm.mctx, ch):
                 raise ValueError(_NON_CAUSAL)
             n = mtmd.chunk_get_n_tokens(ch)
-            grids.append(_grid_rc(n, mtmd.image_grid(ch, vm.use_mrope)))
+            grids.append(window_grid(n, mtmd.image_grid(ch, vm.use_mrope)))
     check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids, kv=kv,
                    positions=positions)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)

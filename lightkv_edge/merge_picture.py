@@ -77,6 +77,10 @@ def draw_merge(rgb: np.ndarray, merged) -> "PIL.Image.Image":  # noqa: F821
         rows, cols = merged.grid
     else:   # the published square padding
         rows = cols = int(np.ceil(np.sqrt(n)))
+    # each token's cell: raster order, or the merge's own (families.row_cells: LLaVA)
+    cells = getattr(merged, "cells", None)
+    cell_of = (lambda i: divmod(int(i), cols)) if cells is None else \
+        (lambda i: (int(cells[i][0]), int(cells[i][1])))
     ys = np.linspace(0, h, rows + 1).round().astype(int)
     xs = np.linspace(0, w, cols + 1).round().astype(int)
     colours = _group_colours(max(1, len(merged.kept)))
@@ -84,7 +88,7 @@ def draw_merge(rgb: np.ndarray, merged) -> "PIL.Image.Image":  # noqa: F821
     tint = np.zeros((h, w, 3))
     alpha = np.zeros((h, w, 1))
     for i in range(n):
-        r, c = divmod(i, cols)
+        r, c = cell_of(i)
         sl = (slice(ys[r], ys[r + 1]), slice(xs[c], xs[c + 1]))
         if assign[i] >= 0:
             tint[sl] = colours[assign[i]]
@@ -97,7 +101,7 @@ def draw_merge(rgb: np.ndarray, merged) -> "PIL.Image.Image":  # noqa: F821
     d = ImageDraw.Draw(pic)
     cell = min(h / rows, w / cols)
     for i in np.asarray(merged.kept):
-        r, c = divmod(int(i), cols)
+        r, c = cell_of(i)
         d.rectangle([xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1], outline=(255, 255, 255),
                     width=max(1, int(cell / 10)))
     if merged.windows:
@@ -110,7 +114,7 @@ def draw_merge(rgb: np.ndarray, merged) -> "PIL.Image.Image":  # noqa: F821
         g = np.asarray(merged.scores, np.float64)
         g = (g - g.min()) / max(g.max() - g.min(), 1e-12)
         for i in range(n):
-            r, c = divmod(i, cols)
+            r, c = cell_of(i)
             cy, cx = (ys[r] + ys[r + 1]) / 2, (xs[c] + xs[c + 1]) / 2
             rad = max(1.0, cell * (0.08 + 0.22 * g[i]))
             d.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=_heat(g[i]),

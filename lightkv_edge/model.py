@@ -115,6 +115,10 @@ class VisionModel:
         if gguf_file.field(mmproj_path, "general.architecture") != "clip":
             raise InputError(f"{mmproj_path} is not a vision projector (mmproj) file")
         self.model_path, self.mmproj_path = model_path, mmproj_path
+        # the family (lightkv_edge.families) and whether the tower has a class token: how
+        # its image rows lie on their grid (families.row_cells)
+        self.projector = gguf_file.field(mmproj_path, "clip.projector_type")
+        self.class_token = gguf_file.has_tensor(mmproj_path, "v.class_embd")
         self.model = self.ctx = self.mctx = None
         n_threads = n_threads or os.cpu_count() or 1
         try:

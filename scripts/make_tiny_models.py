@@ -246,8 +246,11 @@ def build_qwen2vl(d, *, seed: int = 0, patch: int = 8) -> Path:
 
 
 def build_qwen25vl(d, *, seed: int = 0, patch: int = 8) -> Path:
-    """Qwen2.5-VL: as Qwen2-VL, with a SwiGLU + RMSNorm ViT, window attention (window 32
-    px = 2 x 2 merged tokens) in every block but the full-attention ones (1 and 3)."""
+    """Qwen2.5-VL: as Qwen2-VL, with a SwiGLU + RMSNorm ViT, window attention in every block
+    but the full-attention ones (1 and 3). The window is 112 px, every released
+    Qwen2.5-VL's: the converter does not write it and llama.cpp assumes 112 (a smaller
+    one here made blocks 0 and 2 attend in other windows than transformers'). At patch 8
+    that is 7 x 7 merged tokens: a 128 px picture (8 x 8) has four uneven windows."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     d = Path(d)
@@ -257,7 +260,7 @@ def build_qwen25vl(d, *, seed: int = 0, patch: int = 8) -> Path:
     text.pop("architectures")
     vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
                   out_hidden_size=64, patch_size=patch, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=4 * patch, fullatt_block_indexes=[1, 3],
+                  temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3],
                   in_channels=3, hidden_act="silu")
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids(ids),
                            tie_word_embeddings=False)

@@ -8,6 +8,7 @@ decoded in batches of 24 rows (so every segment spans several llama_decode calls
 from __future__ import annotations
 
 import ctypes
+import math
 
 import numpy as np
 import pytest
@@ -289,6 +290,15 @@ def test_schedule_helpers():
         layer_mode.default_schedule(3, keep=0.55)
     with pytest.raises(ValueError, match="below"):
         layer_mode.default_schedule(32, keep=0.1)
+    # 2 layers (the tiny family models): the paper's depths leave no stage at full depth
+    # (a merge after layer 1 would be the last); the search moves on to one after layer 0
+    # instead of failing on the empty schedule; a 4 x 4 grid clips it to one window, and
+    # its ratio drops whole rows: 6 of 16 (0.8125, the step nearest 0.8)
+    s = layer_mode.default_schedule(2, keep=0.8, grid=(4, 4))
+    assert [(x.layer, x.windows) for x in s] == [(0, 1)]
+    assert math.floor(s[0].ratio * 16) == 6
+    assert layer_mode.window_grid(16, None) == (4, 4)      # normal RoPE: the squared rows
+    assert layer_mode.window_grid(24, (3, 8)) == (3, 8)
 
 
 def test_schedule_and_report_live_in_liblightkv():

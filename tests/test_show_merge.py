@@ -110,6 +110,28 @@ def test_draw_merge_marks_groups_kept_rows_and_windows():
     assert tuple(a[40, 5]) == (0, 0, 0)                  # the windows' horizontal line
 
 
+def test_draw_merge_puts_tokens_on_their_cells():
+    """Tokens that are no raster of the grid (LLaVA: patches 1..15, then the class token,
+    families.row_cells) are drawn on their own cells: token 0 (patch 1) at cell (0, 1),
+    the class token (token 15, kept) at the free cell (0, 0)."""
+    from lightkv_edge.families import row_cells
+    rgb = np.full((80, 80, 3), 128, np.uint8)
+    assign = np.full(16, -1)
+    assign[[0, 15]] = [0, 1]                             # every other token dropped
+    merged = embed_mode.MergedImage(np.zeros((2, 1), np.float32), np.array([0, 15]), 16, 0.0,
+                                    assign=assign, scores=None, grid=(4, 4),
+                                    cells=row_cells("mlp", 16, True))
+    a = np.asarray(draw_merge(rgb, merged), np.int16)
+    grey = tuple(a[70, 70])                               # a dropped cell (3, 3)
+    assert tuple(a[10, 30]) != grey and tuple(a[10, 10]) != grey   # cells (0, 1), (0, 0)
+    assert tuple(a[10, 50]) == grey                      # cell (0, 2): token 1, dropped
+    assert tuple(a[0, 25]) == (255, 255, 255)            # kept token 0's outline at (0, 1)
+    raster = embed_mode.MergedImage(np.zeros((2, 1), np.float32), np.array([0, 15]), 16, 0.0,
+                                    assign=assign, scores=None, grid=(4, 4))
+    b = np.asarray(draw_merge(rgb, raster), np.int16)
+    assert tuple(b[10, 30]) == grey                      # read as a raster: one cell off
+
+
 def test_check_output_path(tmp_path):
     assert check_output_path(tmp_path / "a.PNG") == tmp_path / "a.PNG"
     for bad in (tmp_path / "a.txt", tmp_path, tmp_path / "x" / "a.png", ""):
