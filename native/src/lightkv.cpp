@@ -196,6 +196,19 @@ void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
     if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
 }
 
+void lightkv_context::compute_result(ggml_context * g, ggml_tensor * result, float * out, int64_t n,
+                                     const char * what, ggml_tensor * pin, ggml_backend_t pin_to) {
+    ggml_set_output(result);
+    ggml_cgraph * gf = ggml_new_graph_custom(g, 512, false);
+    ggml_build_forward_expand(gf, result);
+    ggml_backend_sched_reset(sched);
+    if (pin && pin_to) ggml_backend_sched_set_tensor_backend(sched, pin, pin_to);
+    alloc_graph(sched, gf);
+    run_allocated(sched, gf);
+    ggml_backend_tensor_get(result, out, 0, (size_t) n * sizeof(float));
+    lightkv::check_finite_result(out, n, what);
+}
+
 // ------------------------------------------------------------------------------- plan
 namespace {
 
@@ -1159,12 +1172,7 @@ lightkv_status lightkv_guidance_scores(lightkv_context * ctx, const float * q, c
 
         ctx_ptr g = new_meta_context(32);
         ggml_tensor * gs = lightkv::guidance_from_qk(g.get(), t_q, t_k, t_t, t_v, scale);
-        ggml_set_output(gs);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-        ggml_build_forward_expand(gf, gs);
-        ctx->compute(gf);
-        ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
-        check_finite_result(out_scores, n_vision, "guidance scores");
+        ctx->compute_result(g.get(), gs, out_scores, n_vision, "guidance scores");
     });
 }
 
@@ -1204,12 +1212,7 @@ lightkv_status lightkv_attention_received(lightkv_context * ctx, const float * q
 
         ctx_ptr g = new_meta_context(16);
         ggml_tensor * r = lightkv::attention_received(g.get(), t_q, t_k, t_m, scale);
-        ggml_set_output(r);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 64, false);
-        ggml_build_forward_expand(gf, r);
-        ctx->compute(gf);
-        ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
-        check_finite_result(out, n_key, "attention scores");
+        ctx->compute_result(g.get(), r, out, n_key, "attention scores");
     });
 }
 

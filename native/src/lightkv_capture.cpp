@@ -387,12 +387,7 @@ lightkv_status lightkv_capture_guidance(lightkv_capture * cap, int32_t layer,
         ggml_tensor * t_q = heads_major(g.get(), q, 0, n_seq);   // [d, S, H]
         ggml_tensor * t_k = heads_major(g.get(), k, 0, n_seq);   // [d, S, H_kv]
         ggml_tensor * gs = lightkv::guidance_from_qk(g.get(), t_q, t_k, t_t, t_v, scale);
-        ggml_set_output(gs);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-        ggml_build_forward_expand(gf, gs);
-        ctx->compute(gf);
-        ggml_backend_tensor_get(gs, out_scores, 0, (size_t) n_vision * sizeof(float));
-        check_finite_result(out_scores, n_vision, "guidance scores");
+        ctx->compute_result(g.get(), gs, out_scores, n_vision, "guidance scores");
     });
 }
 
@@ -465,15 +460,7 @@ lightkv_status lightkv_capture_attention_received(lightkv_capture * cap, int32_t
         k = ggml_cont(g.get(), ggml_permute(g.get(), k, 0, 2, 1, 3));                     // [d, N, H_kv]
         ggml_tensor * t_q = heads_major(g.get(), q, q.rows - n_query, n_query);          // [d, W, H]
         ggml_tensor * r = lightkv::attention_received(g.get(), t_q, k, t_m, scale);
-        ggml_set_output(r);
-        ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 64, false);
-        ggml_build_forward_expand(gf, r);
-        ggml_backend_sched_reset(ctx->sched);
-        if (reader) ggml_backend_sched_set_tensor_backend(ctx->sched, k_rows, reader);
-        ctx->alloc_graph(ctx->sched, gf);
-        ctx->run_allocated(ctx->sched, gf);
-        ggml_backend_tensor_get(r, out, 0, (size_t) n_key * sizeof(float));
-        check_finite_result(out, n_key, "attention scores");
+        ctx->compute_result(g.get(), r, out, n_key, "attention scores", k_rows, reader);
     });
 }
 

@@ -505,14 +505,8 @@ void guidance_model_scores(lightkv_guidance_model & m, const float * vision, int
     // ---- one graph: input scaling, RMS norm, Q/K (+bias, head norms), guidance
     ctx_ptr g = new_meta_context(64);
     ggml_tensor * total = lightkv::guidance_from_layer_input(g.get(), t_vision, t_text, m.layer);  // [1, N + T]
-    ggml_set_output(total);
-    ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-    ggml_build_forward_expand(gf, total);
-    lc.compute(gf);
-    ggml_backend_tensor_get(total, out, 0, (size_t) n_vision * sizeof(float));  // the vision rows come first
-    for (int64_t i = 0; i < n_vision; i++) {
-        if (!std::isfinite(out[i])) fail(LIGHTKV_ERR_NUMERIC, "guidance scores are not finite (q.k overflows float32)");
-    }
+    // the vision rows come first: read those n_vision values
+    lc.compute_result(g.get(), total, out, n_vision, "guidance scores");
 }
 
 }  // namespace

@@ -98,6 +98,12 @@ struct lightkv_context {
 
     // Allocate (in the shared scheduler) and run one graph; the outputs stay readable until
     // the next call of compute.
+    // Build the graph that ends in `result` (a [n] float32 tensor of meta context g), run it
+    // in the shared scheduler (`pin`, if given, on backend `pin_to`), copy its n values to
+    // `out` and check them finite (else LIGHTKV_ERR_NUMERIC naming `what`).
+    void compute_result(ggml_context * g, ggml_tensor * result, float * out, int64_t n,
+                        const char * what, ggml_tensor * pin = nullptr, ggml_backend_t pin_to = nullptr);
+
     void compute(ggml_cgraph * gf) {
         ggml_backend_sched_reset(sched);
         alloc_graph(sched, gf);
