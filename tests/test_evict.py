@@ -343,6 +343,22 @@ def _sample_image(seed=3):
     return S.dataset("test", 1, seed=seed)[0].image
 
 
+def _turn_segments(chat, img):
+    """(segments, end position) of the one-image turn chat.ask(QUESTION, [img]) prefills:
+    what the float64 reference is fed (layer_mode's own reading of libmtmd's chunks)."""
+    from lightkv_edge import layer_mode, mtmd
+    from lightkv_edge.engine import _Turn
+
+    full = chat._render([_Turn("user", chat.marker + QUESTION, [img])], True)
+    chunks = chat._tokenize(full, [img])
+    try:
+        segs, end, _ = layer_mode.segments_from_chunks(
+            chat.m, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))], 0)
+    finally:
+        mtmd.chunks_free(chunks)
+    return segs, end
+
+
 class _Recorder:
     """The token ids an engine generates (tests/test_chat.py's recorder)."""
 
@@ -360,8 +376,7 @@ class _Recorder:
 @pytest.mark.parametrize("keep, every", [(0.25, 3), (0.5, None)])
 def test_embedded_qwen2vl_matches_reference(embedded_f32_pair, keep, every):
 
-    from lightkv_edge import layer_mode, mtmd
-    from lightkv_edge.engine import VisionChat, _Turn
+    from lightkv_edge.engine import VisionChat
     from lightkv_edge.images import as_image
 
     chat = VisionChat(*map(str, embedded_f32_pair), mode="off", evict=keep,
@@ -369,13 +384,7 @@ def test_embedded_qwen2vl_matches_reference(embedded_f32_pair, keep, every):
                       ctx_size=512)
     try:
         img = as_image(_sample_image())
-        full = chat._render([_Turn("user", chat.marker + QUESTION, [img])], True)
-        chunks = chat._tokenize(full, [img])
-        try:
-            segs, end, _ = layer_mode.segments_from_chunks(
-                chat.m, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))], 0)
-        finally:
-            mtmd.chunks_free(chunks)
+        segs, end = _turn_segments(chat, img)
         rec = _Recorder(chat)
         chat.ask(QUESTION, [img])
         eog = chat._eog_tokens

@@ -24,7 +24,7 @@ llama_cpp = _libs.use_our_llama_cpp()
 from lightkv_edge import evict as E
 from lightkv_edge.reference import evict as R
 from tests.test_evict import (N_IMG, N_LAYER, QUESTION, ROOT, STEPS, TOL, _chat, _Ctx, _cli,
-                              _one_line_error, _sample_image, _turn)
+                              _one_line_error, _sample_image, _turn, _turn_segments)
 
 torch.set_num_threads(1)
 
@@ -185,8 +185,7 @@ def test_embedded_qwen2vl_adaptive_matches_reference(embedded_f32_pair, keep):
     budgets, the cells each layer sees and the greedy tokens (tests/test_evict.py's
     Qwen2-VL parity, with the adaptive eviction)."""
 
-    from lightkv_edge import layer_mode, mtmd
-    from lightkv_edge.engine import VisionChat, _Turn
+    from lightkv_edge.engine import VisionChat
     from lightkv_edge.images import as_image
     from tests.test_evict import _Recorder, qwen2vl_reference_prefill
 
@@ -195,13 +194,7 @@ def test_embedded_qwen2vl_adaptive_matches_reference(embedded_f32_pair, keep):
                       ctx_size=512)
     try:
         img = as_image(_sample_image(seed=2))     # an image whose layers' budgets differ
-        full = chat._render([_Turn("user", chat.marker + QUESTION, [img])], True)
-        chunks = chat._tokenize(full, [img])
-        try:
-            segs, end, _ = layer_mode.segments_from_chunks(
-                chat.m, [mtmd.chunks_get(chunks, i) for i in range(mtmd.chunks_size(chunks))], 0)
-        finally:
-            mtmd.chunks_free(chunks)
+        segs, end = _turn_segments(chat, img)
         rec = _Recorder(chat)
         chat.ask(QUESTION, [img])
         eog = chat._eog_tokens
