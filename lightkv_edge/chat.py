@@ -43,7 +43,7 @@ def _open_chat(args):
                       schedule=args.schedule, kv=args.kv, method=args.method,
                       evict=args.evict, decode_evict=args.decode_evict,
                       evict_layers=args.evict_layers, evict_window=args.evict_window,
-                      evict_adaptive=args.evict_adaptive)
+                      evict_adaptive=args.evict_adaptive, image_cache=args.image_cache)
 
 
 def _answer(chat, prompt, images, *, echo: bool) -> str:

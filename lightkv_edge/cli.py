@@ -32,7 +32,7 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "show_merge": "--show-merge",
            "evict": "--evict", "decode_evict": "--decode-evict",
            "evict_layers": "--evict-layers", "evict_window": "--evict-window",
-           "evict_adaptive": "--evict-adaptive"}
+           "evict_adaptive": "--evict-adaptive", "image_cache": "--image-cache"}
 
 
 def user_message(e: Exception) -> str:
@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layers to offload to the GPU (default: all when a GPU exists)")
     gen.add_argument("-t", "--threads", type=_positive_int, default=None,
                      help="CPU threads (default: all cores)")
+    gen.add_argument("--image-cache", type=_nonneg_int, default=4, metavar="N",
+                     help="keep the vision encoder's output for the last N pictures, so a "
+                          "picture asked about again (e.g. after /reset) skips the encoder "
+                          "(default 4; 0: off)")
     out = chat.add_argument_group("output")
     out.add_argument("--stats", action="store_true",
                      help="end with one JSON line of statistics (tokens kept, KV bytes, ms)")
@@ -290,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="layers to offload to the GPU (default: all when a GPU exists)")
     cost.add_argument("--run-timeout", type=_positive_int, default=1800, metavar="S",
                       help="give up on a run after S seconds (default 1800)")
+    cost.add_argument("--encode-once", action="store_true",
+                      help="encode the picture once (timed in its own process) and let every "
+                           "run reuse that output: the runs skip the vision encoder, TTFT is "
+                           "that encode time plus each run's own (for full-depth models, "
+                           "whose encoder takes minutes on a CPU)")
     cost.add_argument("--json", metavar="FILE", help="write the results as JSON")
     cost.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
     cost.add_argument("--plots", metavar="DIR", help="write the cost pictures (PNG) there")

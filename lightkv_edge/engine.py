@@ -59,6 +59,7 @@ class Stats:
     kv_cells: int = 0               # KV cells held after this turn's prefill
     kv_bytes: int = 0               # bytes of KV cache after this turn's prefill
     t_encode_ms: float = 0.0
+    images_cached: int = 0          # image chunks whose encoder output came from the cache
     t_merge_ms: float = 0.0
     t_prefill_ms: float = 0.0
     t_decode_ms: float = 0.0
@@ -137,10 +138,12 @@ class VisionChat:
                  model_name: str | None = None, schedule: str | None = None,
                  kv: str = "compact", evict: float | None = None,
                  decode_evict: int | None = None, evict_layers=None,
-                 evict_window: int | None = None, evict_adaptive: bool = False):
+                 evict_window: int | None = None, evict_adaptive: bool = False,
+                 image_cache: int = 4):
         _check_settings(mode=mode, keep=keep, windows=windows, ctx_size=ctx_size,
                         n_threads=n_threads, gpu_layers=gpu_layers, temp=temp, seed=seed,
-                        max_tokens=max_tokens, method=method, positions=positions)
+                        max_tokens=max_tokens, method=method, positions=positions,
+                        image_cache=image_cache)
         if (model is None) != (mmproj is None):
             raise InputError("give both model and mmproj (or neither, for an "
                              "embedded model)", param="model")
@@ -191,6 +194,7 @@ class VisionChat:
                                  "restricted to layer ranges already", param="evict_adaptive")
         self._evictor = None
         self._window_q = None
+        self._image_keys = {}       # this turn's image chunks -> image cache keys
         if model is not None and model_name is not None:
             raise InputError("give either model files or an embedded model_name, not both",
                              param="model_name")
@@ -216,6 +220,7 @@ class VisionChat:
             if gguf_file.field(mm, "general.architecture") == "clip":  # else VisionModel says
                 families.check_mode(gguf_file.field(mm, "clip.projector_type"), mode, mm)
         self.m = VisionModel(model, mmproj, ctx_size=ctx_size, n_threads=n_threads,
+                             image_cache=image_cache,
                              gpu_layers=gpu_layers, verbose=verbose)
         self.marker = mtmd.default_marker().decode()
         if mode == "layer":
@@ -444,6 +449,8 @@ class VisionChat:
     # -- tokenizing and checking --------------------------------------------------------
     def _tokenize(self, text: str, images: list[Image]):
         bitmaps = [mtmd.bitmap_init(im.width, im.height, im.rgb) for im in images]
+        for b, im in zip(bitmaps, images):      # the image cache's key (mtmd.image_keys)
+            mtmd.bitmap_set_id(b, im.digest.encode())
         chunks = mtmd.chunks_init()
         try:
             data = text.encode("utf-8")
@@ -521,6 +528,16 @@ class VisionChat:
     # -- prefill --------------------------------------------------------------------------
     def _prefill(self, chunks, guidance_text: str, stats: Stats) -> None:
         chunk_list = list(self._chunks(chunks))
+        # valid while the chunks live: a later chunk may take a freed one's address
+        self._image_keys = mtmd.image_keys(chunk_list)
+        hits = self.m.image_cache_hits
+        try:
+            self._prefill_chunks(chunk_list, guidance_text, stats)
+        finally:
+            self._image_keys = {}
+            stats.images_cached += self.m.image_cache_hits - hits
+
+    def _prefill_chunks(self, chunk_list, guidance_text: str, stats: Stats) -> None:
         has_image = any(mtmd.chunk_get_type(c) == mtmd.CHUNK_IMAGE for c in chunk_list)
         ev = self._evictor
         images_before = ev.n_images if ev else 0
@@ -673,14 +690,9 @@ class VisionChat:
         self.n_past = new_n_past.value
 
     def _encode(self, chunk, stats: Stats) -> np.ndarray:
-        t0 = time.perf_counter()
-        if mtmd.encode_chunk(self.m.mctx, chunk) != 0:
-            raise ModelError(f"the vision encoder failed: {LOG.last_error()}")
-        n = mtmd.chunk_get_n_tokens(chunk)
-        ptr = mtmd.get_output_embd(self.m.mctx)
-        embd = np.ctypeslib.as_array(ptr, shape=(n, self.m.n_embd)).copy()
-        stats.t_encode_ms += (time.perf_counter() - t0) * 1e3
-        stats.vision_tokens_in += n
+        embd, t_ms, _ = self.m.encode(chunk, self._image_keys.get(chunk))
+        stats.t_encode_ms += t_ms
+        stats.vision_tokens_in += len(embd)
         return embd
 
     def _eval_image_stock(self, chunk, stats: Stats) -> None:
@@ -862,6 +874,8 @@ def _check_settings(**given) -> None:
             fail(name, "must be None or an integer >= 1")
         if name == "gpu_layers" and v is not None and not (is_int(v) and v >= -1):
             fail(name, "must be None, -1 (all) or an integer >= 0")
+        if name == "image_cache" and not (is_int(v) and v >= 0):
+            fail(name, "must be an integer >= 0 (0: no cache)")
         if name == "seed" and not (is_int(v) and 0 <= v < 2**32):
             fail(name, "must be an integer in [0, 2**32)")
         if name == "method" and v not in METHODS:

@@ -39,6 +39,15 @@ class Image:
         if isinstance(self.rgb, bytearray):   # frozen: keep a copy nobody else can change
             object.__setattr__(self, "rgb", bytes(self.rgb))
 
+    @property
+    def digest(self) -> str:
+        """What the pixels are, as a short hex string (the image cache's key)."""
+        import hashlib
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.width}x{self.height}:".encode())
+        h.update(self.rgb)
+        return h.hexdigest()
+
 
 def as_image(item) -> Image:
     """What the Python API accepts as an image: a file path (str, bytes, os.PathLike), an

@@ -679,6 +679,7 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
     from .families import row_cells
     segs, t_enc = [], 0.0
     n_pos = 4 if vm.use_mrope else 1
+    keys = mtmd.image_keys(chunks)
     for ch in chunks:
         kind = mtmd.chunk_get_type(ch)
         if kind == mtmd.CHUNK_TEXT:
@@ -691,13 +692,9 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
         elif kind == mtmd.CHUNK_IMAGE:
             if mtmd.decode_use_non_causal(vm.mctx, ch):
                 raise ValueError(_NON_CAUSAL)
-            t0 = time.perf_counter()
-            if mtmd.encode_chunk(vm.mctx, ch) != 0:
-                raise RuntimeError("the vision encoder failed")
-            n = mtmd.chunk_get_n_tokens(ch)
-            embd = np.ctypeslib.as_array(mtmd.get_output_embd(vm.mctx),
-                                         shape=(n, vm.n_embd)).copy()
-            t_enc += (time.perf_counter() - t0) * 1e3
+            embd, t_ms, _ = vm.encode(ch, keys.get(ch))
+            t_enc += t_ms
+            n = len(embd)
             pos = mtmd.image_positions(ch, n_past, vm.use_mrope)
             grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
             cells = None if grid else row_cells(getattr(vm, "projector", None), n,

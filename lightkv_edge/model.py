@@ -9,7 +9,11 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
 
 from . import gguf_file, interrupts, mtmd
 from .errors import InputError, ModelError
@@ -106,8 +110,13 @@ class VisionModel:
 
     def __init__(self, model_path, mmproj_path, *, ctx_size=4096, n_threads=None,
                  gpu_layers=None, n_batch=2048, verbose=False, use_extra_bufts=False,
-                 warmup=False):
+                 warmup=False, image_cache=0):
         LOG.verbose = verbose
+        # the last `image_cache` pictures' encoder outputs, by image key (mtmd.image_keys),
+        # least recently used first: a picture asked about again skips the vision encoder
+        self.image_cache = image_cache
+        self._encoded: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.image_cache_hits = 0       # encoder runs the cache saved, since loading
         model_path = check_gguf(model_path, "model")
         mmproj_path = check_gguf(mmproj_path, "mmproj")
         if gguf_file.field(model_path, "general.architecture") == "clip":
@@ -233,6 +242,45 @@ class VisionModel:
                 return buf.raw[:n].decode("utf-8", "replace")
             size = n + 1
         raise ModelError("chat template output too long")
+
+    # -- vision -------------------------------------------------------------------------
+    def encode(self, chunk, key: str | None = None) -> tuple[np.ndarray, float, bool]:
+        """An image chunk's embeddings [n, n_embd] (the vision encoder's output, a copy
+        the caller owns), the encoder's ms, and whether they came from the image cache
+        (key: the chunk's mtmd.image_keys entry; None = do not cache)."""
+        hit = self._encoded.get(key) if key is not None else None
+        if hit is not None:
+            self._encoded.move_to_end(key)
+            self.image_cache_hits += 1
+            return hit.copy(), 0.0, True
+        t0 = time.perf_counter()
+        if mtmd.encode_chunk(self.mctx, chunk) != 0:
+            raise ModelError(f"the vision encoder failed: {LOG.last_error()}")
+        n = mtmd.chunk_get_n_tokens(chunk)
+        embd = np.ctypeslib.as_array(mtmd.get_output_embd(self.mctx),
+                                     shape=(n, self.n_embd)).copy()
+        t_ms = (time.perf_counter() - t0) * 1e3
+        if key is not None and self.image_cache > 0:
+            self._encoded[key] = embd.copy()
+            while len(self._encoded) > self.image_cache:
+                self._encoded.popitem(last=False)
+        return embd, t_ms, False
+
+    def encoded_images(self) -> dict[str, np.ndarray]:
+        """The image cache's entries (key -> embeddings), least recently used first."""
+        return dict(self._encoded)
+
+    def add_encoded_images(self, entries: dict[str, np.ndarray]) -> None:
+        """Put encoder outputs made elsewhere (encoded_images of the same mmproj) into
+        the image cache, e.g. one encoding shared by the runs of a benchmark."""
+        for key, embd in entries.items():
+            embd = np.asarray(embd, np.float32)
+            if embd.ndim != 2 or embd.shape[1] != self.n_embd:
+                raise InputError(f"cached image {key} has shape {embd.shape}, this model "
+                                 f"takes rows of {self.n_embd}", param="image_cache")
+            self._encoded[key] = embd.copy()
+        while len(self._encoded) > self.image_cache:
+            self._encoded.popitem(last=False)
 
     # -- KV cache -----------------------------------------------------------------------
     def clear(self) -> None:

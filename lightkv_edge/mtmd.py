@@ -51,6 +51,7 @@ decode_use_non_causal = _fn("mtmd_decode_use_non_causal", c_bool, c_void_p, c_vo
 
 bitmap_init = _fn("mtmd_bitmap_init", c_void_p, c_uint32, c_uint32, c_char_p)
 bitmap_free = _fn("mtmd_bitmap_free", None, c_void_p)
+bitmap_set_id = _fn("mtmd_bitmap_set_id", None, c_void_p, c_char_p)
 
 chunks_init = _fn("mtmd_input_chunks_init", c_void_p)
 chunks_free = _fn("mtmd_input_chunks_free", None, c_void_p)
@@ -62,6 +63,7 @@ chunk_get_tokens_text = _fn("mtmd_input_chunk_get_tokens_text", llama_token_p, c
 chunk_get_tokens_image = _fn("mtmd_input_chunk_get_tokens_image", c_void_p, c_void_p)
 chunk_get_n_tokens = _fn("mtmd_input_chunk_get_n_tokens", c_size_t, c_void_p)
 chunk_get_n_pos = _fn("mtmd_input_chunk_get_n_pos", c_int32, c_void_p)
+chunk_get_id = _fn("mtmd_input_chunk_get_id", c_char_p, c_void_p)
 image_tokens_get_n_tokens = _fn("mtmd_image_tokens_get_n_tokens", c_size_t, c_void_p)
 image_tokens_get_decoder_pos = _fn("mtmd_image_tokens_get_decoder_pos", decoder_pos,
                                    c_void_p, c_int32, c_size_t)
@@ -99,3 +101,20 @@ def image_grid(chunk, use_mrope: bool) -> tuple[int, int] | None:
     pos = image_positions(chunk, 0, True)
     rows, cols = int(pos[1].max() - pos[1].min()) + 1, int(pos[2].max() - pos[2].min()) + 1
     return (rows, cols) if rows * cols == pos.shape[1] else None
+
+
+def image_keys(chunks) -> dict[int, str]:
+    """The image cache's key of every image chunk of one turn, by chunk address: the
+    picture's id (set on its bitmap from its pixels) and the chunk's ordinal among the
+    turn's chunks of that id. libmtmd gives every slice of one picture the picture's id,
+    so the ordinal tells the slices apart (and a picture sent twice in one turn)."""
+    keys, seen = {}, {}
+    for ch in chunks:
+        if chunk_get_type(ch) != CHUNK_IMAGE:
+            continue
+        pid = (chunk_get_id(ch) or b"").decode()
+        if pid:
+            k = seen.get(pid, 0)
+            seen[pid] = k + 1
+            keys[ch] = f"{pid}/{k}"
+    return keys

@@ -11,7 +11,8 @@ Every step is a command a person can run alone; each is printed before it runs:
 2. cost on the embedded 8x8 model: `python -m lightkv_edge cost` (one process per run,
    configurations interleaved) -> cost-<model>.json, its table and three pictures;
 3. the same for every --cost-model, a full-depth random-weight model of a real model's shapes
-   (scripts/make_shape_models.py builds it once and caches it);
+   (scripts/make_shape_models.py builds it once and caches it), with `--encode-once`: its
+   vision tower runs once, timed, and every run reuses that output;
 4. report.md: the tables and pictures, and how they were made.
 Do not run anything else on the machine meanwhile: the cost figures are timings.
 """
@@ -51,7 +52,7 @@ def shape_model(name: str) -> tuple[str, str]:
     return text, mmproj
 
 
-def cost(out: Path, text: str, mmproj: str, a, image_size: int) -> dict:
+def cost(out: Path, text: str, mmproj: str, a, image_size: int, encode_once=False) -> dict:
     stem = Path(text).stem
     cmd = [sys.executable, "-m", "lightkv_edge", "cost", "-m", text, "--mmproj", mmproj,
            "--modes", a.cost_modes, "--keep", a.cost_keep, "--runs", str(a.runs),
@@ -60,6 +61,8 @@ def cost(out: Path, text: str, mmproj: str, a, image_size: int) -> dict:
            "--markdown", str(out / f"cost-{stem}.md"), "--plots", str(out)]
     if a.threads:
         cmd += ["-t", str(a.threads)]
+    if encode_once:     # a full-depth vision tower takes minutes a run on a CPU
+        cmd += ["--encode-once"]
     run(cmd)
     return json.loads((out / f"cost-{stem}.json").read_text())
 
@@ -99,6 +102,8 @@ def main() -> int:
            "--json", str(out / "quality.json"), "--markdown", str(out / "quality.md")]
     if a.threads:
         cmd += ["-t", str(a.threads)]
+    if encode_once:     # a full-depth vision tower takes minutes a run on a CPU
+        cmd += ["--encode-once"]
     run(cmd)
     quality = json.loads((out / "quality.json").read_text())
     quality_plot(quality, out / "quality.png")
@@ -106,7 +111,7 @@ def main() -> int:
     # 2. and 3. cost
     costs = [cost(out, *map(str, embedded_model()), a, image_size=128)]
     for name in a.cost_model:
-        costs.append(cost(out, *shape_model(name), a, image_size=672))
+        costs.append(cost(out, *shape_model(name), a, image_size=672, encode_once=True))
 
     # 4. the report
     from lightkv_edge.bench_cost import markdown_table as cost_table

@@ -149,3 +149,29 @@ def test_a_tiny_sweep_end_to_end(tmp_path):
         assert run["n_decoded_short"] == 2 and run["n_decoded_long"] == 4   # eos ignored
     assert (tmp_path / "cost.md").read_text().count("\n| ") == 4
     assert "layer@0.55: skipped" in (tmp_path / "cost.md").read_text()
+
+
+def test_encode_once_reuses_one_encoding_in_every_run(tmp_path):
+    """--encode-once: one encoding, timed in its own process, stands in for every run's; the
+    runs skip the encoder (the worker fails if a timed turn ran it) and give the same
+    figures otherwise (tokens kept, KV bytes) as the usual runs."""
+    model, mmproj = embedded_model()
+    common = ["-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed",
+              "--keep", "0.55", "--runs", "1", "--short-tokens", "2", "--long-tokens", "4",
+              "--image-size", "128", "-t", "1"]
+    once, usual = tmp_path / "once.json", tmp_path / "usual.json"
+    p = _cli(*common, "--encode-once", "--json", str(once),
+             "--markdown", str(tmp_path / "cost.md"))
+    assert p.returncode == 0, p.stderr
+    q = _cli(*common, "--json", str(usual))
+    assert q.returncode == 0, q.stderr
+    d, u = json.loads(once.read_text()), json.loads(usual.read_text())
+    assert d["encode_once"] is True and u["encode_once"] is False
+    enc = {run["t_encode_ms"] for runs in d["raw"].values() for run in runs}
+    assert len(enc) == 1 and enc.pop() > 0            # one measurement, in every run
+    for r, w in zip(d["rows"], u["rows"]):
+        assert r["config"] == w["config"]
+        assert r["ttft_ms"]["min"] > r["t_encode_ms"]["min"]
+        for f in ("vision_tokens_in", "vision_tokens_kept", "kv_cells", "kv_bytes"):
+            assert r[f]["median"] == w[f]["median"], f
+    assert "--encode-once" in (tmp_path / "cost.md").read_text()
