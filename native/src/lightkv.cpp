@@ -427,24 +427,48 @@ void set_protection(lightkv_merge_plan & plan, const uint8_t * protect, int32_t 
     plan.protect.assign(protect, protect + plan.n);
 }
 
+// Bit pattern of the largest |v| of n floats. For non-negative floats the integer order of
+// the bit patterns is the float order, and Inf and NaN lie above every finite value
+// (>= 0x7f800000): one integer max that the compiler vectorizes, where a float max with an
+// isfinite test per element does not (that scan was a tenth of a small merge).
+constexpr uint32_t NONFINITE_BITS = 0x7f800000u;
+uint32_t max_abs_bits(const float * v, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        std::memcpy(&b, v + i, sizeof b);
+        top = std::max(top, b & 0x7fffffffu);
+    }
+    return top;
+}
+
 // Scan x: finite, and the exponent of 2 that keeps the similarity's sums of squares inside
 // float32 (returns 0 when no rescaling is needed).
 int similarity_rescale_exponent(const float * x, int64_t n, int64_t d) {
-    float max_abs = 0.0f;
     const int64_t total = n * d;
-    for (int64_t i = 0; i < total; i++) {
-        const float v = x[i];
-        if (!std::isfinite(v)) {
-            LKV_INVALID("x contains NaN or Inf (row %lld, column %lld)", (long long) (i / d), (long long) (i % d));
+    const uint32_t top = max_abs_bits(x, total);
+    if (top >= NONFINITE_BITS) {
+        for (int64_t i = 0; i < total; i++) {
+            if (!std::isfinite(x[i])) {
+                LKV_INVALID("x contains NaN or Inf (row %lld, column %lld)", (long long) (i / d), (long long) (i % d));
+            }
         }
-        max_abs = std::max(max_abs, std::fabs(v));
     }
+    float max_abs;
+    std::memcpy(&max_abs, &top, sizeof max_abs);
     // sum of d squares must stay well below FLT_MAX (3.4e38): aim for max^2 * d <= 2^100
     const double need = (double) max_abs * (double) max_abs * (double) d;
     if (need <= 0x1p100) return 0;
     int e = 0;
     std::frexp(std::sqrt(need / 0x1p100), &e);
     return e;  // scale by 2^-e (exact in float32 for all values that matter)
+}
+
+// the aggregation's output: every value finite (else LIGHTKV_ERR_NUMERIC)
+void check_rows_finite(const float * v, int64_t n) {
+    if (max_abs_bits(v, n) >= NONFINITE_BITS) {
+        fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
+    }
 }
 
 void validate_scores(const float * s, int64_t n) {
@@ -683,45 +707,53 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
         return;
     }
 
-    // ---- graph 2: aggregation + re-ordering
+    // ---- graph 2: the aggregation, over the members gathered here member-major (the
+    //      layout the matrix product contracts over; padding slots hold token 0 with weight 0)
     const int64_t n_mw = (int64_t) merge_windows.size();
-    std::vector<int32_t> idx_mem((size_t) checked_mul(k_pad, n_mw, "merge members"), 0);
+    std::vector<float>   members_t((size_t) checked_mul(checked_mul(k_pad, d, "merge members"), n_mw, "merge members"));
     std::vector<float>   wmat((size_t) checked_mul(checked_mul(k_pad, g_pad, "merge weights"), n_mw, "merge weights"), 0.0f);
-    std::vector<int32_t> out_idx((size_t) m);
-    for (int64_t row = 0; row < m; row++) out_idx[row] = (int32_t) res->kept[row];  // copies of x
+    std::vector<int64_t> merged_of((size_t) m, -1);  // merged row (a * g_pad + gi) of every output row
     for (int64_t a = 0; a < n_mw; a++) {
+        std::vector<int64_t> slot((size_t) k_pad, 0);
         int64_t k = 0;
         const auto & gs = groups_by_window[merge_windows[a]];
         for (size_t gi = 0; gi < gs.size(); gi++) {
             for (size_t j = 0; j < gs[gi].members.size(); j++, k++) {
-                idx_mem[a * k_pad + k] = (int32_t) gs[gi].members[j];
+                slot[k] = gs[gi].members[j];
                 wmat[(a * g_pad + (int64_t) gi) * k_pad + k] = (float) gs[gi].weights[j];
             }
-            out_idx[gs[gi].row] = (int32_t) (n + a * g_pad + (int64_t) gi);  // merged row
+            merged_of[gs[gi].row] = a * g_pad + (int64_t) gi;
+        }
+        float * mt = members_t.data() + a * k_pad * d;
+        for (int64_t kk = 0; kk < k_pad; kk++) {
+            const float * row = x_host + slot[kk] * d;
+            for (int64_t c = 0; c < d; c++) mt[c * k_pad + kk] = row[c];
         }
     }
 
-    ctx_ptr in_meta = new_meta_context(4);
-    ggml_tensor * t_mem = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, k_pad * n_mw);
+    ctx_ptr in_meta = new_meta_context(2);
+    ggml_tensor * t_mem = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, d, n_mw);
     ggml_tensor * t_w   = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, g_pad, n_mw);
-    ggml_tensor * t_out = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, m);
     buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
-    upload(t_mem, idx_mem);
+    upload(t_mem, members_t);
     upload(t_w, wmat);
-    upload(t_out, out_idx);
 
-    ctx_ptr g = new_meta_context(32);
-    ggml_tensor * members = lightkv::gather_windows(g.get(), t_x, t_mem, k_pad, n_mw);
-    ggml_tensor * merged  = lightkv::aggregate_groups(g.get(), members, t_w);
-    ggml_tensor * result  = lightkv::reorder_rows(g.get(), t_x, merged, t_out);
-    ggml_set_output(result);
+    ctx_ptr g = new_meta_context(8);
+    ggml_tensor * merged = lightkv::aggregate_groups(g.get(), t_mem, t_w);  // [D, g_pad, n_mw]
+    ggml_set_output(merged);
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-    ggml_build_forward_expand(gf, result);
+    ggml_build_forward_expand(gf, merged);
     lc.compute(gf);
-    ggml_backend_tensor_get(result, res->x.data(), 0, res->x.size() * sizeof(float));
+    std::vector<float> merged_rows((size_t) (d * g_pad * n_mw));
+    ggml_backend_tensor_get(merged, merged_rows.data(), 0, merged_rows.size() * sizeof(float));
+    check_rows_finite(merged_rows.data(), (int64_t) merged_rows.size());
 
-    for (const float v : res->x) {
-        if (!std::isfinite(v)) fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
+    // ---- re-order by original index: kept rows copied bit for bit, merged rows in their
+    //      destination's place
+    for (int64_t row = 0; row < m; row++) {
+        const float * from = merged_of[row] >= 0 ? merged_rows.data() + merged_of[row] * d
+                                                 : x_host + res->kept[row] * d;
+        std::memcpy(res->x.data() + row * d, from, (size_t) d * sizeof(float));
     }
     *out = res.release();
 }

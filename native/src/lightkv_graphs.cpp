@@ -61,18 +61,10 @@ best_match best_destination(ggml_context * ctx, ggml_tensor * sim, ggml_tensor *
     return { first, ggml_reshape_1d(ctx, best, rows) };
 }
 
-ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members, ggml_tensor * weights) {
+ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members_t, ggml_tensor * weights) {
     // merged[:, g, w] = sum_k weights[k, g, w] * members[:, k, w]: a matrix product per
-    // window contracting over the member axis, so the members go K-major first
-    ggml_tensor * members_t = ggml_cont(ctx, ggml_transpose(ctx, members));  // [K, D, w]
-    return ggml_mul_mat(ctx, members_t, weights);                             // [D, G, w]
-}
-
-ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * merged,
-                           ggml_tensor * out_idx) {
-    ggml_tensor * merged_rows = ggml_reshape_2d(ctx, merged, merged->ne[0], merged->ne[1] * merged->ne[2]);
-    ggml_tensor * table       = ggml_concat(ctx, x, merged_rows, 1);   // [D, N + G * w]
-    return ggml_get_rows(ctx, table, out_idx);                         // [D, M]
+    // window contracting over the member axis (ne0 of both)
+    return ggml_mul_mat(ctx, members_t, weights);   // [D, G, w]
 }
 
 ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_text, float scale) {
