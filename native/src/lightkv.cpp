@@ -714,7 +714,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     std::vector<float>   wmat((size_t) checked_mul(checked_mul(k_pad, g_pad, "merge weights"), n_mw, "merge weights"), 0.0f);
     std::vector<int64_t> merged_of((size_t) m, -1);  // merged row (a * g_pad + gi) of every output row
     for (int64_t a = 0; a < n_mw; a++) {
-        std::vector<int64_t> slot((size_t) k_pad, 0);
+        std::vector<int64_t> slot((size_t) k_pad, 0);  // token of every member slot
         int64_t k = 0;
         const auto & gs = groups_by_window[merge_windows[a]];
         for (size_t gi = 0; gi < gs.size(); gi++) {
@@ -724,10 +724,13 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
             }
             merged_of[gs[gi].row] = a * g_pad + (int64_t) gi;
         }
+        // column c of the members = feature c of each member row (writes in order); the
+        // padding slots repeat token 0's feature
         float * mt = members_t.data() + a * k_pad * d;
-        for (int64_t kk = 0; kk < k_pad; kk++) {
-            const float * row = x_host + slot[kk] * d;
-            for (int64_t c = 0; c < d; c++) mt[c * k_pad + kk] = row[c];
+        for (int64_t c = 0; c < d; c++) {
+            const float * col = x_host + c;
+            for (int64_t kk = 0; kk < k; kk++) mt[c * k_pad + kk] = col[slot[kk] * d];
+            std::fill(mt + c * k_pad + k, mt + (c + 1) * k_pad, col[0]);
         }
     }
 
