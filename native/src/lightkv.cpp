@@ -146,7 +146,33 @@ buf_ptr lightkv_context::alloc_inputs(ggml_context * meta) {
     ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(meta, primary);
     if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
     ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    n_buffers++;
     return buf_ptr(b);
+}
+
+void lightkv_context::place_inputs(scratch_slot slot, ggml_context * meta) {
+    ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(primary);
+    const size_t align = ggml_backend_buft_get_alignment(buft);
+    size_t total = 0;
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+    }
+    buf_ptr & buf = scratch[slot];
+    if (!buf || ggml_backend_buffer_get_size(buf.get()) < total) {
+        buf.reset();  // the old one first: its tensors are dead
+        ggml_backend_buffer_t b = ggml_backend_buft_alloc_buffer(buft, total);
+        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);  // as alloc_inputs
+        buf.reset(b);
+        n_buffers++;
+    }
+    char * at = (char *) ggml_backend_buffer_get_base(buf.get());
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (ggml_backend_tensor_alloc(buf.get(), t, at) != GGML_STATUS_SUCCESS) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not place an input tensor in its buffer");
+        }
+        at += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+    }
 }
 
 sched_ptr lightkv_context::new_sched() const {
@@ -169,6 +195,7 @@ void lightkv_context::alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf) {
     if (!ggml_backend_sched_alloc_graph(s, gf)) {
         fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
     }
+    n_graph_allocs++;
 }
 
 // Multiply-adds of the graph's matrix products plus one per element of every other node.
@@ -191,6 +218,7 @@ void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
     // thread) against 5.7-6.5 ms. So graphs below SMALL_GRAPH_WORK run on one thread.
     set_threads(cpu, graph_work(gf) < SMALL_GRAPH_WORK ? 1 : n_threads);
     last_splits += ggml_backend_sched_get_n_splits(s);
+    n_graphs++;
     const ggml_status st = ggml_backend_sched_graph_compute(s, gf);
     if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
     if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
@@ -264,12 +292,13 @@ struct lightkv_merge_plan {
     lightkv::best_match  g1_best{};
     int                  g1_rescale_exp = 0;  // the exponent graph 1 was built for
     sched_ptr            g1_sched;
-    // a one-shot run (lightkv_merge_run*) allocates graph 1 in the context's scheduler
-    // instead: graph 1 is read before graph 2 resets it, and a scheduler of its own per
-    // call cost more than the merge itself (~3 of 4.7 ms at 64 x 128)
-    bool                 shared_sched = false;
+    // a one-shot plan (lightkv_merge_run*, each stage of lightkv_merge_reduce) runs once:
+    // graph 1 is allocated in the context's scheduler (it is read before graph 2 resets it,
+    // and a scheduler of its own per call cost more than the merge itself, ~3 of 4.7 ms at
+    // 64 x 128), and x and graph 1's inputs sit in the context's reused input buffers
+    bool                 one_shot = false;
 
-    ggml_backend_sched_t sched() const { return shared_sched ? ctx->sched : g1_sched.get(); }
+    ggml_backend_sched_t sched() const { return one_shot ? ctx->sched : g1_sched.get(); }
 
     // test counters (lightkv_merge_plan_stats)
     int64_t              n_runs = 0;
@@ -286,6 +315,8 @@ struct lightkv_merge_result {
     // lightkv_merge_reduce: windows per side and rows left after each stage it ran
     std::vector<int32_t> stage_windows;
     std::vector<int64_t> stage_rows;
+    // what the call that made it did (lightkv_merge_result_work)
+    int64_t              n_graphs = 0, n_graph_allocs = 0, n_buffers = 0;
 };
 
 namespace {
@@ -486,7 +517,7 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     const int64_t n_act = (int64_t) plan.active.size();
     const int64_t s_pad = plan.s_pad, d_pad = plan.d_pad;
 
-    if (!plan.g1_in_buf) {
+    if (!plan.g1_in_meta) {
         // ---- host-side layout of the active windows
         std::vector<int32_t> idx_src((size_t) checked_mul(s_pad, n_act, "source slots"), 0);
         std::vector<int32_t> idx_dst((size_t) checked_mul(d_pad, n_act, "destination slots"), 0);
@@ -512,8 +543,12 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
         ggml_set_name(t_dst, "dst");
         ggml_set_name(t_mask, "mask");
         ggml_set_name(t_ramp, "ramp");
-        plan.g1_in_buf = lc.alloc_inputs(m);
-        plan.n_allocs++;
+        if (plan.one_shot) {
+            lc.place_inputs(SCRATCH_SIMILARITY, m);  // a one-shot plan: its inputs die with the call
+        } else {
+            plan.g1_in_buf = lc.alloc_inputs(m);
+            plan.n_allocs++;
+        }
         upload(t_src, idx_src);
         upload(t_dst, idx_dst);
         upload(t_mask, mask);
@@ -545,7 +580,7 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     ggml_build_forward_expand(gf, best.index);
     ggml_build_forward_expand(gf, best.score);
 
-    if (!plan.shared_sched && !plan.g1_sched) plan.g1_sched = lc.new_sched();
+    if (!plan.one_shot && !plan.g1_sched) plan.g1_sched = lc.new_sched();
     ggml_backend_sched_reset(plan.sched());
     lc.alloc_graph(plan.sched(), gf);
     plan.n_allocs++;
@@ -621,11 +656,15 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     lc.last_splits = 0;
 
     // ---- x on the chosen backend (shared by both graphs; its buffer is the plan's)
-    if (!plan.x_buf) {
+    if (!plan.x_meta) {
         plan.x_meta = new_meta_context(1);
         plan.t_x = ggml_new_tensor_2d(plan.x_meta.get(), GGML_TYPE_F32, d, n);
-        plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
-        plan.n_allocs++;
+        if (plan.one_shot) {
+            lc.place_inputs(SCRATCH_ROWS, plan.x_meta.get());  // a one-shot plan
+        } else {
+            plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
+            plan.n_allocs++;
+        }
     }
     ggml_tensor * t_x = plan.t_x;
     ggml_backend_tensor_set(t_x, x_host, 0, ggml_nbytes(t_x));
@@ -737,7 +776,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     ctx_ptr in_meta = new_meta_context(2);
     ggml_tensor * t_mem = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, d, n_mw);
     ggml_tensor * t_w   = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, g_pad, n_mw);
-    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
+    lc.place_inputs(SCRATCH_AGGREGATION, in_meta.get());
     upload(t_mem, members_t);
     upload(t_w, wmat);
 
@@ -760,6 +799,19 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     }
     *out = res.release();
 }
+
+// The context's work counters when a call began; record() stores the call's share in its result.
+struct work_mark {
+    const lightkv_context & lc;
+    const int64_t graphs, graph_allocs, buffers;
+    explicit work_mark(const lightkv_context & c)
+        : lc(c), graphs(c.n_graphs), graph_allocs(c.n_graph_allocs), buffers(c.n_buffers) {}
+    void record(lightkv_merge_result & r) const {
+        r.n_graphs = lc.n_graphs - graphs;
+        r.n_graph_allocs = lc.n_graph_allocs - graph_allocs;
+        r.n_buffers = lc.n_buffers - buffers;
+    }
+};
 
 // The progressive schedule of lightkv_merge_reduce: run_plan stages on what is left, the
 // rows, their scores, protected flags and original indices kept here between stages (one
@@ -816,7 +868,7 @@ void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, con
         plan.params.ratio = std::min((double) (m - rp.target) / (double) m + 1e-9, 0.5);
         plan.params.grid_rows = rows;
         plan.params.grid_cols = cols;
-        plan.shared_sched = true;
+        plan.one_shot = true;
         pos.resize((size_t) (2 * m));
         for (int64_t i = 0; i < m; i++) {  // survivors at their cell of the original grid
             pos[2 * i] = kept[i] / cols;
@@ -1073,7 +1125,9 @@ lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x
     lightkv_context * ctx = plan ? plan->ctx : nullptr;
     return guarded(ctx, [&] {
         if (!plan) LKV_INVALID("plan must not be NULL");
+        const work_mark mark(*ctx);
         run_plan(*plan, x, scores, out);
+        mark.record(**out);
     });
 }
 
@@ -1104,10 +1158,12 @@ lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, const float * 
         plan.n = n;
         plan.d = d;
         plan.params = *params;
-        plan.shared_sched = true;
+        plan.one_shot = true;
         set_protection(plan, protect, protect_mode);
         build_plan(plan, positions);
+        const work_mark mark(*ctx);
         run_plan(plan, x, scores, out);
+        mark.record(**out);
     });
 }
 
@@ -1136,7 +1192,9 @@ lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int6
         *out = nullptr;
         if (!ctx) LKV_INVALID("ctx must not be NULL");
         if (!params) LKV_INVALID("params must not be NULL");
+        const work_mark mark(*ctx);
         run_reduce(*ctx, x, n, d, scores, *params, out);
+        mark.record(**out);
     });
 }
 
@@ -1149,6 +1207,16 @@ int32_t lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * wi
         if (rows) rows[i] = r->stage_rows[i];
     }
     return k;
+}
+
+lightkv_status lightkv_merge_result_work(const lightkv_merge_result * r, int64_t * n_graphs,
+                                        int64_t * n_graph_allocs, int64_t * n_buffers) {
+    return guarded(nullptr, [&] {
+        if (!r) LKV_INVALID("result must not be NULL");
+        if (n_graphs) *n_graphs = r->n_graphs;
+        if (n_graph_allocs) *n_graph_allocs = r->n_graph_allocs;
+        if (n_buffers) *n_buffers = r->n_buffers;
+    });
 }
 
 int64_t lightkv_merge_result_rows(const lightkv_merge_result * r)   { return r ? r->m : 0; }

@@ -68,6 +68,16 @@ void upload(ggml_tensor * t, const std::vector<T> & v) {
 }  // namespace lightkv
 
 // ------------------------------------------------------------------------------- context
+// Input buffers a context reuses from call to call (lightkv_context::place_inputs): the inputs
+// of a graph that is computed before the call returns. One slot per set of inputs that must
+// live at the same time.
+enum scratch_slot {
+    SCRATCH_ROWS        = 0,  // a one-shot merge's x; the guidance model's rows
+    SCRATCH_SIMILARITY  = 1,  // a one-shot merge's window slots, padding mask, tie ramp
+    SCRATCH_AGGREGATION = 2,  // the aggregation's members and weights (every merge run)
+    N_SCRATCH           = 3,
+};
+
 struct lightkv_context {
     ggml_backend_t               primary = nullptr;  // the chosen backend
     ggml_backend_t               cpu     = nullptr;  // fallback; == primary when CPU was chosen
@@ -77,6 +87,10 @@ struct lightkv_context {
     std::string                  error;
     int32_t                      last_splits = 0;
     int32_t                      n_threads   = 1;        // CPU threads for graphs worth splitting
+    lightkv::buf_ptr             scratch[N_SCRATCH];     // place_inputs' buffers
+    // work counters since create (tests; a call reports its own share as differences):
+    // graphs computed, graph allocations in a scheduler, input buffers allocated
+    int64_t                      n_graphs = 0, n_graph_allocs = 0, n_buffers = 0;
 
     ~lightkv_context();
 
@@ -84,6 +98,12 @@ struct lightkv_context {
     // the scheduler then assigns the ops that read them to that backend (plain graph inputs
     // would be placed on the CPU and pull the whole graph there).
     lightkv::buf_ptr alloc_inputs(ggml_context * meta);
+
+    // The same, in the context's buffer of `slot`, reallocated only when the tensors do not
+    // fit: for inputs read by graphs computed before the call returns (the previous tensors
+    // placed in that slot are dead from then on). A small merge allocated three buffers per
+    // stage, fifteen per lightkv_merge_reduce of the embedded model, before this.
+    void place_inputs(scratch_slot slot, ggml_context * meta);
 
     // A scheduler of its own over [chosen backend, CPU], for a graph that stays allocated
     // across calls (a merge plan's similarity graph).
