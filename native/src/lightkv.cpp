@@ -11,13 +11,16 @@
 //     (b) the number of output rows M depends on the data (threshold), and a ggml graph has
 //         static shapes: graph 2 can only be built once M is known.
 //   graph 2 (ggml, chosen backend): the guided weighted aggregation (batched mul_mat of a
-//     per-window weight matrix and the window's member tokens) and the re-ordering by
-//     original index (concat + get_rows).
+//     per-window weight matrix and the window's member tokens, gathered member-major on the
+//     host); the re-ordering by original index is a host row copy (docs/ggml-ops.md, "What
+//     runs on the host besides").
 // Both graphs run through ggml_backend_sched over [chosen backend, CPU]: any op the chosen
-// backend does not support runs on the CPU, with the scheduler's copies in between.
+// backend does not support runs on the CPU, with the scheduler's copies in between. On a
+// CPU context (nothing to fall back to) they run without it (lightkv_context::cpu_only).
 // A plan keeps what does not change between its runs: x's buffer, graph 1 with its window
-// indices, padding mask and tie ramp, and graph 1's allocation (in a scheduler of its own);
-// a run uploads x, computes graph 1 as it stands, and builds graph 2 with the weights.
+// indices, padding mask and tie ramp, and graph 1's allocation (in a scheduler of its own,
+// or a buffer of its own on a CPU context); a run uploads x, computes graph 1 as it stands,
+// and builds graph 2 with the weights.
 // The guidance model and the GGUF reader are in lightkv_guidance.cpp.
 #include "lightkv.h"
 #include "lightkv_graphs.h"
@@ -198,6 +201,13 @@ void lightkv_context::alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf) {
     n_graph_allocs++;
 }
 
+buf_ptr lightkv_context::graph_buffer(ggml_context * g) {
+    ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(g, cpu);
+    if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
+    n_graph_allocs++;
+    return buf_ptr(b);
+}
+
 // Multiply-adds of the graph's matrix products plus one per element of every other node.
 static double graph_work(ggml_cgraph * gf) {
     double work = 0.0;
@@ -217,9 +227,9 @@ void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
     // with other work the median went to 18-34 ms (a barrier waits for a descheduled
     // thread) against 5.7-6.5 ms. So graphs below SMALL_GRAPH_WORK run on one thread.
     set_threads(cpu, graph_work(gf) < SMALL_GRAPH_WORK ? 1 : n_threads);
-    last_splits += ggml_backend_sched_get_n_splits(s);
+    last_splits += s ? ggml_backend_sched_get_n_splits(s) : 1;
     n_graphs++;
-    const ggml_status st = ggml_backend_sched_graph_compute(s, gf);
+    const ggml_status st = s ? ggml_backend_sched_graph_compute(s, gf) : ggml_backend_graph_compute(cpu, gf);
     if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
     if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
 }
@@ -279,7 +289,7 @@ struct lightkv_merge_plan {
     // What does not change between runs, made by the first run and kept: x's buffer on the
     // chosen backend, the similarity graph (graph 1) with its index/mask/ramp inputs, and
     // that graph's allocation in a scheduler of the plan's own (the context's scheduler is
-    // reset by every other graph). A run uploads x, computes graph 1 as allocated, and
+    // reset by every other graph; on a CPU context: g1_buf, no scheduler). A run uploads x, computes graph 1 as allocated, and
     // builds graph 2 (whose shapes depend on the merge groups) with the score-derived
     // weights.
     ctx_ptr              x_meta;
@@ -298,7 +308,10 @@ struct lightkv_merge_plan {
     // 64 x 128), and x and graph 1's inputs sit in the context's reused input buffers
     bool                 one_shot = false;
 
-    ggml_backend_sched_t sched() const { return one_shot ? ctx->sched : g1_sched.get(); }
+    buf_ptr              g1_buf;       // graph 1's tensors on a CPU context (no scheduler)
+
+    // where graph 1 is allocated: nullptr on a CPU context (g1_buf)
+    ggml_backend_sched_t sched() const { return ctx->cpu_only() ? nullptr : one_shot ? ctx->sched : g1_sched.get(); }
 
     // test counters (lightkv_merge_plan_stats)
     int64_t              n_runs = 0;
@@ -580,9 +593,13 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     ggml_build_forward_expand(gf, best.index);
     ggml_build_forward_expand(gf, best.score);
 
-    if (!plan.one_shot && !plan.g1_sched) plan.g1_sched = lc.new_sched();
-    ggml_backend_sched_reset(plan.sched());
-    lc.alloc_graph(plan.sched(), gf);
+    if (lc.cpu_only()) {
+        plan.g1_buf = lc.graph_buffer(g);
+    } else {
+        if (!plan.one_shot && !plan.g1_sched) plan.g1_sched = lc.new_sched();
+        ggml_backend_sched_reset(plan.sched());
+        lc.alloc_graph(plan.sched(), gf);
+    }
     plan.n_allocs++;
     plan.g1 = gf;
     plan.g1_best = best;
@@ -785,7 +802,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     ggml_set_output(merged);
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
     ggml_build_forward_expand(gf, merged);
-    lc.compute(gf);
+    const buf_ptr g_buf = lc.compute(g.get(), gf);
     std::vector<float> merged_rows((size_t) (d * g_pad * n_mw));
     ggml_backend_tensor_get(merged, merged_rows.data(), 0, merged_rows.size() * sizeof(float));
     check_rows_finite(merged_rows.data(), (int64_t) merged_rows.size());

@@ -113,7 +113,14 @@ struct lightkv_context {
     // allocation stays valid until `s` is reset.
     void alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf);
 
-    // Run a graph allocated in `s` by alloc_graph.
+    // A graph of a CPU context runs without a scheduler (one backend: nothing to split, copy
+    // or fall back to): graph_buffer gives every tensor of its meta context g one buffer of
+    // their own, and run_allocated(nullptr, gf) computes it on the CPU backend. The
+    // scheduler's graph split and allocator planning were a fifth of a small merge.
+    bool cpu_only() const { return primary == cpu; }
+    lightkv::buf_ptr graph_buffer(ggml_context * g);
+
+    // Run a graph allocated in `s` by alloc_graph, or (s nullptr) by graph_buffer.
     void run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf);
 
     // Allocate (in the shared scheduler) and run one graph; the outputs stay readable until
@@ -124,10 +131,19 @@ struct lightkv_context {
     void compute_result(ggml_context * g, ggml_tensor * result, float * out, int64_t n,
                         const char * what, ggml_tensor * pin = nullptr, ggml_backend_t pin_to = nullptr);
 
-    void compute(ggml_cgraph * gf) {
+    // Allocate and run the graph gf of meta context g: in a buffer of its own on a CPU
+    // context (returned: the outputs live as long as it), else in the shared scheduler
+    // (returns an empty pointer; the outputs stay readable until the next graph).
+    lightkv::buf_ptr compute(ggml_context * g, ggml_cgraph * gf) {
+        if (cpu_only()) {
+            lightkv::buf_ptr buf = graph_buffer(g);
+            run_allocated(nullptr, gf);
+            return buf;
+        }
         ggml_backend_sched_reset(sched);
         alloc_graph(sched, gf);
         run_allocated(sched, gf);
+        return nullptr;
     }
 };
 
