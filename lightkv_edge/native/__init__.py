@@ -514,8 +514,8 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
 class ReduceResult(MergeResult):
     """A MergeResult over the original tokens, plus the stages that ran: (windows per side,
     rows left) each, and what the call did (test counters, lightkv_merge_result_work):
-    {"graphs": computed, "graph_allocs": scheduler allocations, "buffers": input buffers
-    allocated}."""
+    {"graphs": computed, "graph_allocs": graph allocations, "buffers": backend buffers
+    allocated for inputs and graphs}."""
 
     stages: tuple
     work: dict

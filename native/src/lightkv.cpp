@@ -153,28 +153,36 @@ buf_ptr lightkv_context::alloc_inputs(ggml_context * meta) {
     return buf_ptr(b);
 }
 
-void lightkv_context::place_inputs(scratch_slot slot, ggml_context * meta) {
+void lightkv_context::place_tensors(scratch_slot slot, ggml_context * meta) {
     ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(primary);
     const size_t align = ggml_backend_buft_get_alignment(buft);
     size_t total = 0;
     for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
-        total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+        if (!t->view_src) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
     }
     buf_ptr & buf = scratch[slot];
     if (!buf || ggml_backend_buffer_get_size(buf.get()) < total) {
         buf.reset();  // the old one first: its tensors are dead
         ggml_backend_buffer_t b = ggml_backend_buft_alloc_buffer(buft, total);
-        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
-        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);  // as alloc_inputs
+        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for a graph's tensors", name.c_str());
+        // as alloc_inputs (the scheduler places ops that read inputs on this backend)
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         buf.reset(b);
         n_buffers++;
     }
     char * at = (char *) ggml_backend_buffer_get_base(buf.get());
     for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (t->view_src) continue;
         if (ggml_backend_tensor_alloc(buf.get(), t, at) != GGML_STATUS_SUCCESS) {
-            fail(LIGHTKV_ERR_INTERNAL, "could not place an input tensor in its buffer");
+            fail(LIGHTKV_ERR_INTERNAL, "could not place a tensor in its buffer");
         }
         at += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+    }
+    // views after what they view (which may sit in another buffer)
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (t->view_src && ggml_backend_view_init(t) != GGML_STATUS_SUCCESS) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not place a view in its buffer");
+        }
     }
 }
 
@@ -205,6 +213,7 @@ buf_ptr lightkv_context::graph_buffer(ggml_context * g) {
     ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(g, cpu);
     if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
     n_graph_allocs++;
+    n_buffers++;
     return buf_ptr(b);
 }
 
@@ -289,9 +298,9 @@ struct lightkv_merge_plan {
     // What does not change between runs, made by the first run and kept: x's buffer on the
     // chosen backend, the similarity graph (graph 1) with its index/mask/ramp inputs, and
     // that graph's allocation in a scheduler of the plan's own (the context's scheduler is
-    // reset by every other graph; on a CPU context: g1_buf, no scheduler). A run uploads x, computes graph 1 as allocated, and
-    // builds graph 2 (whose shapes depend on the merge groups) with the score-derived
-    // weights.
+    // reset by every other graph; on a CPU context: g1_buf, no scheduler). A run uploads x,
+    // computes graph 1 as allocated, and builds graph 2 (whose shapes depend on the merge
+    // groups) with the score-derived weights.
     ctx_ptr              x_meta;
     buf_ptr              x_buf;
     ggml_tensor *        t_x = nullptr;
@@ -557,7 +566,7 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
         ggml_set_name(t_mask, "mask");
         ggml_set_name(t_ramp, "ramp");
         if (plan.one_shot) {
-            lc.place_inputs(SCRATCH_SIMILARITY, m);  // a one-shot plan: its inputs die with the call
+            lc.place_tensors(SCRATCH_SIMILARITY, m);  // a one-shot plan: its inputs die with the call
         } else {
             plan.g1_in_buf = lc.alloc_inputs(m);
             plan.n_allocs++;
@@ -593,7 +602,10 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     ggml_build_forward_expand(gf, best.index);
     ggml_build_forward_expand(gf, best.score);
 
-    if (lc.cpu_only()) {
+    if (lc.cpu_only() && plan.one_shot) {
+        lc.place_tensors(SCRATCH_SIMILARITY_GRAPH, g);
+        lc.n_graph_allocs++;
+    } else if (lc.cpu_only()) {
         plan.g1_buf = lc.graph_buffer(g);
     } else {
         if (!plan.one_shot && !plan.g1_sched) plan.g1_sched = lc.new_sched();
@@ -677,7 +689,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
         plan.x_meta = new_meta_context(1);
         plan.t_x = ggml_new_tensor_2d(plan.x_meta.get(), GGML_TYPE_F32, d, n);
         if (plan.one_shot) {
-            lc.place_inputs(SCRATCH_ROWS, plan.x_meta.get());  // a one-shot plan
+            lc.place_tensors(SCRATCH_ROWS, plan.x_meta.get());  // a one-shot plan
         } else {
             plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
             plan.n_allocs++;
@@ -793,7 +805,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     ctx_ptr in_meta = new_meta_context(2);
     ggml_tensor * t_mem = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, d, n_mw);
     ggml_tensor * t_w   = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, g_pad, n_mw);
-    lc.place_inputs(SCRATCH_AGGREGATION, in_meta.get());
+    lc.place_tensors(SCRATCH_AGGREGATION, in_meta.get());
     upload(t_mem, members_t);
     upload(t_w, wmat);
 
@@ -802,7 +814,7 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     ggml_set_output(merged);
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
     ggml_build_forward_expand(gf, merged);
-    const buf_ptr g_buf = lc.compute(g.get(), gf);
+    lc.compute(g.get(), gf, SCRATCH_AGGREGATION_GRAPH);
     std::vector<float> merged_rows((size_t) (d * g_pad * n_mw));
     ggml_backend_tensor_get(merged, merged_rows.data(), 0, merged_rows.size() * sizeof(float));
     check_rows_finite(merged_rows.data(), (int64_t) merged_rows.size());

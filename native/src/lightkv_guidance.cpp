@@ -516,7 +516,7 @@ void guidance_model_scores(lightkv_guidance_model & m, const float * vision, int
     ctx_ptr in_meta = new_meta_context(2);
     ggml_tensor * t_vision = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, info.n_embd_inp, n_vision);
     ggml_tensor * t_text   = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, info.n_embd, n_text);
-    lc.place_inputs(SCRATCH_ROWS, in_meta.get());
+    lc.place_tensors(SCRATCH_ROWS, in_meta.get());
     ggml_backend_tensor_set(t_vision, vision, 0, ggml_nbytes(t_vision));
     upload(t_text, text);
 
