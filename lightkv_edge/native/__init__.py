@@ -106,6 +106,7 @@ def _load():
             "lightkv_merge_reduce": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
                                                C.POINTER(_ReduceParams), C.POINTER(p_res)]),
             "lightkv_merge_result_stages": (C.c_int32, [p_res, C.POINTER(C.c_int32), i64p, C.c_int32]),
+            "lightkv_merge_result_work": (C.c_int, [p_res, i64p, i64p, i64p]),
             "lightkv_merge_plan_run": (C.c_int, [C.c_void_p, f32p, f32p, C.POINTER(p_res)]),
             "lightkv_merge_plan_free": (None, [C.c_void_p]),
             "lightkv_merge_plan_rows_without_threshold": (C.c_int64, [C.c_void_p]),
@@ -512,9 +513,12 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
 @dataclass(frozen=True)
 class ReduceResult(MergeResult):
     """A MergeResult over the original tokens, plus the stages that ran: (windows per side,
-    rows left) each."""
+    rows left) each, and what the call did (test counters, lightkv_merge_result_work):
+    {"graphs": computed, "graph_allocs": graph allocations, "buffers": backend buffers
+    allocated for inputs and graphs}."""
 
     stages: tuple
+    work: dict
 
 
 def merge_reduce(x, scores, *, target, windows, grid=None, protect_count=0,
@@ -555,8 +559,12 @@ def merge_reduce(x, scores, *, target, windows, grid=None, protect_count=0,
         win, rows_left = (C.c_int32 * max(k, 1))(), (C.c_int64 * max(k, 1))()
         ctx.lib.lightkv_merge_result_stages(res, win, rows_left, k)
         stages = tuple((int(win[i]), int(rows_left[i])) for i in range(k))
+        counts = [C.c_int64() for _ in range(3)]
+        ctx.lib.lightkv_merge_result_work(res, *(C.byref(c) for c in counts))
+        work = dict(zip(("graphs", "graph_allocs", "buffers"), (c.value for c in counts)))
         r = _result(ctx.lib, res, n, d)
-    return ReduceResult(x=r.x, kept=r.kept, assign=r.assign, weight=r.weight, stages=stages)
+    return ReduceResult(x=r.x, kept=r.kept, assign=r.assign, weight=r.weight, stages=stages,
+                        work=work)
 
 
 def plan_cache_stats(backend: str | None = None) -> list[dict]:

@@ -207,6 +207,12 @@ LIGHTKV_API lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const flo
 LIGHTKV_API int32_t         lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * windows,
                                                         int64_t * rows, int32_t count);
 
+/* What the call that made r did (test counters): graphs computed, graph allocations (in a
+ * scheduler, or on a CPU context in a buffer), and backend buffers allocated for inputs and
+ * graphs (0 when the buffers the context reuses were large enough). Any pointer may be NULL. */
+LIGHTKV_API lightkv_status  lightkv_merge_result_work(const lightkv_merge_result * r, int64_t * n_graphs,
+                                                      int64_t * n_graph_allocs, int64_t * n_buffers);
+
 LIGHTKV_API int64_t         lightkv_merge_result_rows(const lightkv_merge_result * r);   /* M */
 LIGHTKV_API int64_t         lightkv_merge_result_tokens(const lightkv_merge_result * r); /* N */
 LIGHTKV_API int64_t         lightkv_merge_result_dim(const lightkv_merge_result * r);    /* D */

@@ -11,13 +11,16 @@
 //     (b) the number of output rows M depends on the data (threshold), and a ggml graph has
 //         static shapes: graph 2 can only be built once M is known.
 //   graph 2 (ggml, chosen backend): the guided weighted aggregation (batched mul_mat of a
-//     per-window weight matrix and the window's member tokens) and the re-ordering by
-//     original index (concat + get_rows).
+//     per-window weight matrix and the window's member tokens, gathered member-major on the
+//     host); the re-ordering by original index is a host row copy (docs/ggml-ops.md, "What
+//     runs on the host besides").
 // Both graphs run through ggml_backend_sched over [chosen backend, CPU]: any op the chosen
-// backend does not support runs on the CPU, with the scheduler's copies in between.
+// backend does not support runs on the CPU, with the scheduler's copies in between. On a
+// CPU context (nothing to fall back to) they run without it (lightkv_context::cpu_only).
 // A plan keeps what does not change between its runs: x's buffer, graph 1 with its window
-// indices, padding mask and tie ramp, and graph 1's allocation (in a scheduler of its own);
-// a run uploads x, computes graph 1 as it stands, and builds graph 2 with the weights.
+// indices, padding mask and tie ramp, and graph 1's allocation (in a scheduler of its own,
+// or a buffer of its own on a CPU context); a run uploads x, computes graph 1 as it stands,
+// and builds graph 2 with the weights.
 // The guidance model and the GGUF reader are in lightkv_guidance.cpp.
 #include "lightkv.h"
 #include "lightkv_graphs.h"
@@ -146,7 +149,41 @@ buf_ptr lightkv_context::alloc_inputs(ggml_context * meta) {
     ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(meta, primary);
     if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for the inputs", name.c_str());
     ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    n_buffers++;
     return buf_ptr(b);
+}
+
+void lightkv_context::place_tensors(scratch_slot slot, ggml_context * meta) {
+    ggml_backend_buffer_type_t buft = ggml_backend_get_default_buffer_type(primary);
+    const size_t align = ggml_backend_buft_get_alignment(buft);
+    size_t total = 0;
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (!t->view_src) total += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+    }
+    buf_ptr & buf = scratch[slot];
+    if (!buf || ggml_backend_buffer_get_size(buf.get()) < total) {
+        buf.reset();  // the old one first: its tensors are dead
+        ggml_backend_buffer_t b = ggml_backend_buft_alloc_buffer(buft, total);
+        if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate %s memory for a graph's tensors", name.c_str());
+        // as alloc_inputs (the scheduler places ops that read inputs on this backend)
+        ggml_backend_buffer_set_usage(b, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        buf.reset(b);
+        n_buffers++;
+    }
+    char * at = (char *) ggml_backend_buffer_get_base(buf.get());
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (t->view_src) continue;
+        if (ggml_backend_tensor_alloc(buf.get(), t, at) != GGML_STATUS_SUCCESS) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not place a tensor in its buffer");
+        }
+        at += GGML_PAD(ggml_backend_buft_get_alloc_size(buft, t), align);
+    }
+    // views after what they view (which may sit in another buffer)
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (t->view_src && ggml_backend_view_init(t) != GGML_STATUS_SUCCESS) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not place a view in its buffer");
+        }
+    }
 }
 
 sched_ptr lightkv_context::new_sched() const {
@@ -169,6 +206,15 @@ void lightkv_context::alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf) {
     if (!ggml_backend_sched_alloc_graph(s, gf)) {
         fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
     }
+    n_graph_allocs++;
+}
+
+buf_ptr lightkv_context::graph_buffer(ggml_context * g) {
+    ggml_backend_buffer_t b = ggml_backend_alloc_ctx_tensors(g, cpu);
+    if (!b) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "could not allocate the %s compute buffers", name.c_str());
+    n_graph_allocs++;
+    n_buffers++;
+    return buf_ptr(b);
 }
 
 // Multiply-adds of the graph's matrix products plus one per element of every other node.
@@ -190,8 +236,9 @@ void lightkv_context::run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf) {
     // with other work the median went to 18-34 ms (a barrier waits for a descheduled
     // thread) against 5.7-6.5 ms. So graphs below SMALL_GRAPH_WORK run on one thread.
     set_threads(cpu, graph_work(gf) < SMALL_GRAPH_WORK ? 1 : n_threads);
-    last_splits += ggml_backend_sched_get_n_splits(s);
-    const ggml_status st = ggml_backend_sched_graph_compute(s, gf);
+    last_splits += s ? ggml_backend_sched_get_n_splits(s) : 1;
+    n_graphs++;
+    const ggml_status st = s ? ggml_backend_sched_graph_compute(s, gf) : ggml_backend_graph_compute(cpu, gf);
     if (st == GGML_STATUS_ALLOC_FAILED) fail(LIGHTKV_ERR_OUT_OF_MEMORY, "%s: allocation failed during compute", name.c_str());
     if (st != GGML_STATUS_SUCCESS) fail(LIGHTKV_ERR_BACKEND, "%s: graph compute failed (status %d)", name.c_str(), (int) st);
 }
@@ -251,9 +298,9 @@ struct lightkv_merge_plan {
     // What does not change between runs, made by the first run and kept: x's buffer on the
     // chosen backend, the similarity graph (graph 1) with its index/mask/ramp inputs, and
     // that graph's allocation in a scheduler of the plan's own (the context's scheduler is
-    // reset by every other graph). A run uploads x, computes graph 1 as allocated, and
-    // builds graph 2 (whose shapes depend on the merge groups) with the score-derived
-    // weights.
+    // reset by every other graph; on a CPU context: g1_buf, no scheduler). A run uploads x,
+    // computes graph 1 as allocated, and builds graph 2 (whose shapes depend on the merge
+    // groups) with the score-derived weights.
     ctx_ptr              x_meta;
     buf_ptr              x_buf;
     ggml_tensor *        t_x = nullptr;
@@ -264,12 +311,16 @@ struct lightkv_merge_plan {
     lightkv::best_match  g1_best{};
     int                  g1_rescale_exp = 0;  // the exponent graph 1 was built for
     sched_ptr            g1_sched;
-    // a one-shot run (lightkv_merge_run*) allocates graph 1 in the context's scheduler
-    // instead: graph 1 is read before graph 2 resets it, and a scheduler of its own per
-    // call cost more than the merge itself (~3 of 4.7 ms at 64 x 128)
-    bool                 shared_sched = false;
+    // a one-shot plan (lightkv_merge_run*, each stage of lightkv_merge_reduce) runs once:
+    // graph 1 is allocated in the context's scheduler (it is read before graph 2 resets it,
+    // and a scheduler of its own per call cost more than the merge itself, ~3 of 4.7 ms at
+    // 64 x 128), and x and graph 1's inputs sit in the context's reused input buffers
+    bool                 one_shot = false;
 
-    ggml_backend_sched_t sched() const { return shared_sched ? ctx->sched : g1_sched.get(); }
+    buf_ptr              g1_buf;       // graph 1's tensors on a CPU context (no scheduler)
+
+    // where graph 1 is allocated: nullptr on a CPU context (g1_buf)
+    ggml_backend_sched_t sched() const { return ctx->cpu_only() ? nullptr : one_shot ? ctx->sched : g1_sched.get(); }
 
     // test counters (lightkv_merge_plan_stats)
     int64_t              n_runs = 0;
@@ -286,6 +337,8 @@ struct lightkv_merge_result {
     // lightkv_merge_reduce: windows per side and rows left after each stage it ran
     std::vector<int32_t> stage_windows;
     std::vector<int64_t> stage_rows;
+    // what the call that made it did (lightkv_merge_result_work)
+    int64_t              n_graphs = 0, n_graph_allocs = 0, n_buffers = 0;
 };
 
 namespace {
@@ -427,24 +480,48 @@ void set_protection(lightkv_merge_plan & plan, const uint8_t * protect, int32_t 
     plan.protect.assign(protect, protect + plan.n);
 }
 
+// Bit pattern of the largest |v| of n floats. For non-negative floats the integer order of
+// the bit patterns is the float order, and Inf and NaN lie above every finite value
+// (>= 0x7f800000): one integer max that the compiler vectorizes, where a float max with an
+// isfinite test per element does not (that scan was a tenth of a small merge).
+constexpr uint32_t NONFINITE_BITS = 0x7f800000u;
+uint32_t max_abs_bits(const float * v, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        std::memcpy(&b, v + i, sizeof b);
+        top = std::max(top, b & 0x7fffffffu);
+    }
+    return top;
+}
+
 // Scan x: finite, and the exponent of 2 that keeps the similarity's sums of squares inside
 // float32 (returns 0 when no rescaling is needed).
 int similarity_rescale_exponent(const float * x, int64_t n, int64_t d) {
-    float max_abs = 0.0f;
     const int64_t total = n * d;
-    for (int64_t i = 0; i < total; i++) {
-        const float v = x[i];
-        if (!std::isfinite(v)) {
-            LKV_INVALID("x contains NaN or Inf (row %lld, column %lld)", (long long) (i / d), (long long) (i % d));
+    const uint32_t top = max_abs_bits(x, total);
+    if (top >= NONFINITE_BITS) {
+        for (int64_t i = 0; i < total; i++) {
+            if (!std::isfinite(x[i])) {
+                LKV_INVALID("x contains NaN or Inf (row %lld, column %lld)", (long long) (i / d), (long long) (i % d));
+            }
         }
-        max_abs = std::max(max_abs, std::fabs(v));
     }
+    float max_abs;
+    std::memcpy(&max_abs, &top, sizeof max_abs);
     // sum of d squares must stay well below FLT_MAX (3.4e38): aim for max^2 * d <= 2^100
     const double need = (double) max_abs * (double) max_abs * (double) d;
     if (need <= 0x1p100) return 0;
     int e = 0;
     std::frexp(std::sqrt(need / 0x1p100), &e);
     return e;  // scale by 2^-e (exact in float32 for all values that matter)
+}
+
+// the aggregation's output: every value finite (else LIGHTKV_ERR_NUMERIC)
+void check_rows_finite(const float * v, int64_t n) {
+    if (max_abs_bits(v, n) >= NONFINITE_BITS) {
+        fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
+    }
 }
 
 void validate_scores(const float * s, int64_t n) {
@@ -462,7 +539,7 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     const int64_t n_act = (int64_t) plan.active.size();
     const int64_t s_pad = plan.s_pad, d_pad = plan.d_pad;
 
-    if (!plan.g1_in_buf) {
+    if (!plan.g1_in_meta) {
         // ---- host-side layout of the active windows
         std::vector<int32_t> idx_src((size_t) checked_mul(s_pad, n_act, "source slots"), 0);
         std::vector<int32_t> idx_dst((size_t) checked_mul(d_pad, n_act, "destination slots"), 0);
@@ -488,8 +565,12 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
         ggml_set_name(t_dst, "dst");
         ggml_set_name(t_mask, "mask");
         ggml_set_name(t_ramp, "ramp");
-        plan.g1_in_buf = lc.alloc_inputs(m);
-        plan.n_allocs++;
+        if (plan.one_shot) {
+            lc.place_tensors(SCRATCH_SIMILARITY, m);  // a one-shot plan: its inputs die with the call
+        } else {
+            plan.g1_in_buf = lc.alloc_inputs(m);
+            plan.n_allocs++;
+        }
         upload(t_src, idx_src);
         upload(t_dst, idx_dst);
         upload(t_mask, mask);
@@ -521,9 +602,16 @@ void build_similarity_graph(lightkv_merge_plan & plan, int rescale_exp) {
     ggml_build_forward_expand(gf, best.index);
     ggml_build_forward_expand(gf, best.score);
 
-    if (!plan.shared_sched && !plan.g1_sched) plan.g1_sched = lc.new_sched();
-    ggml_backend_sched_reset(plan.sched());
-    lc.alloc_graph(plan.sched(), gf);
+    if (lc.cpu_only() && plan.one_shot) {
+        lc.place_tensors(SCRATCH_SIMILARITY_GRAPH, g);
+        lc.n_graph_allocs++;
+    } else if (lc.cpu_only()) {
+        plan.g1_buf = lc.graph_buffer(g);
+    } else {
+        if (!plan.one_shot && !plan.g1_sched) plan.g1_sched = lc.new_sched();
+        ggml_backend_sched_reset(plan.sched());
+        lc.alloc_graph(plan.sched(), gf);
+    }
     plan.n_allocs++;
     plan.g1 = gf;
     plan.g1_best = best;
@@ -597,11 +685,15 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
     lc.last_splits = 0;
 
     // ---- x on the chosen backend (shared by both graphs; its buffer is the plan's)
-    if (!plan.x_buf) {
+    if (!plan.x_meta) {
         plan.x_meta = new_meta_context(1);
         plan.t_x = ggml_new_tensor_2d(plan.x_meta.get(), GGML_TYPE_F32, d, n);
-        plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
-        plan.n_allocs++;
+        if (plan.one_shot) {
+            lc.place_tensors(SCRATCH_ROWS, plan.x_meta.get());  // a one-shot plan
+        } else {
+            plan.x_buf = lc.alloc_inputs(plan.x_meta.get());
+            plan.n_allocs++;
+        }
     }
     ggml_tensor * t_x = plan.t_x;
     ggml_backend_tensor_set(t_x, x_host, 0, ggml_nbytes(t_x));
@@ -683,48 +775,72 @@ void run_plan(lightkv_merge_plan & plan, const float * x_host, const float * sco
         return;
     }
 
-    // ---- graph 2: aggregation + re-ordering
+    // ---- graph 2: the aggregation, over the members gathered here member-major (the
+    //      layout the matrix product contracts over; padding slots hold token 0 with weight 0)
     const int64_t n_mw = (int64_t) merge_windows.size();
-    std::vector<int32_t> idx_mem((size_t) checked_mul(k_pad, n_mw, "merge members"), 0);
+    std::vector<float>   members_t((size_t) checked_mul(checked_mul(k_pad, d, "merge members"), n_mw, "merge members"));
     std::vector<float>   wmat((size_t) checked_mul(checked_mul(k_pad, g_pad, "merge weights"), n_mw, "merge weights"), 0.0f);
-    std::vector<int32_t> out_idx((size_t) m);
-    for (int64_t row = 0; row < m; row++) out_idx[row] = (int32_t) res->kept[row];  // copies of x
+    std::vector<int64_t> merged_of((size_t) m, -1);  // merged row (a * g_pad + gi) of every output row
     for (int64_t a = 0; a < n_mw; a++) {
+        std::vector<int64_t> slot((size_t) k_pad, 0);  // token of every member slot
         int64_t k = 0;
         const auto & gs = groups_by_window[merge_windows[a]];
         for (size_t gi = 0; gi < gs.size(); gi++) {
             for (size_t j = 0; j < gs[gi].members.size(); j++, k++) {
-                idx_mem[a * k_pad + k] = (int32_t) gs[gi].members[j];
+                slot[k] = gs[gi].members[j];
                 wmat[(a * g_pad + (int64_t) gi) * k_pad + k] = (float) gs[gi].weights[j];
             }
-            out_idx[gs[gi].row] = (int32_t) (n + a * g_pad + (int64_t) gi);  // merged row
+            merged_of[gs[gi].row] = a * g_pad + (int64_t) gi;
+        }
+        // column c of the members = feature c of each member row (writes in order); the
+        // padding slots repeat token 0's feature
+        float * mt = members_t.data() + a * k_pad * d;
+        for (int64_t c = 0; c < d; c++) {
+            const float * col = x_host + c;
+            for (int64_t kk = 0; kk < k; kk++) mt[c * k_pad + kk] = col[slot[kk] * d];
+            std::fill(mt + c * k_pad + k, mt + (c + 1) * k_pad, col[0]);
         }
     }
 
-    ctx_ptr in_meta = new_meta_context(4);
-    ggml_tensor * t_mem = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, k_pad * n_mw);
+    ctx_ptr in_meta = new_meta_context(2);
+    ggml_tensor * t_mem = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, d, n_mw);
     ggml_tensor * t_w   = ggml_new_tensor_3d(in_meta.get(), GGML_TYPE_F32, k_pad, g_pad, n_mw);
-    ggml_tensor * t_out = ggml_new_tensor_1d(in_meta.get(), GGML_TYPE_I32, m);
-    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
-    upload(t_mem, idx_mem);
+    lc.place_tensors(SCRATCH_AGGREGATION, in_meta.get());
+    upload(t_mem, members_t);
     upload(t_w, wmat);
-    upload(t_out, out_idx);
 
-    ctx_ptr g = new_meta_context(32);
-    ggml_tensor * members = lightkv::gather_windows(g.get(), t_x, t_mem, k_pad, n_mw);
-    ggml_tensor * merged  = lightkv::aggregate_groups(g.get(), members, t_w);
-    ggml_tensor * result  = lightkv::reorder_rows(g.get(), t_x, merged, t_out);
-    ggml_set_output(result);
+    ctx_ptr g = new_meta_context(8);
+    ggml_tensor * merged = lightkv::aggregate_groups(g.get(), t_mem, t_w);  // [D, g_pad, n_mw]
+    ggml_set_output(merged);
     ggml_cgraph * gf = ggml_new_graph_custom(g.get(), 512, false);
-    ggml_build_forward_expand(gf, result);
-    lc.compute(gf);
-    ggml_backend_tensor_get(result, res->x.data(), 0, res->x.size() * sizeof(float));
+    ggml_build_forward_expand(gf, merged);
+    lc.compute(g.get(), gf, SCRATCH_AGGREGATION_GRAPH);
+    std::vector<float> merged_rows((size_t) (d * g_pad * n_mw));
+    ggml_backend_tensor_get(merged, merged_rows.data(), 0, merged_rows.size() * sizeof(float));
+    check_rows_finite(merged_rows.data(), (int64_t) merged_rows.size());
 
-    for (const float v : res->x) {
-        if (!std::isfinite(v)) fail(LIGHTKV_ERR_NUMERIC, "the merged rows are not finite (values too large for float32)");
+    // ---- re-order by original index: kept rows copied bit for bit, merged rows in their
+    //      destination's place
+    for (int64_t row = 0; row < m; row++) {
+        const float * from = merged_of[row] >= 0 ? merged_rows.data() + merged_of[row] * d
+                                                 : x_host + res->kept[row] * d;
+        std::memcpy(res->x.data() + row * d, from, (size_t) d * sizeof(float));
     }
     *out = res.release();
 }
+
+// The context's work counters when a call began; record() stores the call's share in its result.
+struct work_mark {
+    const lightkv_context & lc;
+    const int64_t graphs, graph_allocs, buffers;
+    explicit work_mark(const lightkv_context & c)
+        : lc(c), graphs(c.n_graphs), graph_allocs(c.n_graph_allocs), buffers(c.n_buffers) {}
+    void record(lightkv_merge_result & r) const {
+        r.n_graphs = lc.n_graphs - graphs;
+        r.n_graph_allocs = lc.n_graph_allocs - graph_allocs;
+        r.n_buffers = lc.n_buffers - buffers;
+    }
+};
 
 // The progressive schedule of lightkv_merge_reduce: run_plan stages on what is left, the
 // rows, their scores, protected flags and original indices kept here between stages (one
@@ -781,7 +897,7 @@ void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, con
         plan.params.ratio = std::min((double) (m - rp.target) / (double) m + 1e-9, 0.5);
         plan.params.grid_rows = rows;
         plan.params.grid_cols = cols;
-        plan.shared_sched = true;
+        plan.one_shot = true;
         pos.resize((size_t) (2 * m));
         for (int64_t i = 0; i < m; i++) {  // survivors at their cell of the original grid
             pos[2 * i] = kept[i] / cols;
@@ -1038,7 +1154,9 @@ lightkv_status lightkv_merge_plan_run(lightkv_merge_plan * plan, const float * x
     lightkv_context * ctx = plan ? plan->ctx : nullptr;
     return guarded(ctx, [&] {
         if (!plan) LKV_INVALID("plan must not be NULL");
+        const work_mark mark(*ctx);
         run_plan(*plan, x, scores, out);
+        mark.record(**out);
     });
 }
 
@@ -1069,10 +1187,12 @@ lightkv_status lightkv_merge_run_protected(lightkv_context * ctx, const float * 
         plan.n = n;
         plan.d = d;
         plan.params = *params;
-        plan.shared_sched = true;
+        plan.one_shot = true;
         set_protection(plan, protect, protect_mode);
         build_plan(plan, positions);
+        const work_mark mark(*ctx);
         run_plan(plan, x, scores, out);
+        mark.record(**out);
     });
 }
 
@@ -1101,7 +1221,9 @@ lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int6
         *out = nullptr;
         if (!ctx) LKV_INVALID("ctx must not be NULL");
         if (!params) LKV_INVALID("params must not be NULL");
+        const work_mark mark(*ctx);
         run_reduce(*ctx, x, n, d, scores, *params, out);
+        mark.record(**out);
     });
 }
 
@@ -1114,6 +1236,16 @@ int32_t lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * wi
         if (rows) rows[i] = r->stage_rows[i];
     }
     return k;
+}
+
+lightkv_status lightkv_merge_result_work(const lightkv_merge_result * r, int64_t * n_graphs,
+                                        int64_t * n_graph_allocs, int64_t * n_buffers) {
+    return guarded(nullptr, [&] {
+        if (!r) LKV_INVALID("result must not be NULL");
+        if (n_graphs) *n_graphs = r->n_graphs;
+        if (n_graph_allocs) *n_graph_allocs = r->n_graph_allocs;
+        if (n_buffers) *n_buffers = r->n_buffers;
+    });
 }
 
 int64_t lightkv_merge_result_rows(const lightkv_merge_result * r)   { return r ? r->m : 0; }

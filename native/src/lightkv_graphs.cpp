@@ -61,18 +61,10 @@ best_match best_destination(ggml_context * ctx, ggml_tensor * sim, ggml_tensor *
     return { first, ggml_reshape_1d(ctx, best, rows) };
 }
 
-ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members, ggml_tensor * weights) {
+ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members_t, ggml_tensor * weights) {
     // merged[:, g, w] = sum_k weights[k, g, w] * members[:, k, w]: a matrix product per
-    // window contracting over the member axis, so the members go K-major first
-    ggml_tensor * members_t = ggml_cont(ctx, ggml_transpose(ctx, members));  // [K, D, w]
-    return ggml_mul_mat(ctx, members_t, weights);                             // [D, G, w]
-}
-
-ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * merged,
-                           ggml_tensor * out_idx) {
-    ggml_tensor * merged_rows = ggml_reshape_2d(ctx, merged, merged->ne[0], merged->ne[1] * merged->ne[2]);
-    ggml_tensor * table       = ggml_concat(ctx, x, merged_rows, 1);   // [D, N + G * w]
-    return ggml_get_rows(ctx, table, out_idx);                         // [D, M]
+    // window contracting over the member axis (ne0 of both)
+    return ggml_mul_mat(ctx, members_t, weights);   // [D, G, w]
 }
 
 ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor * k_text, float scale) {
@@ -80,17 +72,31 @@ ggml_tensor * guidance_totals(ggml_context * ctx, ggml_tensor * q, ggml_tensor *
     const int64_t n_head = q->ne[2];
     const int64_t n_text = k_text->ne[1];
 
+    // zero keys up to a multiple of 4: the CPU backend multiplies by its tiled sgemm only
+    // when the first operand has a multiple of 4 rows, and otherwise with one dot product
+    // per logit (scalar below 64 elements: half the guidance of a small image); the padded
+    // keys' columns are dropped before the sum
+    const int64_t n_key = (n_text + 3) / 4 * 4;
+    ggml_tensor * keys  = n_key == n_text ? k_text : ggml_pad(ctx, k_text, 0, (int) (n_key - n_text), 0, 0);  // [d, T4, H_kv]
+
     // logits[j, i, h] = k_j . q_i; ggml broadcasts the H_kv key heads over the H query
     // heads exactly as repeat_interleave does (query head h -> key head h / (H / H_kv))
-    ggml_tensor * logits = ggml_mul_mat(ctx, k_text, q);                     // [T, S, H]
+    ggml_tensor * logits = ggml_mul_mat(ctx, keys, q);                       // [T4, S, H]
 
     // softmax over the QUERY axis: put the queries on ne0 (no causal mask, f32)
-    ggml_tensor * per_key = ggml_cont(ctx, ggml_transpose(ctx, logits));    // [S, T, H]
+    ggml_tensor * per_key = ggml_cont(ctx, ggml_transpose(ctx, logits));    // [S, T4, H]
     ggml_tensor * p       = ggml_soft_max_ext(ctx, per_key, nullptr, scale, 0.0f);
 
     // sum over heads and text keys: queries back on ne1, then a row sum
-    ggml_tensor * p_2d   = ggml_reshape_2d(ctx, p, n_seq, n_text * n_head);   // [S, T*H]
-    ggml_tensor * by_row = ggml_cont(ctx, ggml_transpose(ctx, p_2d));         // [T*H, S]
+    ggml_tensor * by_row = nullptr;
+    if (n_key == n_text) {
+        ggml_tensor * p_2d = ggml_reshape_2d(ctx, p, n_seq, n_text * n_head);           // [S, T*H]
+        by_row = ggml_cont(ctx, ggml_transpose(ctx, p_2d));                              // [T*H, S]
+    } else {
+        ggml_tensor * p_text = ggml_view_3d(ctx, p, n_seq, n_text, n_head, p->nb[1], p->nb[2], 0);  // [S, T, H]
+        by_row = ggml_cont(ctx, ggml_permute(ctx, p_text, 2, 0, 1, 3));                 // [T, H, S]
+        by_row = ggml_reshape_2d(ctx, by_row, n_text * n_head, n_seq);                   // [T*H, S]
+    }
     return ggml_sum_rows(ctx, by_row);                                        // [1, S]
 }
 

@@ -43,16 +43,14 @@ best_match best_destination(ggml_context * ctx, ggml_tensor * sim, ggml_tensor *
 
 // Step 5 (top-r per window) runs on the host between the two graphs: see lightkv.cpp.
 
-// Step 6: guided aggregation. members [D, K, w]: the tokens of every merge group of a
-// window; weights [K, G, w]: weights[k, g, w] = coefficient of member k in group g (each
-// column sums to 1). Result: [D, G, w], one merged row per group.
-ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members, ggml_tensor * weights);
-
-// Step 7: re-order by original index. Output row m is row out_idx[m] of the table
-// [x ; merged] (x [D, N] first, then the G * w merged rows): untouched tokens are copied
-// bit for bit, merged groups come from step 6. out_idx: I32 [M]. Result: [D, M].
-ggml_tensor * reorder_rows(ggml_context * ctx, ggml_tensor * x, ggml_tensor * merged,
-                           ggml_tensor * out_idx);
+// Step 6: guided aggregation. members_t [K, D, w]: the tokens of every merge group of a
+// window, member-major (gathered on the host: ggml's CPU cont of a transposed tensor copies
+// one element per memcpy call, the largest cost of a small merge); weights [K, G, w]:
+// weights[k, g, w] = coefficient of member k in group g (each column sums to 1). Result:
+// [D, G, w], one merged row per group.
+// Step 7 (re-ordering by original index: the kept rows copied, the merged rows in their
+// destination's place) is a row copy on the host: see lightkv.cpp.
+ggml_tensor * aggregate_groups(ggml_context * ctx, ggml_tensor * members_t, ggml_tensor * weights);
 
 // Guidance totals of every query from the text keys alone (the core of the two builders
 // below): total_i = sum_h sum_{j in text} softmax_over_queries(scale * q_h K_h^T)[i, j].

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using namespace lightkv;
@@ -203,9 +204,13 @@ struct lightkv_guidance_model {
     lightkv_context *      ctx = nullptr;
     lightkv_guidance_info  info{};
     std::string            path;
-    file_ptr               file;           // token rows are read from it per call
+    file_ptr               file;           // token rows are read from it on first use
     tensor_ref             tok_embd;
     size_t                 tok_row_bytes = 0;
+    // token id -> its dequantized row: a prompt's tokens (the chat template's above all)
+    // repeat from image to image, and a file read per token was a tenth of the guidance of
+    // a small image; emptied when it would pass TOKEN_CACHE_BYTES
+    std::unordered_map<int32_t, std::vector<float>> token_rows;
 
     ctx_ptr                w_meta;         // the layer's tensors, in a buffer of ctx's backend
     buf_ptr                w_buf;
@@ -451,6 +456,24 @@ void load_guidance_model(lightkv_guidance_model & m, const char * path, int32_t 
     read_at(f, path, t_tok.offset + (uint64_t) (t_tok.ne[1] - 1) * m.tok_row_bytes, last.data(), last.size());
 }
 
+constexpr size_t TOKEN_CACHE_BYTES = (size_t) 32 << 20;
+
+// The dequantized, finite embedding row of token `id` (in [0, n_vocab)), read on first use.
+const std::vector<float> & token_row(lightkv_guidance_model & m, int32_t id) {
+    auto hit = m.token_rows.find(id);
+    if (hit != m.token_rows.end()) return hit->second;
+    const int64_t n_embd = m.info.n_embd;
+    std::vector<uint8_t> raw(m.tok_row_bytes);
+    read_at(m.file.get(), m.path.c_str(), m.tok_embd.offset + (uint64_t) id * m.tok_row_bytes, raw.data(), raw.size());
+    std::vector<float> row((size_t) n_embd);
+    to_f32(m.tok_embd.type, raw.data(), row.data(), n_embd);
+    for (int64_t c = 0; c < n_embd; c++) {
+        if (!std::isfinite(row[c])) LKV_INVALID("the embedding of token %d is not finite", (int) id);
+    }
+    if ((m.token_rows.size() + 1) * (size_t) n_embd * sizeof(float) > TOKEN_CACHE_BYTES) m.token_rows.clear();
+    return m.token_rows.emplace(id, std::move(row)).first->second;
+}
+
 void guidance_model_scores(lightkv_guidance_model & m, const float * vision, int64_t n_vision,
                            const int32_t * tokens, int64_t n_text, float * out) {
     lightkv_context & lc = *m.ctx;
@@ -483,22 +506,17 @@ void guidance_model_scores(lightkv_guidance_model & m, const float * vision, int
 
     // ---- the prompt's token rows: read from the file (T rows, not the table) and
     //      dequantized by ggml's own routine for the type, as llama.cpp's CPU get_rows does
-    std::vector<uint8_t> raw(m.tok_row_bytes);
-    std::vector<float>   text((size_t) checked_mul(n_text, info.n_embd, "text"));
+    std::vector<float> text((size_t) checked_mul(n_text, info.n_embd, "text"));
     for (int64_t j = 0; j < n_text; j++) {
-        read_at(m.file.get(), m.path.c_str(), m.tok_embd.offset + (uint64_t) tokens[j] * m.tok_row_bytes, raw.data(), raw.size());
-        float * row = text.data() + j * info.n_embd;
-        to_f32(m.tok_embd.type, raw.data(), row, info.n_embd);
-        for (int64_t c = 0; c < info.n_embd; c++) {
-            if (!std::isfinite(row[c])) LKV_INVALID("the embedding of token %d is not finite", (int) tokens[j]);
-        }
+        const std::vector<float> & row = token_row(m, tokens[j]);
+        std::memcpy(text.data() + j * info.n_embd, row.data(), row.size() * sizeof(float));
     }
 
     // ---- inputs on the chosen backend
     ctx_ptr in_meta = new_meta_context(2);
     ggml_tensor * t_vision = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, info.n_embd_inp, n_vision);
     ggml_tensor * t_text   = ggml_new_tensor_2d(in_meta.get(), GGML_TYPE_F32, info.n_embd, n_text);
-    buf_ptr in_buf = lc.alloc_inputs(in_meta.get());
+    lc.place_tensors(SCRATCH_ROWS, in_meta.get());
     ggml_backend_tensor_set(t_vision, vision, 0, ggml_nbytes(t_vision));
     upload(t_text, text);
 

@@ -68,6 +68,18 @@ void upload(ggml_tensor * t, const std::vector<T> & v) {
 }  // namespace lightkv
 
 // ------------------------------------------------------------------------------- context
+// Buffers a context reuses from call to call (lightkv_context::place_tensors): for tensors
+// that are dead once the call returns (inputs, and on a CPU context a graph's nodes). One
+// slot per set of tensors that must live at the same time.
+enum scratch_slot {
+    SCRATCH_ROWS              = 0,  // a one-shot merge's x; the guidance model's rows
+    SCRATCH_SIMILARITY        = 1,  // a one-shot merge's window slots, padding mask, tie ramp
+    SCRATCH_AGGREGATION       = 2,  // the aggregation's members and weights (every merge run)
+    SCRATCH_SIMILARITY_GRAPH  = 3,  // CPU context: a one-shot merge's graph 1 nodes
+    SCRATCH_AGGREGATION_GRAPH = 4,  // CPU context: graph 2's nodes (every merge run)
+    N_SCRATCH                 = 5,
+};
+
 struct lightkv_context {
     ggml_backend_t               primary = nullptr;  // the chosen backend
     ggml_backend_t               cpu     = nullptr;  // fallback; == primary when CPU was chosen
@@ -77,6 +89,11 @@ struct lightkv_context {
     std::string                  error;
     int32_t                      last_splits = 0;
     int32_t                      n_threads   = 1;        // CPU threads for graphs worth splitting
+    lightkv::buf_ptr             scratch[N_SCRATCH];     // place_tensors' buffers
+    // work counters since create (tests; a call reports its own share as differences):
+    // graphs computed, graph allocations (in a scheduler, or in a buffer on a CPU context),
+    // backend buffers allocated (for inputs, and for graphs on a CPU context)
+    int64_t                      n_graphs = 0, n_graph_allocs = 0, n_buffers = 0;
 
     ~lightkv_context();
 
@@ -84,6 +101,12 @@ struct lightkv_context {
     // the scheduler then assigns the ops that read them to that backend (plain graph inputs
     // would be placed on the CPU and pull the whole graph there).
     lightkv::buf_ptr alloc_inputs(ggml_context * meta);
+
+    // The tensors of meta (views included) in the context's buffer of `slot` on the chosen
+    // backend, reallocated only when they do not fit: for tensors dead once the call returns
+    // (the previous tensors placed in that slot are dead from then on). A small merge
+    // allocated three input buffers and two graph allocations per stage before this.
+    void place_tensors(scratch_slot slot, ggml_context * meta);
 
     // A scheduler of its own over [chosen backend, CPU], for a graph that stays allocated
     // across calls (a merge plan's similarity graph).
@@ -93,7 +116,15 @@ struct lightkv_context {
     // allocation stays valid until `s` is reset.
     void alloc_graph(ggml_backend_sched_t s, ggml_cgraph * gf);
 
-    // Run a graph allocated in `s` by alloc_graph.
+    // A graph of a CPU context runs without a scheduler (one backend: nothing to split, copy
+    // or fall back to): graph_buffer gives every tensor of its meta context g one buffer of
+    // their own, and run_allocated(nullptr, gf) computes it on the CPU backend. The
+    // scheduler's graph split and allocator planning were a fifth of a small merge.
+    // (place_tensors(slot, g) is the same for a graph that dies with the call.)
+    bool cpu_only() const { return primary == cpu; }
+    lightkv::buf_ptr graph_buffer(ggml_context * g);
+
+    // Run a graph allocated in `s` by alloc_graph, or (s nullptr) by graph_buffer.
     void run_allocated(ggml_backend_sched_t s, ggml_cgraph * gf);
 
     // Allocate (in the shared scheduler) and run one graph; the outputs stay readable until
@@ -104,7 +135,16 @@ struct lightkv_context {
     void compute_result(ggml_context * g, ggml_tensor * result, float * out, int64_t n,
                         const char * what, ggml_tensor * pin = nullptr, ggml_backend_t pin_to = nullptr);
 
-    void compute(ggml_cgraph * gf) {
+    // Allocate and run the graph gf of meta context g: in the buffer of `slot` on a CPU
+    // context, else in the shared scheduler; the outputs stay readable until the next use
+    // of either.
+    void compute(ggml_context * g, ggml_cgraph * gf, scratch_slot slot) {
+        if (cpu_only()) {
+            place_tensors(slot, g);
+            n_graph_allocs++;
+            run_allocated(nullptr, gf);
+            return;
+        }
         ggml_backend_sched_reset(sched);
         alloc_graph(sched, gf);
         run_allocated(sched, gf);
