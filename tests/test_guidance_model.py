@@ -199,6 +199,22 @@ def test_scores_match_transformers_layer0(models, name):
     print(f"{name}: worst relative error {worst:.2e}")
 
 
+def test_cached_token_rows_give_the_scores_a_fresh_model_gives(models):
+    """The guidance model keeps each prompt token's dequantized row after its first use:
+    a later prompt that shares tokens with earlier ones scores exactly as it would on a
+    freshly opened model (which reads every row from the file)."""
+    _, gguf = models["embedded-q8_0"]
+    used = native.GuidanceModel(gguf, backend="cpu")
+    rng = np.random.default_rng(7)
+    vision = rng.standard_normal((16, used.n_embd_inp)).astype(np.float32)
+    first, second = [5, 9, 13, 21, 40], [9, 40, 7, 5, 5, 63]   # shares 5, 9 and 40
+    used.scores(vision, first)
+    again = used.scores(vision, second)
+    fresh = native.GuidanceModel(gguf, backend="cpu").scores(vision, second)
+    assert again.tobytes() == fresh.tobytes()
+    assert not np.array_equal(again, used.scores(vision, first))   # prompts do matter
+
+
 def test_what_each_model_has(models):
     """The graph reads what each family has, with llama.cpp's input scaling."""
     emb = native.GuidanceModel(models["embedded-q8_0"][1])
