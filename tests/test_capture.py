@@ -214,13 +214,14 @@ def _run(ctx, model, toks, via, want):
     """From an empty cache: the prefills of toks[:60] and toks[60:100] (micro-batches
     16+16+16+12 and 16+16+8), then N_STEPS one-token decodes of toks[100:], the capture
     attached `via` the hook or the eval callback; -> (capture, logits after each decode,
-    graphs reused during the decode steps)."""
+    graphs reused during the decode steps, graphs reused in all)."""
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     cap = native.Capture(backend="CPU")
     cap.want(want)
     if via:
         layer_mode.attach_capture(ctx, cap, via=via)
     logits = []
+    reused0 = _n_reused(ctx)
     _decode(ctx, toks[:60], 0)
     logits.append(_logits(ctx, model))
     _decode(ctx, toks[60:100], 60)
@@ -231,7 +232,7 @@ def _run(ctx, model, toks, via, want):
         logits.append(_logits(ctx, model))
     reused = _n_reused(ctx) - reused
     layer_mode.attach_capture(ctx, None)
-    return cap, logits, reused
+    return cap, logits, reused, _n_reused(ctx) - reused0
 
 
 def test_graph_hook_captures_the_eval_callbacks_rows_without_splitting(tiny, ctx):
@@ -249,9 +250,9 @@ def test_graph_hook_captures_the_eval_callbacks_rows_without_splitting(tiny, ctx
     nodes = 4                                          # read ROPE nodes per micro-batch
     n_ub = 7 + N_STEPS                                 # micro-batches: prefills + steps
     n_rows = 100 + N_STEPS
-    _, stock, stock_reused = _run(ctx, model, toks, None, want)
-    ev, ev_logits, ev_reused = _run(ctx, model, toks, "eval", want)
-    hk, hk_logits, hk_reused = _run(ctx, model, toks, "hook", want)
+    _, stock, stock_reused, _ = _run(ctx, model, toks, None, want)
+    ev, ev_logits, ev_reused, _ = _run(ctx, model, toks, "eval", want)
+    hk, hk_logits, hk_reused, hk_reused_all = _run(ctx, model, toks, "hook", want)
     try:
         for a, b, c in zip(stock, ev_logits, hk_logits):
             assert a.tobytes() == b.tobytes() == c.tobytes()
@@ -268,8 +269,10 @@ def test_graph_hook_captures_the_eval_callbacks_rows_without_splitting(tiny, ctx
         assert est["asked"] > 50 * n_ub and est["marked"] == 0     # every node asked
         assert hst["asked"] == hst["wanted"] == 0                  # no split, nothing asked
         assert hst["copied"] == nodes * n_ub
-        # marked once per graph built: 7 prefill micro-batches and the first step's graph
-        assert hst["marked"] == nodes * (n_ub - (N_STEPS - 1))
+        # marked once per graph built, not again when reused (the decode steps after the
+        # first, and prefill micro-batches of the same shape as the one before)
+        assert hk_reused_all > hk_reused
+        assert hst["marked"] == nodes * (n_ub - hk_reused_all)
         # the reads of the hook's capture: the same K cache found, the same scores
         vis, txt = np.arange(5, 80), np.r_[0:5, 80:n_rows]
         assert hk.guidance(1, vis, txt).tobytes() == ev.guidance(1, vis, txt).tobytes()
