@@ -9,13 +9,14 @@ the most important, ties to the earlier cell; the others are freed in every laye
 patch 0004's llama_kv_cells_rm (by index: M-RoPE image cells share their temporal position).
 Positions never change. Ground truth: lightkv_edge/reference/evict.py.
 
-How the pieces are read, without a new llama.cpp patch:
+How the pieces are read:
 - the cell of every row: the context keeps the layer range [0, n_layer) set (patch 0003),
   which is the stock graph but records the KV cell of each token of the last decode;
   the engine decodes the rows itself (no libmtmd helper) and logs them here (CellLog);
-- the window's queries: Qcur-<layer> (after RoPE), copied by liblightkv's eval callback
-  (native.Capture, set with patch 0004's llama_set_eval_callback) into tensors on the
-  lightkv backend, switched on only for the window's decodes; they stay there;
+- the window's queries: Qcur-<layer> (after RoPE), copied by liblightkv's graph hook
+  (native.Capture, set with patch 0007's llama_set_graph_hook: kept as graph outputs and
+  copied after the graph, which runs in one piece) into tensors on the lightkv backend,
+  switched on only for the window's decodes; they stay there;
 - the keys: the live cells' rows of each read layer's K cache, read where llama.cpp keeps
   them (the capture notes the cache tensor Kcur is stored into);
 - the scores: one small ggml graph in liblightkv per layer read, on the captured queries
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer_mode import QueryWindow, _ip, _l, kv_cells_set_layers, llama_cpp
+from .layer_mode import QueryWindow, _ip, _l, attach_capture, kv_cells_set_layers, llama_cpp
 
 
 def keep_count(n: int, keep: float) -> int:
@@ -222,9 +223,9 @@ class Evictor:
         if on:
             self._q.reset()
             self._q.want({li: "qc" for li in self.layers})   # queries, and the K cache
-            _l.llama_set_eval_callback(self.ctx, self._q.callback, self._q.handle)
+            attach_capture(self.ctx, self._q)
         else:
-            _l.llama_set_eval_callback(self.ctx, None, None)
+            attach_capture(self.ctx, None)
             self._q.want({})
 
     def take_queries(self) -> QueryWindow:

@@ -8,8 +8,8 @@ patches (native/patches/0003, 0004):
 
     stage 0: every row of the turn (text tokens and image embeddings) through layers
              [0, l1 + 1); the hidden state leaving layer l1 comes back, and layer
-             l1's post-RoPE Q/K stay on the lightkv backend (native.Capture: the eval
-             callback in liblightkv copies them there);
+             l1's post-RoPE Q/K stay on the lightkv backend (native.Capture:
+             liblightkv's graph hook, patch 0007, copies them there after the graph);
     merge:   each image's rows are merged in its own windows (native LightKV merge),
              guided by layer l1's attention from the turn's text rows;
     compact: the turn's cells are freed, the kept rows run through [l1 + 1, l2 + 1) into
@@ -213,8 +213,35 @@ for _name, _res, _args in (
     _fn = getattr(_l, _name)
     _fn.restype, _fn.argtypes = _res, _args
 
+# patch 0007's graph hook; a llama.cpp built without it leaves the capture the eval callback
+HAS_GRAPH_HOOK = hasattr(_l, "llama_set_graph_hook")
+if HAS_GRAPH_HOOK:
+    _l.llama_set_graph_hook.restype = None
+    _l.llama_set_graph_hook.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
+
+
 def _ip(a: np.ndarray):
     return a.ctypes.data_as(_i32p)
+
+
+def attach_capture(ctx, capture, via: str | None = None) -> None:
+    """Let `capture` (native.Capture) copy its wanted Q/K from the graphs of the following
+    llama_decode calls on ctx; None: stop. Call it again after each capture.want(): the
+    graph hook (patch 0007, the default when llama.cpp has it) marks the wanted nodes when
+    llama.cpp builds a graph, and setting it makes llama.cpp build the next one. via "eval":
+    the eval callback instead (each wanted node then ends a piece of the compute: the
+    scheduler synchronises before calling back), which tests compare the hook with."""
+    if via is None:
+        via = "hook" if HAS_GRAPH_HOOK else "eval"
+    if via not in ("hook", "eval"):
+        raise ValueError(f"via must be 'hook' or 'eval', got {via!r}")
+    if via == "hook" and not HAS_GRAPH_HOOK:
+        raise RuntimeError("this llama.cpp build has no graph hook (native/patches/0007)")
+    if HAS_GRAPH_HOOK:
+        on = capture is not None and via == "hook"
+        _l.llama_set_graph_hook(ctx, capture.graph_hook if on else None, capture.handle if on else None)
+    on = capture is not None and via == "eval"
+    _l.llama_set_eval_callback(ctx, capture.callback if on else None, capture.handle if on else None)
 
 
 def kv_cells_set_layers(ctx, cells, il_begin: int, il_end: int) -> None:
@@ -462,8 +489,7 @@ class LayerRunner:
                 if not last:                            # the merge layer's guidance
                     want[b - 1] = "qkc" if b - 1 in want else "qk"
                 self.capture.want(want)
-                _l.llama_set_eval_callback(self.ctx, self.capture.callback if want else None,
-                                           self.capture.handle)
+                attach_capture(self.ctx, self.capture if want else None)
                 for r in rows:
                     r.h, cells = [], []
                     for lo in range(0, len(r.orig), self.n_batch):
@@ -569,7 +595,7 @@ class LayerRunner:
                 run_report.stage(vis_in, vis_out)
                 prev_cells = new_cells
         finally:
-            _l.llama_set_eval_callback(self.ctx, None, None)
+            attach_capture(self.ctx, None)
             self.capture.want({})
             _l.llama_set_layer_range(self.ctx, 0, -1)
 

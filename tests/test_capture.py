@@ -1,5 +1,6 @@
-"""The native Q/K capture (native/src/lightkv_capture.cpp, native.Capture): llama.cpp's eval
-callback in C, copying the wanted ROPE nodes into tensors on the lightkv backend.
+"""The native Q/K capture (native/src/lightkv_capture.cpp, native.Capture): llama.cpp's graph
+hook (patch 0007) or eval callback in C, copying the wanted ROPE nodes into tensors on the
+lightkv backend.
 
 - parity: what it captured equals, bit for bit, what a callback in Python (the path it
   replaced: every node asked, the ROPE nodes copied to numpy) reads in the SAME decodes;
@@ -10,7 +11,12 @@ callback in C, copying the wanted ROPE nodes into tensors on the lightkv backend
   read from llama.cpp's K cache, whose tensor the capture finds) equal the same graphs fed
   with the Python-read arrays from the host (bit for bit on CPU);
 - bad handles, layers, kinds and reads are one-line errors before any ggml call; a failure
-  inside the callback is kept and raised by the next read.
+  inside the callback is kept and raised by the next read;
+- the graph hook (the path layer mode and eviction take) captures the eval callback's rows
+  bit for bit over micro-batches, prefills and reused decode-step graphs, with the logits
+  unchanged, while the eval callback is asked nothing and answers nothing "wanted" (each
+  "wanted" is a piece of the graph computed apart, with a backend synchronisation); a node
+  wanted after its graph was built, which the graph did not keep, is a failure, not a read.
 The tiny random llama (tests/helpers/tiny_llama.py, GQA: 4 query heads, 2 key heads)."""
 from __future__ import annotations
 
@@ -172,7 +178,8 @@ def test_asks_only_for_wanted_nodes(tiny, ctx):
     cap.close()
 
 
-def test_capture_leaves_the_logits_unchanged(tiny, ctx):
+@pytest.mark.parametrize("via", ["eval", "hook"])
+def test_capture_leaves_the_logits_unchanged(tiny, ctx, via):
     """Copying nodes out does not change what llama.cpp computes (CPU: bit for bit)."""
     m, model = tiny
     toks = _tokens(m, 33, seed=2)
@@ -182,12 +189,126 @@ def test_capture_leaves_the_logits_unchanged(tiny, ctx):
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
     cap = native.Capture(backend="CPU")
     cap.want({li: "qk" for li in range(N_LAYER)})
-    _l.llama_set_eval_callback(ctx, cap.callback, cap.handle)
+    layer_mode.attach_capture(ctx, cap, via=via)
     _decode(ctx, toks, 0)
-    _l.llama_set_eval_callback(ctx, None, None)
+    layer_mode.attach_capture(ctx, None)
     got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
     assert np.array_equal(got, want)
     assert cap.rows(N_LAYER - 1, "k") == 33
+    cap.close()
+
+
+def _n_reused(ctx) -> int:
+    return llama_cpp.llama_perf_context(ctx).n_reused
+
+
+def _logits(ctx, model) -> np.ndarray:
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+
+
+N_STEPS = 8   # single-token decode steps after the prefills (their graph is reused)
+
+
+def _run(ctx, model, toks, via, want):
+    """From an empty cache: the prefills of toks[:60] and toks[60:100] (micro-batches
+    16+16+16+12 and 16+16+8), then N_STEPS one-token decodes of toks[100:], the capture
+    attached `via` the hook or the eval callback; -> (capture, logits after each decode,
+    graphs reused during the decode steps, graphs reused in all)."""
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    cap = native.Capture(backend="CPU")
+    cap.want(want)
+    if via:
+        layer_mode.attach_capture(ctx, cap, via=via)
+    logits = []
+    reused0 = _n_reused(ctx)
+    _decode(ctx, toks[:60], 0)
+    logits.append(_logits(ctx, model))
+    _decode(ctx, toks[60:100], 60)
+    logits.append(_logits(ctx, model))
+    reused = _n_reused(ctx)
+    for i in range(100, 100 + N_STEPS):
+        _decode(ctx, toks[i:i + 1], i)
+        logits.append(_logits(ctx, model))
+    reused = _n_reused(ctx) - reused
+    layer_mode.attach_capture(ctx, None)
+    return cap, logits, reused, _n_reused(ctx) - reused0
+
+
+def test_graph_hook_captures_the_eval_callbacks_rows_without_splitting(tiny, ctx):
+    """The same prefills and decode steps three times: no capture, the eval callback, the
+    graph hook. The hook's rows equal the eval callback's bit for bit (7 micro-batches and
+    8 decode steps appended in order), every logit is bit-identical in the three runs, and
+    the decode steps reuse their graph with the hook attached (its marks persist: the
+    copies go on). Structure: per micro-batch the eval callback answers one "wanted" per
+    read node (each one a piece of the graph computed apart, then a backend sync): 3 here;
+    with the hook the eval callback is never asked and the graph runs in one piece."""
+    m, model = tiny
+    d = m.head_dim
+    toks = _tokens(m, 100 + N_STEPS, seed=4)
+    want = {0: "k", 1: "qkc", 2: "q"}
+    nodes = 4                                          # read ROPE nodes per micro-batch
+    n_ub = 7 + N_STEPS                                 # micro-batches: prefills + steps
+    n_rows = 100 + N_STEPS
+    _, stock, stock_reused, _ = _run(ctx, model, toks, None, want)
+    ev, ev_logits, ev_reused, _ = _run(ctx, model, toks, "eval", want)
+    hk, hk_logits, hk_reused, hk_reused_all = _run(ctx, model, toks, "hook", want)
+    try:
+        for a, b, c in zip(stock, ev_logits, hk_logits):
+            assert a.tobytes() == b.tobytes() == c.tobytes()
+        for layer, kind, heads in ((0, "k", N_HEAD_KV), (1, "q", N_HEAD), (1, "k", N_HEAD_KV),
+                                   (2, "q", N_HEAD)):
+            assert hk.shape(layer, kind) == ev.shape(layer, kind) == (n_rows, heads, d)
+            assert hk.read(layer, kind).tobytes() == ev.read(layer, kind).tobytes()
+        assert hk.rows(0, "q") == hk.rows(2, "k") == 0             # not wanted: nothing
+        # the graph of a one-token step is reused after the first step, with or without
+        # the hook (so the copies below come from reused graphs too)
+        assert stock_reused == ev_reused == hk_reused == N_STEPS - 1
+        est, hst = ev.stats(), hk.stats()
+        assert est["wanted"] == est["copied"] == nodes * n_ub      # a split per read node
+        assert est["asked"] > 50 * n_ub and est["marked"] == 0     # every node asked
+        assert hst["asked"] == hst["wanted"] == 0                  # no split, nothing asked
+        assert hst["copied"] == nodes * n_ub
+        # marked once per graph built, not again when reused (the decode steps after the
+        # first, and prefill micro-batches of the same shape as the one before)
+        assert hk_reused_all > hk_reused
+        assert hst["marked"] == nodes * (n_ub - hk_reused_all)
+        # the reads of the hook's capture: the same K cache found, the same scores
+        vis, txt = np.arange(5, 80), np.r_[0:5, 80:n_rows]
+        assert hk.guidance(1, vis, txt).tobytes() == ev.guidance(1, vis, txt).tobytes()
+        cells, qpos = np.arange(100), np.arange(n_rows - 4, n_rows)
+        assert hk.attention_received(1, cells, qpos, cells).tobytes() == \
+            ev.attention_received(1, cells, qpos, cells).tobytes()
+    finally:
+        ev.close()
+        hk.close()
+
+
+def test_a_node_wanted_after_its_graph_was_built_is_a_failure_not_a_read(tiny, ctx):
+    """A reused graph keeps the marks it was built with: a layer wanted later without
+    setting the hook again is not kept (its memory may hold another node's data), so the
+    capture fails rather than copy it; setting the hook again rebuilds the graph."""
+    m, model = tiny
+    toks = _tokens(m, 12, seed=5)
+    cap = native.Capture(backend="CPU")
+    cap.want({0: "q"})
+    layer_mode.attach_capture(ctx, cap)
+    for i in range(3):                                 # built once, then reused
+        _decode(ctx, toks[i:i + 1], i)
+    reused = _n_reused(ctx)
+    cap.want({0: "q", 1: "q"})                         # the hook not set again
+    _decode(ctx, toks[3:4], 3)
+    assert _n_reused(ctx) == reused + 1                # the old graph ran: Qcur-1 unmarked
+    with pytest.raises(RuntimeError, match="Qcur-1 was wanted after llama.cpp built the graph"):
+        cap.read(1, "q")
+    cap.reset()
+    layer_mode.attach_capture(ctx, cap)                # as attach_capture's callers do
+    _decode(ctx, toks[4:5], 4)
+    assert _n_reused(ctx) == reused + 1                # built anew, with both marked
+    _decode(ctx, toks[5:6], 5)
+    assert _n_reused(ctx) == reused + 2
+    assert cap.rows(0, "q") == cap.rows(1, "q") == 2
+    layer_mode.attach_capture(ctx, None)
     cap.close()
 
 
@@ -241,41 +362,90 @@ def test_bad_input_is_one_line_before_ggml(tiny, ctx):
     cap.close()                                                  # twice is fine
 
 
-def test_a_failure_inside_the_callback_is_raised_by_the_next_read(tiny):
-    """A wanted node of another type (an f16 ROPE node named Qcur-0, built here in a ggml
-    context of our own) cannot be reported through llama.cpp: it is kept, nothing more is
-    copied, and the next read raises it; reset() clears it."""
-    g = C.CDLL(str(_libs.lib_path("ggml-base")))
+class _OwnGraph:
+    """A ROPE node named Qcur-0 of a given type in a ggml context and graph of our own
+    (no llama.cpp): what the capture's callback and hook are handed, minus the compute."""
 
     class InitParams(C.Structure):
         _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
 
-    g.ggml_init.restype, g.ggml_init.argtypes = C.c_void_p, [InitParams]
-    g.ggml_free.argtypes = [C.c_void_p]
-    g.ggml_new_tensor_3d.restype = C.c_void_p
-    g.ggml_new_tensor_3d.argtypes = [C.c_void_p, C.c_int, C.c_int64, C.c_int64, C.c_int64]
-    g.ggml_new_tensor_1d.restype = C.c_void_p
-    g.ggml_new_tensor_1d.argtypes = [C.c_void_p, C.c_int, C.c_int64]
-    g.ggml_rope.restype = C.c_void_p
-    g.ggml_rope.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int, C.c_int]
-    g.ggml_set_name.restype = C.c_void_p
-    g.ggml_set_name.argtypes = [C.c_void_p, C.c_char_p]
-    GGML_TYPE_F16, GGML_TYPE_I32 = 1, 26
-    gctx = g.ggml_init(InitParams(1 << 20, None, True))
-    try:
-        x = g.ggml_new_tensor_3d(gctx, GGML_TYPE_F16, 8, 2, 3)
-        pos = g.ggml_new_tensor_1d(gctx, GGML_TYPE_I32, 3)
-        node = g.ggml_rope(gctx, x, pos, 8, 0)
+    GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_I32 = 0, 1, 26
+
+    def __init__(self):
+        g = self.g = C.CDLL(str(_libs.lib_path("ggml-base")))
+        g.ggml_init.restype, g.ggml_init.argtypes = C.c_void_p, [self.InitParams]
+        g.ggml_free.argtypes = [C.c_void_p]
+        g.ggml_new_tensor_3d.restype = C.c_void_p
+        g.ggml_new_tensor_3d.argtypes = [C.c_void_p, C.c_int, C.c_int64, C.c_int64, C.c_int64]
+        g.ggml_new_tensor_1d.restype = C.c_void_p
+        g.ggml_new_tensor_1d.argtypes = [C.c_void_p, C.c_int, C.c_int64]
+        g.ggml_rope.restype = C.c_void_p
+        g.ggml_rope.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_int, C.c_int]
+        g.ggml_set_name.restype = C.c_void_p
+        g.ggml_set_name.argtypes = [C.c_void_p, C.c_char_p]
+        g.ggml_new_graph.restype, g.ggml_new_graph.argtypes = C.c_void_p, [C.c_void_p]
+        g.ggml_build_forward_expand.argtypes = [C.c_void_p, C.c_void_p]
+        self.ctx = g.ggml_init(self.InitParams(1 << 22, None, True))
+
+    def rope(self, ggml_type):
+        """(node, graph holding it)"""
+        g = self.g
+        x = g.ggml_new_tensor_3d(self.ctx, ggml_type, 8, 2, 3)
+        pos = g.ggml_new_tensor_1d(self.ctx, self.GGML_TYPE_I32, 3)
+        node = g.ggml_rope(self.ctx, x, pos, 8, 0)
         g.ggml_set_name(node, b"Qcur-0")
-        cap = native.Capture(backend="CPU")
-        cap.want({0: "q"})
-        lib = native._load()
-        assert lib.lightkv_capture_eval(node, True, cap.handle) is True
-        assert lib.lightkv_capture_eval(node, False, cap.handle) is True   # never stops llama.cpp
-        with pytest.raises(RuntimeError, match="the capture failed during the decode: Qcur-0 is f16"):
-            cap.read(0, "q")
-        cap.reset()
-        assert cap.rows(0, "q") == 0
-        cap.close()
-    finally:
-        g.ggml_free(gctx)
+        gf = g.ggml_new_graph(self.ctx)
+        g.ggml_build_forward_expand(gf, node)
+        return node, gf
+
+    def close(self):
+        self.g.ggml_free(self.ctx)
+
+
+@pytest.fixture
+def own_graph():
+    o = _OwnGraph()
+    yield o
+    o.close()
+
+
+def test_a_failure_inside_the_callback_is_raised_by_the_next_read(own_graph):
+    """A wanted node of another type (an f16 ROPE node named Qcur-0) cannot be reported
+    through llama.cpp: it is kept, nothing more is copied, and the next read raises it;
+    reset() clears it."""
+    node, _ = own_graph.rope(_OwnGraph.GGML_TYPE_F16)
+    cap = native.Capture(backend="CPU")
+    cap.want({0: "q"})
+    lib = native._load()
+    assert lib.lightkv_capture_eval(node, True, cap.handle) is True
+    assert lib.lightkv_capture_eval(node, False, cap.handle) is True   # never stops llama.cpp
+    with pytest.raises(RuntimeError, match="the capture failed during the decode: Qcur-0 is f16"):
+        cap.read(0, "q")
+    cap.reset()
+    assert cap.rows(0, "q") == 0
+    cap.close()
+
+
+def test_a_failure_inside_the_graph_hook_is_raised_by_the_next_read(own_graph):
+    """The hook marks the wanted node when the graph is built and copies it once computed;
+    an f16 node fails there like in the callback; an f32 node of a graph it never saw built
+    (so not kept) fails before any copy; a NULL capture or graph is ignored."""
+    lib = native._load()
+    cap = native.Capture(backend="CPU")
+    cap.want({0: "q"})
+    node, gf = own_graph.rope(_OwnGraph.GGML_TYPE_F16)
+    lib.lightkv_capture_graph(gf, False, cap.handle)
+    assert cap.stats()["marked"] == 1
+    lib.lightkv_capture_graph(gf, True, cap.handle)
+    with pytest.raises(RuntimeError, match="the capture failed during the decode: Qcur-0 is f16"):
+        cap.read(0, "q")
+    cap.reset()
+    _, gf32 = own_graph.rope(_OwnGraph.GGML_TYPE_F32)
+    lib.lightkv_capture_graph(gf32, True, cap.handle)
+    with pytest.raises(RuntimeError, match="Qcur-0 was wanted after llama.cpp built the graph, "
+                                           "which did not keep it"):
+        cap.read(0, "q")
+    lib.lightkv_capture_graph(None, False, cap.handle)
+    lib.lightkv_capture_graph(gf32, False, None)
+    assert cap.stats() == {"asked": 0, "wanted": 0, "marked": 1, "copied": 0}
+    cap.close()

@@ -129,8 +129,9 @@ def _load():
                                                C.c_int32]),
             "lightkv_capture_reset": (C.c_int, [C.c_void_p]),
             "lightkv_capture_eval": (C.c_bool, [C.c_void_p, C.c_bool, C.c_void_p]),
+            "lightkv_capture_graph": (None, [C.c_void_p, C.c_bool, C.c_void_p]),
             "lightkv_capture_shape": (C.c_int, [C.c_void_p, C.c_int32, C.c_int32, i64p, i64p, i64p]),
-            "lightkv_capture_stats": (C.c_int, [C.c_void_p, i64p, i64p, i64p]),
+            "lightkv_capture_stats": (C.c_int, [C.c_void_p, i64p, i64p, i64p, i64p]),
             "lightkv_capture_read": (C.c_int, [C.c_void_p, C.c_int32, C.c_int32, C.c_int64, C.c_int64,
                                                f32p]),
             "lightkv_capture_guidance": (C.c_int, [C.c_void_p, C.c_int32, i64p, C.c_int64, i64p,
@@ -702,19 +703,22 @@ def attention_received(q, k, q_pos, k_pos, scale=None, *, backend=None) -> np.nd
 
 # ------------------------------------------------------------------------ Q/K capture
 class Capture:
-    """Q/K of llama.cpp's graphs, copied by liblightkv's eval callback (lightkv_capture_eval,
-    C: no Python per graph node) into tensors on this lightkv backend, appended along the
-    token axis over micro-batches and decodes until reset(); read with one graph each:
+    """Q/K of llama.cpp's graphs, copied by liblightkv (C: no Python per graph node) into
+    tensors on this lightkv backend, appended along the token axis over micro-batches and
+    decodes until reset(); read with one graph each:
 
         cap = Capture(backend="CPU")
         cap.want({3: "qk"})                                   # Qcur-3 and Kcur-3
-        llama_set_eval_callback(lctx, cap.callback, cap.handle)
+        llama_set_graph_hook(lctx, cap.graph_hook, cap.handle)   # after every want()
         ... llama_decode ...
         g = cap.guidance(3, vision_rows, text_rows)           # [V] to the host, nothing else
 
-    Layer numbers and kinds are checked in liblightkv (ValueError, one line); a failure inside
-    the callback (a node of another shape, out of memory) is raised by the next read.
-    Unset the callback before the capture goes (close() or garbage collection)."""
+    graph_hook (lightkv_capture_graph, patch 0007's hook: the graph computes in one piece) or
+    callback (lightkv_capture_eval, the eval callback: each wanted node splits the compute);
+    layer_mode.attach_capture sets the right one. Layer numbers and kinds are checked in
+    liblightkv (ValueError, one line); a failure inside llama.cpp's compute (a node of another
+    shape, out of memory, a wanted node the graph did not keep) is raised by the next read.
+    Unset the hook or callback before the capture goes (close() or garbage collection)."""
 
     _KINDS = {"q": 1, "k": 2}
     _LETTERS = {"q": 1, "k": 2, "c": 4}    # c: the layer's K cache tensor (no rows)
@@ -725,8 +729,9 @@ class Capture:
         self._h = C.c_void_p()
         with self._ctx.lock:
             self._ctx.check(lib.lightkv_capture_create(self._ctx.h, C.byref(self._h)))
-        # the C function's address: what llama_set_eval_callback takes
+        # the C functions' addresses: what llama_set_eval_callback / llama_set_graph_hook take
         self.callback = C.cast(lib.lightkv_capture_eval, C.c_void_p)
+        self.graph_hook = C.cast(lib.lightkv_capture_graph, C.c_void_p)
         self.backend = self._ctx.name
 
     @property
@@ -784,10 +789,12 @@ class Capture:
         return self.shape(layer, kind)[0]
 
     def stats(self) -> dict:
-        """Counters: nodes asked about, answered 'wanted', copies made."""
-        a, w, c = C.c_int64(), C.c_int64(), C.c_int64()
-        self._call(self._ctx.lib.lightkv_capture_stats, C.byref(a), C.byref(w), C.byref(c))
-        return {"asked": a.value, "wanted": w.value, "copied": c.value}
+        """Counters: nodes the eval callback was asked about and answered 'wanted' (each a
+        piece of a graph computed apart), nodes the graph hook marked as outputs (per graph
+        built), copies made."""
+        a, w, m, c = C.c_int64(), C.c_int64(), C.c_int64(), C.c_int64()
+        self._call(self._ctx.lib.lightkv_capture_stats, C.byref(a), C.byref(w), C.byref(m), C.byref(c))
+        return {"asked": a.value, "wanted": w.value, "marked": m.value, "copied": c.value}
 
     def read(self, layer: int, kind: str = "q") -> np.ndarray:
         """Host copy of every captured row: float32 [rows, heads, head_dim] (tests)."""

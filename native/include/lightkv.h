@@ -59,6 +59,7 @@ typedef struct lightkv_gguf          lightkv_gguf;
 typedef struct lightkv_guidance_model lightkv_guidance_model;
 typedef struct lightkv_capture       lightkv_capture;
 struct ggml_tensor;                  /* ggml.h's; only lightkv_capture_eval takes one */
+struct ggml_cgraph;                  /* ggml.h's; only lightkv_capture_graph takes one */
 
 /* Parameters of one merge stage. */
 typedef struct lightkv_merge_params {
@@ -251,30 +252,41 @@ LIGHTKV_API lightkv_status lightkv_attention_received(lightkv_context * ctx,
                                                       float scale, float * out);
 
 /* --- capture: a llama.cpp graph's Q/K, kept on the context's backend --------------------------
- * llama.cpp asks its eval callback about every node of every graph it computes.
- * lightkv_capture_eval has the signature of ggml_backend_sched_eval_callback: pass it with the
- * capture as user_data (llama_set_eval_callback(lctx, lightkv_capture_eval, cap)). It answers
- * ask=true only for the wanted ROPE nodes named "Qcur-<layer>" / "Kcur-<layer>" (the query and
+ * The capture takes the wanted ROPE nodes named "Qcur-<layer>" / "Kcur-<layer>" (the query and
  * key heads after RoPE, f32 [head_dim, n_head, n_tokens]; the projections before RoPE carry the
- * same names and are not taken) and, once such a node is computed, copies it into a tensor the
- * capture owns in a buffer of ctx's backend (device to device when llama.cpp computed it on that
- * device), appended along the token axis: the micro-batches of one or several decodes
+ * same names and are not taken) of each graph llama.cpp computes and copies each into a tensor
+ * the capture owns in a buffer of ctx's backend (device to device when llama.cpp computed it on
+ * that device), appended along the token axis: the micro-batches of one or several decodes
  * concatenate, in compute order, until lightkv_capture_reset. Nothing goes to host memory; the
- * reads below run their graphs on the captured tensors.
+ * reads below run their graphs on the captured tensors. It sees llama.cpp's graphs one of two
+ * ways, the same rows bit for bit:
+ *  - the graph hook (patch 0007; preferred): lightkv_capture_graph has the signature of
+ *    llama_graph_hook: llama_set_graph_hook(lctx, lightkv_capture_graph, cap). When llama.cpp
+ *    builds a graph, the wanted nodes are marked as outputs (llama.cpp then plans the graph's
+ *    memory so that theirs is kept to the end); after it computed the graph, they are copied. Nothing splits the compute. A graph built
+ *    before a lightkv_capture_want does not keep the newly wanted nodes: set the hook again
+ *    after each want (setting it makes llama.cpp build the next graph anew); a wanted node that
+ *    was not kept is a failure (below), never a read of reused memory.
+ *  - the eval callback: lightkv_capture_eval has the signature of
+ *    ggml_backend_sched_eval_callback: llama_set_eval_callback(lctx, lightkv_capture_eval, cap).
+ *    llama.cpp asks it about every node; it answers ask=true only for the wanted nodes, and each
+ *    one answered so ends a piece of the graph: the scheduler computes up to it, synchronises
+ *    the backend and calls back (a graph reading L nodes runs in L + 1 pieces).
  *
- * A failure inside the callback (a node of another type or shape, out of memory) cannot be
- * returned through llama.cpp: the capture keeps the first one, copies nothing more, and every
+ * A failure inside the hook or callback (a node of another type or shape, out of memory, a
+ * wanted node its graph did not keep) cannot be returned through llama.cpp: the capture keeps the first one, copies nothing more, and every
  * read call fails with it (LIGHTKV_ERR_BACKEND) until lightkv_capture_reset.
  * Ownership: lightkv_capture_create / lightkv_capture_free; the capture keeps a pointer to ctx
  * (free it before ctx). Do not free, reset or read a capture while llama.cpp computes with it
- * set; unset the callback before freeing it. */
+ * set; unset the hook or callback before freeing it. */
 typedef enum lightkv_capture_kind {
     LIGHTKV_CAPTURE_Q       = 1,  /* "Qcur-<layer>" */
     LIGHTKV_CAPTURE_K       = 2,  /* "Kcur-<layer>" */
     LIGHTKV_CAPTURE_K_CACHE = 4,  /* no rows: the layer's K cache tensor, found as the one its
-                                     Kcur is stored into (a SET_ROWS node; asked about, never
-                                     split on); llama.cpp owns it: read it only while that
-                                     context lives (lightkv_capture_reset forgets it) */
+                                     Kcur is stored into (a SET_ROWS node; looked at, never
+                                     split on or marked); llama.cpp owns it: read it only
+                                     while that context lives (lightkv_capture_reset forgets
+                                     it) */
 } lightkv_capture_kind;
 
 LIGHTKV_API lightkv_status lightkv_capture_create(lightkv_context * ctx, lightkv_capture ** out);
@@ -288,13 +300,18 @@ LIGHTKV_API lightkv_status lightkv_capture_want(lightkv_capture * cap, const int
 LIGHTKV_API lightkv_status lightkv_capture_reset(lightkv_capture * cap);
 /* The eval callback (see above); user_data NULL: wants nothing. Never stops the computation. */
 LIGHTKV_API bool           lightkv_capture_eval(struct ggml_tensor * t, bool ask, void * user_data);
+/* The graph hook (see above); user_data NULL: does nothing. */
+LIGHTKV_API void           lightkv_capture_graph(struct ggml_cgraph * gf, bool computed, void * user_data);
 /* Rows captured of (layer, kind) so far and their heads (0, 0, 0 when none); kind Q or K. */
 LIGHTKV_API lightkv_status lightkv_capture_shape(const lightkv_capture * cap, int32_t layer, int32_t kind,
                                                  int64_t * n_rows, int64_t * n_head, int64_t * head_dim);
-/* Counters since create: nodes asked about, nodes answered "wanted", copies made (one per
- * wanted node and micro-batch). Any pointer may be NULL. */
+/* Counters since create: nodes the eval callback was asked about, nodes it answered "wanted"
+ * (each one a piece of a graph computed apart), nodes the graph hook marked as outputs (once
+ * per graph built; a reused graph keeps them), copies made (one per wanted node and
+ * micro-batch, either way). Any pointer may be NULL. */
 LIGHTKV_API lightkv_status lightkv_capture_stats(const lightkv_capture * cap, int64_t * n_asked,
-                                                 int64_t * n_wanted, int64_t * n_copied);
+                                                 int64_t * n_wanted, int64_t * n_marked,
+                                                 int64_t * n_copied);
 /* Host copy of captured rows [row0, row0 + n_rows) as [n_rows][n_head][head_dim] float32
  * (tests and debugging; the reads below need none). */
 LIGHTKV_API lightkv_status lightkv_capture_read(lightkv_capture * cap, int32_t layer, int32_t kind,

@@ -1,13 +1,16 @@
-// Q/K capture: llama.cpp's eval callback in C, copying the wanted ROPE nodes into tensors of
-// the lightkv context's backend, and the guidance / attention-received graphs that read them
-// there (lightkv.h, "capture").
+// Q/K capture: llama.cpp's graph hook (patch 0007) or eval callback in C, copying the wanted
+// ROPE nodes into tensors of the lightkv context's backend, and the guidance /
+// attention-received graphs that read them there (lightkv.h, "capture").
 //
 // Why in C: llama.cpp asks the eval callback about EVERY node of every graph it computes; a
 // callback in Python costs an interpreter round trip per node and copied the whole Q/K to
 // host memory, only to upload it again for the guidance graph. Here the question is a few
-// character compares, only the wanted nodes are answered "yes" (the scheduler then computes
-// the rest of the graph in one piece), and the copy stays on the device when llama.cpp and
-// the lightkv context share a backend (ggml_backend_tensor_copy: device to device).
+// character compares, and the copy stays on the device when llama.cpp and the lightkv
+// context share a backend (ggml_backend_tensor_copy: device to device).
+// Why the hook: every node the eval callback answers "yes" ends a piece of the graph (the
+// scheduler computes up to it and synchronises before calling back). The hook instead marks
+// the wanted nodes as outputs when llama.cpp builds a graph, so their memory is not reused,
+// and copies them after the whole graph ran in one piece.
 #include "lightkv.h"
 #include "lightkv_graphs.h"
 #include "lightkv_internal.h"
@@ -87,7 +90,7 @@ struct lightkv_capture {
     lightkv_context *          ctx = nullptr;
     std::vector<capture_entry> entries;   // every (layer, kind) ever wanted
     std::string                error;     // first failure inside the callback ("" if none)
-    int64_t n_asked = 0, n_wanted = 0, n_copied = 0;
+    int64_t n_asked = 0, n_wanted = 0, n_marked = 0, n_copied = 0;
     ctx_ptr                    scratch;   // the views of one copy (reset before each)
 
     // an empty metadata context for the two views of one copy
@@ -204,6 +207,21 @@ struct lightkv_capture {
         }
         return *e;
     }
+
+    // run f, which is called from inside llama.cpp's compute: a failure cannot go back through
+    // llama.cpp, so the first one is kept and reported by the next read
+    template <typename F>
+    void keeping_failure(F && f) {
+        try {
+            f();
+        } catch (const lkv_error & err) {
+            error = err.message;
+        } catch (const std::exception & err) {
+            error = std::string("internal error: ") + err.what();
+        } catch (...) {
+            error = "internal error";
+        }
+    }
 };
 
 namespace {
@@ -287,20 +305,42 @@ bool lightkv_capture_eval(struct ggml_tensor * t, bool ask, void * user_data) {
         if (e) cap->n_wanted++;
         return e != nullptr;
     }
-    // the node is computed (the scheduler synchronised its backend): copy it. A failure
-    // cannot go back through llama.cpp; it is kept and reported by the next read.
-    if (e && cap->error.empty()) {
-        try {
-            cap->append(*e, t);
-        } catch (const lkv_error & err) {
-            cap->error = err.message;
-        } catch (const std::exception & err) {
-            cap->error = std::string("internal error: ") + err.what();
-        } catch (...) {
-            cap->error = "internal error";
-        }
-    }
+    // the node is computed (the scheduler synchronised its backend): copy it
+    if (e && cap->error.empty()) cap->keeping_failure([&] { cap->append(*e, t); });
     return true;
+}
+
+void lightkv_capture_graph(struct ggml_cgraph * gf, bool computed, void * user_data) {
+    auto * cap = static_cast<lightkv_capture *>(user_data);
+    if (!cap || !gf) return;
+    const int n_nodes = ggml_graph_n_nodes(gf);
+    if (!computed) {
+        // a new graph, not yet allocated: keep the wanted nodes' memory to the end of it
+        for (int i = 0; i < n_nodes; i++) {
+            ggml_tensor * t = ggml_graph_node(gf, i);
+            if (cap->match(t)) {
+                ggml_set_output(t);
+                cap->n_marked++;
+            }
+        }
+        return;
+    }
+    // computed (built now or reused) and synchronised: copy the wanted nodes, in graph order.
+    // The K cache is looked for in every graph: a reset forgets it, a reused graph has it.
+    for (int i = 0; i < n_nodes; i++) {
+        ggml_tensor * t = ggml_graph_node(gf, i);
+        cap->note_k_cache(t);
+        capture_entry * e = cap->match(t);
+        if (!e || !cap->error.empty()) continue;
+        cap->keeping_failure([&] {
+            if (!(t->flags & GGML_TENSOR_FLAG_OUTPUT)) {
+                // its memory may hold another node's data by now
+                LKV_INVALID("%s was wanted after llama.cpp built the graph, which did not keep it "
+                            "(set the graph hook again after lightkv_capture_want)", e->name.c_str());
+            }
+            cap->append(*e, t);
+        });
+    }
 }
 
 lightkv_status lightkv_capture_shape(const lightkv_capture * cap, int32_t layer, int32_t kind,
@@ -318,11 +358,12 @@ lightkv_status lightkv_capture_shape(const lightkv_capture * cap, int32_t layer,
 }
 
 lightkv_status lightkv_capture_stats(const lightkv_capture * cap, int64_t * n_asked, int64_t * n_wanted,
-                                     int64_t * n_copied) {
+                                     int64_t * n_marked, int64_t * n_copied) {
     return guarded(cap ? cap->ctx : nullptr, [&] {
         if (!cap) LKV_INVALID("cap must not be NULL");
         if (n_asked) *n_asked = cap->n_asked;
         if (n_wanted) *n_wanted = cap->n_wanted;
+        if (n_marked) *n_marked = cap->n_marked;
         if (n_copied) *n_copied = cap->n_copied;
     });
 }
