@@ -263,3 +263,25 @@ def test_merging_runs_both_policies_and_positions(model):
         want = ex.kept if positions == "keep" else torch.arange(m)
         assert ex.positions.tolist() == want.tolist()
         assert bool(torch.isfinite(ex.logits).all())
+
+
+def test_greedy_continuation_equals_transformers_decoding(model):
+    """tests/helpers/layer_ref.greedy_after_prefill on Gemma 3 (the reference's view of the
+    tokens decoded after a layer-mode prefill): with nothing merged, the logits of 8
+    steps equal transformers' own cached decoding after the same prefill (its sliding
+    layers' caches keep window - 1 rows, our window mask the same rows)."""
+    from helpers.layer_ref import greedy_after_prefill
+    ids, vis, full, types = _inputs(model)
+    pre = prefill_with_merge(model, ids, SLICES, Schedule((), (), ()), vision_embeds=vis)
+    toks, logits = greedy_after_prefill(model, pre, 8)
+    out = _hf(model, full, types)
+    cache, want = out.past_key_values, [out.logits[0, -1].float()]
+    with torch.no_grad():
+        for i, t in enumerate(toks):
+            o = model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True,
+                      cache_position=torch.tensor([S + i]))
+            cache = o.past_key_values
+            want.append(o.logits[0, -1].float())
+    assert toks == [int(torch.argmax(w)) for w in want[:-1]]
+    for a, b in zip(logits, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)   # as in the prefill test
