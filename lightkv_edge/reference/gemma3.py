@@ -86,7 +86,8 @@ class Gemma3Maths:
             return None
         return (q_pos[:, None] - k_pos[None, :]) >= int(self.config.sliding_window)
 
-    def hidden(self, li: int, pos, image) -> torch.Tensor:
+    def hidden(self, li: int, pos) -> torch.Tensor:
+        """Causal, and on a sliding layer the keys outside the window."""
         hidden = causal_hidden(pos.numel())
         window = self.window_hidden(li, pos, pos)
         return hidden if window is None else hidden | window

@@ -122,9 +122,9 @@ class LlamaMaths:
         """The attention logits' scale (also the guidance's)."""
         return self.layers[li].self_attn.scaling
 
-    def hidden(self, li: int, pos, image) -> torch.Tensor:
-        """[S, S] bool mask of the prefill rows (pos [S] positions, image [S] the image
-        index of each row, -1 for text): causal."""
+    def hidden(self, li: int, pos) -> torch.Tensor:
+        """[S, S] bool, True where a prefill row (at positions pos [S], ascending) does not
+        see another: causal. prefill_with_merge opens each image to itself on top."""
         return causal_hidden(pos.numel())
 
     def finish(self, li: int, h, q, k, v, hidden):
@@ -226,7 +226,7 @@ def prefill_with_merge(model, input_ids, vision_slices, schedule: Schedule, *,
         image = torch.full((orig.numel(),), -1, dtype=torch.int64)  # image of each row
         for i, (s, n, _) in enumerate(slices):
             image[(orig >= s) & (orig < s + n)] = i
-        hidden = maths.hidden(li, pos, image)
+        hidden = maths.hidden(li, pos)
         if non_causal_images:   # an image's rows see each other both ways
             same = (image[:, None] == image[None, :]) & (image[:, None] >= 0)
             hidden = hidden & ~same.to(hidden.device)
