@@ -175,7 +175,7 @@ def _reference(hf, t1, img, t2, stage, positions, kv_policy, protect):
 
 
 @pytest.mark.parametrize("method", list(layer_mode.METHODS))
-@pytest.mark.parametrize("kv", ["compact"])
+@pytest.mark.parametrize("kv", ["compact", "exact"])
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
 def test_merge_matches_the_gemma3_reference(tiny, hf, positions, kv, method):
     """A merge after layer 0 (windows 2, ratio 0.5): the rows the reference keeps, at its
@@ -196,13 +196,15 @@ def test_merge_matches_the_gemma3_reference(tiny, hf, positions, kv, method):
                                         - len(t1)).tolist()
         assert res.positions[0].tolist() == ref.positions.tolist()
         assert res.vision_out < N_IMG
-        # llama.cpp keeps K/V in f16 and computes in f32 against the reference's f64, as in
-        # test_layer_mode (same 1e-2 budget; measured below it when this was written: see
-        # the module's report in docs/layer-mode.md); a wrong merge moves them by > 0.1
-        assert np.max(np.abs(res.logits - ref.logits.numpy())) < 1e-2
+        # llama.cpp keeps K/V in f16 and computes in f32 against the reference's f64: over
+        # the prefill and 8 steps, 3 seeds x compact/exact x keep/renumber x both methods,
+        # measured 6.3e-4..1.04e-3 (logits of size ~0.5) when this was written; the merge
+        # itself moves the reference's logits by 5.4e-2..6.8e-2 and the two methods differ
+        # by 6.2e-2..1.1e-1, so 5e-3 tells a wrong merge, position or cache row apart
+        assert np.max(np.abs(res.logits - ref.logits.numpy())) < 5e-3
         toks, logits = c.greedy(res.logits, int(ref.next_position))
         assert toks == ref_toks
         for a, b in zip(logits, ref_logits):
-            assert np.max(np.abs(a - b.numpy())) < 1e-2
+            assert np.max(np.abs(a - b.numpy())) < 5e-3
     finally:
         c.close()
