@@ -179,8 +179,9 @@ class Evictor:
             raise ValueError(f"evict_window must be an integer >= 1, got {window!r}")
         self.window = window
         if not _l.llama_set_layer_range(ctx, 0, self.n_layer):
-            raise ValueError("KV eviction does not cover this model's architecture (the "
-                             "llama, qwen2 and qwen2vl graphs are patched)")
+            raise ValueError("KV eviction does not cover this model's architecture or "
+                             "memory (the llama, qwen2, qwen2vl and gemma3 graphs with one KV "
+                             "cache are patched)")
         from . import native
         self._q = native.Capture(backend=backend)   # the window's queries, on the backend
         self.log = CellLog()

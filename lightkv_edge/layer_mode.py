@@ -220,6 +220,13 @@ if HAS_GRAPH_HOOK:
     _l.llama_set_graph_hook.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p]
 
 
+def _arch(model) -> str:
+    """The model's general.architecture ("" if unreadable)."""
+    buf = C.create_string_buffer(64)
+    n = llama_cpp.llama_model_meta_val_str(model, b"general.architecture", buf, len(buf))
+    return buf.value.decode() if n > 0 else ""
+
+
 def _ip(a: np.ndarray):
     return a.ctypes.data_as(_i32p)
 
@@ -362,8 +369,15 @@ class LayerRunner:
         covered = _l.llama_set_layer_range(ctx, 0, self.n_layer)
         _l.llama_set_layer_range(ctx, 0, -1)
         if not covered:
-            raise ValueError("layer mode does not cover this model's architecture "
-                             "(llama, qwen2 and qwen2vl graphs are patched)")
+            raise ValueError("layer mode does not cover this model's architecture or memory "
+                             "(the llama, qwen2, qwen2vl and gemma3 graphs with one KV cache "
+                             "are patched; not a sliding-window pair of caches)")
+        # the guidance's scale is the layer's own: 1/sqrt(head_dim) (the capture's default),
+        # except Gemma 3 27B, whose query_pre_attn_scalar is n_embd / n_head (llama.cpp's
+        # f_attention_scale: src/models/gemma3.cpp, by model type, 62 layers)
+        self.guidance_scale = None
+        if _arch(model) == "gemma3" and self.n_layer == 62:
+            self.guidance_scale = (self.n_embd / self.n_head) ** -0.5
         if not self.use_mrope:
             _l.llama_set_position_gaps(ctx, True)
 
@@ -542,7 +556,8 @@ class LayerRunner:
                                 f"llama.cpp's graph gave no Qcur-{li}/Kcur-{li} for every row "
                                 "(the architecture names them otherwise)")
                     vis = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in guided])
-                    g = self.capture.guidance(b - 1, vis, text_rows)
+                    g = self.capture.guidance(b - 1, vis, text_rows,
+                                              scale=self.guidance_scale)
                     cuts = np.cumsum([0] + [offsets[i + 1] - offsets[i] for i in guided])
                     scores_all = {i: g[cuts[j]:cuts[j + 1]] for j, i in enumerate(guided)}
                     t_guid += (time.perf_counter() - t0) * 1e3

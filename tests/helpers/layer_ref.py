@@ -7,6 +7,8 @@ and a greedy continuation of `reference.prefill_with_merge`'s cache.
 - `greedy_after_prefill(model, pre, n)`: n greedy tokens decoded one by one on top of the
   PrefillResult's per-layer K/V (the compacted cache for kv_policy="compact"), each new
   token at pre.next_position + step: the reference's view of what llama.cpp decodes next.
+  A Gemma 3 model decodes with its own layer maths (reference/gemma3.py: its sliding
+  layers see the cache entries less than `sliding_window` positions back).
 """
 from __future__ import annotations
 
@@ -58,7 +60,11 @@ def greedy_after_prefill(model, pre, n: int, rope=None, forced=None
     """n greedy tokens after the prefill `pre` (the first is argmax of pre.logits);
     returns (tokens, logits of each step's input, the first being pre.logits).
     forced: the first len(forced) steps decode these instead (a later turn's prompt)."""
-    from lightkv_edge.reference.llm import _rope_fn, layer_qkv
+    from lightkv_edge.reference.llm import _rope_fn, layer_qkv, maths_for
+    from lightkv_edge.reference.gemma3 import Gemma3Maths
+    maths = maths_for(model)
+    if isinstance(maths, Gemma3Maths):
+        return _greedy_with_maths(model, maths, pre, n, forced)
     base = model.model
     rope = rope or _rope_fn(model)
     keys = [k.clone() for k in pre.keys]
@@ -86,6 +92,38 @@ def greedy_after_prefill(model, pre, n: int, rope=None, forced=None
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = model.lm_head(base.norm(h))[0, -1].float()
+        all_logits.append(logits)
+        pos += 1
+    return tokens, all_logits
+
+
+@torch.no_grad()
+def _greedy_with_maths(model, maths, pre, n, forced):
+    """greedy_after_prefill through a LayerMaths with attend() (Gemma 3): the same steps,
+    each new token's query seeing every cached entry its layer's window allows."""
+    keys = [k.clone() for k in pre.keys]
+    values = [v.clone() for v in pre.values]
+    kv_pos = [p.clone() for p in pre.kv_positions]
+    logits = pre.logits
+    tokens, all_logits = [], [logits]
+    pos = pre.next_position
+    emb = model.get_input_embeddings()
+    for step in range(n):
+        tok = int(forced[step]) if forced is not None and step < len(forced) \
+            else int(torch.argmax(logits))
+        tokens.append(tok)
+        h = emb(torch.tensor([[tok]])).to(emb.weight.dtype)
+        p = torch.tensor([pos])
+        for li in range(len(maths.layers)):
+            q, k, v = maths.qkv(li, h, p)
+            keys[li] = torch.cat([keys[li], k[0]], dim=1)
+            values[li] = torch.cat([values[li], v[0]], dim=1)
+            kv_pos[li] = torch.cat([kv_pos[li], p])
+            hidden = maths.window_hidden(li, p, kv_pos[li])
+            if hidden is None:
+                hidden = torch.zeros(1, kv_pos[li].numel(), dtype=torch.bool)
+            h = maths.attend(li, h, q, keys[li][None], values[li][None], hidden)
+        logits = maths.logits(h)
         all_logits.append(logits)
         pos += 1
     return tokens, all_logits
