@@ -102,8 +102,6 @@ def main() -> int:
            "--json", str(out / "quality.json"), "--markdown", str(out / "quality.md")]
     if a.threads:
         cmd += ["-t", str(a.threads)]
-    if encode_once:     # a full-depth vision tower takes minutes a run on a CPU
-        cmd += ["--encode-once"]
     run(cmd)
     quality = json.loads((out / "quality.json").read_text())
     quality_plot(quality, out / "quality.png")

@@ -241,7 +241,8 @@ def test_ctrl_c_during_the_prefill_undoes_the_turn(pair, samples, monkeypatch):
     with _chat(pair, mode="embed") as clean:
         clean.ask(q1, [image])
         want = clean.ask(q2, [image])
-    with _chat(pair, mode="embed") as chat:
+    # no image cache: the second turn's picture must go through the encoder again
+    with _chat(pair, mode="embed", image_cache=0) as chat:
         chat.ask(q1, [image])
         before = (len(chat.history), chat.n_cells, chat.n_past, chat.m.kv_bytes())
         real = engine.mtmd.encode_chunk
