@@ -27,7 +27,8 @@ llama_cpp = _libs.use_our_llama_cpp()
 from lightkv_edge import layer_mode  # noqa: E402
 from lightkv_edge.layer_mode import LayerRunner, Segment, Stage  # noqa: E402
 from tests.helpers.tiny_vlms import tiny_model  # noqa: E402
-from tests.test_layer_mode import N_BATCH, STEPS, Ctx  # noqa: E402
+from tests.test_layer_mode import N_BATCH, STEPS, Ctx, _stock  # noqa: E402
+from tests.test_layer_mode import _segments as _segments_on_grid  # noqa: E402
 
 GRID = (4, 4)
 N_IMG = GRID[0] * GRID[1]
@@ -83,26 +84,7 @@ def _turn(seed=5):
 
 
 def _segments(t1, img, t2):
-    s1, s2 = len(t1), len(t1) + N_IMG
-    return [Segment("text", np.arange(s1)[None], tokens=t1),
-            Segment("image", np.arange(s1, s2)[None], embd=img, grid=GRID),
-            Segment("text", np.arange(s2, s2 + len(t2))[None], tokens=t2)]
-
-
-def _stock(c: Ctx, t1, img, t2):
-    """`off`: the same rows through stock llama_decode, in LayerRunner's batches (text as
-    tokens, the image as embeddings, n_batch rows at most)."""
-    pos = 0
-    for kind, rows in (("t", t1), ("i", img), ("t", t2)):
-        for lo in range(0, len(rows), N_BATCH):
-            hi = min(lo + N_BATCH, len(rows))
-            p = np.arange(pos + lo, pos + hi)
-            if kind == "t":
-                c.decode_tokens(rows[lo:hi], p, logits_last=rows is t2 and hi == len(rows))
-            else:
-                c.decode_embd(rows[lo:hi], p)
-        pos += len(rows)
-    return c.logits()
+    return _segments_on_grid(t1, img, t2, grid=GRID)
 
 
 def test_sliding_window_memory_is_refused_in_one_line(tiny_iswa):

@@ -101,10 +101,10 @@ def _turn(m, seed=5):
     return t1, img, t2
 
 
-def _segments(t1, img, t2):
-    s1, s2 = len(t1), len(t1) + N_IMG
+def _segments(t1, img, t2, grid=GRID):
+    s1, s2 = len(t1), len(t1) + len(img)
     return [Segment("text", np.arange(s1)[None], tokens=t1),
-            Segment("image", np.arange(s1, s2)[None], embd=img, grid=GRID),
+            Segment("image", np.arange(s1, s2)[None], embd=img, grid=grid),
             Segment("text", np.arange(s2, s2 + len(t2))[None], tokens=t2)]
 
 
