@@ -246,6 +246,69 @@ class _Unreachable(Exception):
     """A configuration this model cannot run (its reason in the message)."""
 
 
+class RunsFile:
+    """--resume FILE: every finished run appended as a JSON line, so a sweep of hours
+    survives its process (or session) and goes on where it stopped. The first line names
+    the sweep (model, configurations, answer lengths, ...): a file of another sweep is
+    refused. A round (every configuration once) counts only when whole: the ratios to off
+    pair runs of one round, which ran side by side; a round cut short is run again."""
+
+    def __init__(self, path: str, sweep: dict):
+        self.path, self.sweep = Path(path), sweep
+        self.rounds: dict[int, dict[str, dict]] = {}
+        self.skipped: dict[str, str] = {}
+        if self.path.exists() and self.path.stat().st_size:
+            self._load()
+        else:
+            self._write([{"sweep": sweep}])
+
+    def _load(self) -> None:
+        try:
+            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            head = lines[0]["sweep"]
+        except (OSError, ValueError, KeyError, IndexError):
+            raise InputError(f"{self.path} is not a runs file of `cost --resume`",
+                             param="resume") from None
+        differ = sorted(k for k in set(head) | set(self.sweep)
+                        if head.get(k) != self.sweep.get(k))
+        if differ:
+            raise InputError(f"{self.path} holds another sweep (it differs in "
+                             f"{', '.join(differ)}); give another --resume file",
+                             param="resume")
+        for x in lines[1:]:
+            if "begin_round" in x:      # a round run again starts from nothing
+                self.rounds[x["begin_round"]] = {}
+            elif "skipped" in x:
+                self.skipped[x["skipped"]] = x["reason"]
+            elif "round" in x:
+                self.rounds.setdefault(x["round"], {})[x["config"]] = x["run"]
+
+    def _write(self, lines: list[dict], mode: str = "w") -> None:
+        try:
+            with open(self.path, mode) as f:
+                f.writelines(json.dumps(x) + "\n" for x in lines)
+        except OSError as e:
+            raise InputError(f"cannot write {self.path}: {e.strerror}", param="resume") from None
+
+    def done(self, i: int, names: list[str]) -> dict[str, dict] | None:
+        """Round i's runs when the file holds it whole (every name not skipped), else None."""
+        got = self.rounds.get(i, {})
+        want = [n for n in names if n not in self.skipped]
+        return {n: got[n] for n in want} if all(n in got for n in want) else None
+
+    def begin(self, i: int) -> None:
+        self.rounds[i] = {}
+        self._write([{"begin_round": i}], "a")
+
+    def add(self, i: int, name: str, run: dict) -> None:
+        self._write([{"round": i, "config": name, "run": run,
+                      "at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}], "a")
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped[name] = reason
+        self._write([{"skipped": name, "reason": reason}], "a")
+
+
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}
@@ -271,6 +334,9 @@ def run_cost(args) -> int:
     from .model import check_gguf
 
     configs = parse_configs(args.modes, args.keep)
+    if args.max_new_rounds is not None and not args.resume:
+        raise InputError("max_new_rounds needs --resume FILE, where the other sittings' "
+                         "rounds are kept", param="max_new_rounds")
     if args.method is not None:
         from .embed_mode import METHODS
         if args.method not in METHODS:
@@ -284,7 +350,7 @@ def run_cost(args) -> int:
     if args.image:
         from .images import load_image
         load_image(args.image)            # a bad picture fails here, not in every run
-    for path in (args.json, args.markdown):
+    for path in (args.json, args.markdown, args.resume):
         _check_writable(path)
     if args.plots:
         try:
@@ -298,8 +364,21 @@ def run_cost(args) -> int:
                     ctx_size=args.ctx_size, gpu_layers=args.gpu_layers,
                     short_tokens=args.short_tokens, long_tokens=args.long_tokens,
                     method=args.method)
+    configs_names = [c.name for c in configs]
+    resume = RunsFile(args.resume, _sweep_id(args, configs)) if args.resume else None
+    skipped: dict[str, str] = dict(resume.skipped) if resume else {}
+    kept = [i for i in range(args.runs) if resume and resume.done(i, configs_names)]
+    todo = [i for i in range(args.runs) if i not in kept]
+    if args.max_new_rounds is not None:       # this sitting's share of a long sweep
+        todo = todo[:args.max_new_rounds]
+    if resume and kept:
+        print(f"{args.resume}: {len(kept)} of {args.runs} rounds done before, "
+              f"{len(todo)} to run", file=sys.stderr, flush=True)
+    if not kept and not todo:
+        raise InputError("--max-new-rounds 0 with no round done before: nothing to report",
+                         param="max_new_rounds")
     encoded = None
-    if args.encode_once:
+    if args.encode_once and todo:
         import tempfile
         tmp = tempfile.TemporaryDirectory(prefix="lightkv-cost-")
         job_base["encoded"] = str(Path(tmp.name) / "encoded.npz")
@@ -310,11 +389,18 @@ def run_cost(args) -> int:
         print(f"vision encode {encoded['t_encode_ms']:.0f} ms "
               f"({encoded['image_chunks']} image chunk(s))", file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
-    total = args.runs * len(configs)
+    total = len(todo) * len(configs)
     t_start = time.perf_counter()
     done = 0
-    skipped: dict[str, str] = {}
     for i in range(args.runs):
+        if i in kept:               # a whole round from --resume's file
+            for name, r in resume.done(i, configs_names).items():
+                runs[name].append(r)
+            continue
+        if i not in todo:           # left for a later sitting
+            continue
+        if resume:
+            resume.begin(i)
         order = configs[i % len(configs):] + configs[:i % len(configs)]   # rotated
         for c in order:
             if c.name in skipped:
@@ -323,13 +409,17 @@ def run_cost(args) -> int:
                 r = _run_worker(dict(job_base, mode=c.mode, keep=c.keep), args.run_timeout)
             except _Unreachable as e:
                 skipped[c.name] = str(e)
-                total -= args.runs - i
+                if resume:
+                    resume.skip(c.name, str(e))
+                total -= len([j for j in todo if j >= i])
                 print(f"{c.name}: skipped: {e}", file=sys.stderr, flush=True)
                 continue
             if encoded:     # the one encoding stands in for every run's
                 r["t_encode_ms"] = encoded["t_encode_ms"]
                 r["ttft_ms"] += encoded["t_encode_ms"]
             runs[c.name].append(r)
+            if resume:
+                resume.add(i, c.name, r)
             done += 1
             eta = (time.perf_counter() - t_start) / done * (total - done)
             print(f"[{done}/{total}] {c.name:12s} prefill {r['t_prefill_ms']:8.1f} ms  "
@@ -340,11 +430,13 @@ def run_cost(args) -> int:
     out = {"model": Path(args.model).name, "mmproj": Path(args.mmproj).name,
            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "cpu_count": os.cpu_count(), "threads": args.threads,
-           "blas_threads": 1, "runs": args.runs, "warmup_turns": 1,
+           "blas_threads": 1, "runs": len(kept) + len(todo), "runs_planned": args.runs,
+           "warmup_turns": 1,
            "image": args.image or f"synthetic {args.image_size}x{args.image_size}",
            "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
            "embed_method": args.method or "default",
-           "encode_once": bool(encoded),
+           "encode_once": bool(args.encode_once),
+           "rounds_resumed": len(kept),
            "rows": summarize([c for c in configs if c.name not in skipped], runs),
            "skipped": skipped, "raw": {k: v for k, v in runs.items() if k not in skipped}}
     print(markdown_table(out))
@@ -359,6 +451,19 @@ def run_cost(args) -> int:
         for p in cost_plots(out, Path(args.plots)):
             print(f"wrote {p}", file=sys.stderr)
     return 0
+
+
+def _sweep_id(args, configs: list[Config]) -> dict:
+    """What makes two sweeps' runs comparable: the files (by name and size), the
+    configurations and every setting of a run."""
+    def file_id(path):
+        return f"{Path(path).name} ({Path(path).stat().st_size} bytes)"
+    return {"model": file_id(args.model), "mmproj": file_id(args.mmproj),
+            "configs": [c.name for c in configs], "method": args.method,
+            "image": file_id(args.image) if args.image else f"synthetic {args.image_size}",
+            "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
+            "ctx_size": args.ctx_size, "threads": args.threads,
+            "gpu_layers": args.gpu_layers, "encode_once": bool(args.encode_once)}
 
 
 def _check_writable(path: str | None) -> None:
@@ -388,7 +493,12 @@ def markdown_table(out: dict) -> str:
              "turn each, one process per run, configurations interleaved. Median [min, max]."
              + (" The picture was encoded once (--encode-once): encode ms is that one "
                 "measurement, and TTFT is it plus each run's own time to the first token."
-                if out.get("encode_once") else ""),
+                if out.get("encode_once") else "")
+             + (f" {out['rounds_resumed']} of the {out['runs']} rounds were run by an earlier "
+                "process (--resume), each round whole." if out.get("rounds_resumed") else "")
+             + (f" **Partial: {out['runs']} of {out['runs_planned']} planned rounds so far**; "
+                "the same command with --resume goes on."
+                if out.get("runs_planned", out["runs"]) > out["runs"] else ""),
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out["rows"]:
         lines.append("| " + " | ".join([

@@ -32,7 +32,8 @@ FLAG_OF = {"keep": "--keep", "windows": "--windows", "ctx_size": "-c/--ctx-size"
            "show_merge": "--show-merge",
            "evict": "--evict", "decode_evict": "--decode-evict",
            "evict_layers": "--evict-layers", "evict_window": "--evict-window",
-           "evict_adaptive": "--evict-adaptive", "image_cache": "--image-cache"}
+           "evict_adaptive": "--evict-adaptive", "image_cache": "--image-cache",
+           "max_new_rounds": "--max-new-rounds"}
 
 
 def user_message(e: Exception) -> str:
@@ -299,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "run reuse that output: the runs skip the vision encoder, TTFT is "
                            "that encode time plus each run's own (for full-depth models, "
                            "whose encoder takes minutes on a CPU)")
+    cost.add_argument("--resume", metavar="FILE",
+                      help="append every finished run to FILE (JSON lines) and, when FILE "
+                           "already holds whole rounds of this same sweep, keep them and run "
+                           "only the rounds left (a round cut short runs again whole, since "
+                           "ratios pair the runs of one round); for sweeps of hours")
+    cost.add_argument("--max-new-rounds", type=_nonneg_int, default=None, metavar="N",
+                      help="with --resume: run at most N rounds now, and report the rounds "
+                           "done so far (0: only report them)")
     cost.add_argument("--json", metavar="FILE", help="write the results as JSON")
     cost.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
     cost.add_argument("--plots", metavar="DIR", help="write the cost pictures (PNG) there")

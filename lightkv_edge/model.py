@@ -112,8 +112,10 @@ class VisionModel:
                  gpu_layers=None, n_batch=2048, verbose=False, use_extra_bufts=False,
                  warmup=False, image_cache=0):
         LOG.verbose = verbose
-        # the last `image_cache` pictures' encoder outputs, by image key (mtmd.image_keys),
-        # least recently used first: a picture asked about again skips the vision encoder
+        # the last `image_cache` pictures' encoder outputs, by image key (mtmd.image_keys,
+        # "<picture id>/<ordinal>": one per chunk, and a picture can be many chunks, e.g.
+        # Idefics3's slices), least recently used first: a picture asked about again skips
+        # the vision encoder
         self.image_cache = image_cache
         self._encoded: OrderedDict[str, np.ndarray] = OrderedDict()
         self.image_cache_hits = 0       # encoder runs the cache saved, since loading
@@ -262,9 +264,18 @@ class VisionModel:
         t_ms = (time.perf_counter() - t0) * 1e3
         if key is not None and self.image_cache > 0:
             self._encoded[key] = embd.copy()
-            while len(self._encoded) > self.image_cache:
-                self._encoded.popitem(last=False)
+            self._trim_image_cache()
         return embd, t_ms, False
+
+    def _trim_image_cache(self) -> None:
+        """Drop the least recently used pictures, all their chunks at once, until at most
+        `image_cache` pictures are left (the cache counts pictures, not chunks)."""
+        def picture(key):
+            return key.rsplit("/", 1)[0]
+        recent = list(dict.fromkeys(picture(k) for k in reversed(self._encoded)))
+        for old in recent[self.image_cache:]:
+            for k in [k for k in self._encoded if picture(k) == old]:
+                del self._encoded[k]
 
     def encoded_images(self) -> dict[str, np.ndarray]:
         """The image cache's entries (key -> embeddings), least recently used first."""
@@ -279,8 +290,7 @@ class VisionModel:
                 raise InputError(f"cached image {key} has shape {embd.shape}, this model "
                                  f"takes rows of {self.n_embd}", param="image_cache")
             self._encoded[key] = embd.copy()
-        while len(self._encoded) > self.image_cache:
-            self._encoded.popitem(last=False)
+        self._trim_image_cache()
 
     # -- KV cache -----------------------------------------------------------------------
     def clear(self) -> None:

@@ -15,6 +15,10 @@ Every step is a command a person can run alone; each is printed before it runs:
    vision tower runs once, timed, and every run reuses that output;
 4. report.md: the tables and pictures, and how they were made.
 Do not run anything else on the machine meanwhile: the cost figures are timings.
+The whole report takes longer than one sitting on 2 cores; run the same command again and it
+goes on: a quality step done before is kept (steps.json), and each cost sweep keeps its whole
+rounds (cost-<model>.runs.jsonl, `cost --resume`). --max-new-rounds N bounds a sitting
+(0 writes the report from what is done, partial sweeps marked so). --fresh starts over.
 """
 from __future__ import annotations
 
@@ -54,7 +58,10 @@ def shape_model(name: str) -> tuple[str, str]:
 
 def cost(out: Path, text: str, mmproj: str, a, image_size: int, encode_once=False) -> dict:
     stem = Path(text).stem
+    # every finished run is kept in cost-<stem>.runs.jsonl: a report cut short (or done over
+    # several sittings) goes on from the last whole round
     cmd = [sys.executable, "-m", "lightkv_edge", "cost", "-m", text, "--mmproj", mmproj,
+           "--resume", str(out / f"cost-{stem}.runs.jsonl"),
            "--modes", a.cost_modes, "--keep", a.cost_keep, "--runs", str(a.runs),
            "--short-tokens", str(a.short_tokens), "--long-tokens", str(a.long_tokens),
            "--image-size", str(image_size), "--json", str(out / f"cost-{stem}.json"),
@@ -63,6 +70,8 @@ def cost(out: Path, text: str, mmproj: str, a, image_size: int, encode_once=Fals
         cmd += ["-t", str(a.threads)]
     if encode_once:     # a full-depth vision tower takes minutes a run on a CPU
         cmd += ["--encode-once"]
+    if a.max_new_rounds is not None:
+        cmd += ["--max-new-rounds", str(a.max_new_rounds)]
     run(cmd)
     return json.loads((out / f"cost-{stem}.json").read_text())
 
@@ -86,6 +95,13 @@ def main() -> int:
     ap.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--quick", action="store_true",
                     help="every step at smoke size: n 4, keep 0.75, 1 run, 8-token answers")
+    ap.add_argument("--max-new-rounds", type=int, default=None, metavar="N",
+                    help="run at most N more rounds of each cost sweep in this sitting (0: "
+                         "write the report from what is done); a sweep with fewer than "
+                         "--runs rounds is marked partial")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over: forget the steps and cost runs of an earlier sitting "
+                         "(by default a report goes on where the last one stopped)")
     a = ap.parse_args()
     if a.quick:
         a.n, a.keep, a.cost_keep, a.runs, a.short_tokens, a.long_tokens = 4, "0.75", "0.75", 1, 2, 8
@@ -96,13 +112,24 @@ def main() -> int:
     from lightkv_edge.bench_plots import quality_plot
     from lightkv_edge.embedded import embedded_model
 
+    steps_file = out / "steps.json"       # the steps done, for a report made in sittings
+    if a.fresh:
+        for f in [steps_file, *out.glob("cost-*.runs.jsonl")]:
+            f.unlink(missing_ok=True)
+    steps = json.loads(steps_file.read_text()) if steps_file.exists() else []
+
     # 1. quality
     cmd = [sys.executable, "-m", "lightkv_edge", "bench", "--model-name", MODELS,
            "--methods", METHODS, "--keep", a.keep, "--n", str(a.n), "--seed", str(a.seed),
            "--json", str(out / "quality.json"), "--markdown", str(out / "quality.md")]
     if a.threads:
         cmd += ["-t", str(a.threads)]
-    run(cmd)
+    step = " ".join(cmd[1:])
+    if step in steps and (out / "quality.json").exists():
+        print(f"quality: done before ({steps_file.name}), kept", flush=True)
+    else:
+        run(cmd)
+        steps_file.write_text(json.dumps(steps + [step], indent=1))
     quality = json.loads((out / "quality.json").read_text())
     quality_plot(quality, out / "quality.png")
 

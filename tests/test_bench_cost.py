@@ -175,3 +175,57 @@ def test_encode_once_reuses_one_encoding_in_every_run(tmp_path):
         for f in ("vision_tokens_in", "vision_tokens_kept", "kv_cells", "kv_bytes"):
             assert r[f]["median"] == w[f]["median"], f
     assert "--encode-once" in (tmp_path / "cost.md").read_text()
+
+
+def test_resume_keeps_whole_rounds_and_reruns_a_cut_one(tmp_path):
+    """--resume: a second process keeps the file's whole rounds (the same runs, not new
+    ones) and runs only the rounds left; a round cut short runs again whole, never mixed
+    with the runs of the cut attempt; a file of another sweep is refused in one line."""
+    model, mmproj = embedded_model()
+    runs_file = tmp_path / "runs.jsonl"
+    common = ["-m", str(model), "--mmproj", str(mmproj), "--modes", "off,embed",
+              "--keep", "0.55", "--short-tokens", "2", "--long-tokens", "4",
+              "--image-size", "128", "-t", "1", "--resume", str(runs_file)]
+    first, second, third = (tmp_path / f"{n}.json" for n in ("a", "b", "c"))
+    p = _cli(*common, "--runs", "2", "--json", str(first))
+    assert p.returncode == 0, p.stderr
+    a = json.loads(first.read_text())
+    assert a["rounds_resumed"] == 0
+    p = _cli(*common, "--runs", "3", "--json", str(second))
+    assert p.returncode == 0, p.stderr
+    assert "2 of 3 rounds done before, 1 to run" in p.stderr
+    b = json.loads(second.read_text())
+    assert b["rounds_resumed"] == 2
+    for name in ("off", "embed@0.55"):
+        assert len(b["raw"][name]) == 3
+        assert b["raw"][name][:2] == a["raw"][name]          # kept, not measured again
+    # a sitting that only reports: the whole rounds so far, marked partial
+    md = tmp_path / "partial.md"
+    p = _cli(*common, "--runs", "5", "--max-new-rounds", "0", "--json", str(second),
+             "--markdown", str(md))
+    assert p.returncode == 0, p.stderr
+    b = json.loads(second.read_text())
+    assert (b["runs"], b["runs_planned"], b["rounds_resumed"]) == (3, 5, 3)
+    assert "Partial: 3 of 5 planned rounds" in md.read_text()
+    p = _cli(*[x for x in common if x not in ("--resume", str(runs_file))],
+             "--max-new-rounds", "1")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "--max-new-rounds needs --resume" in p.stderr
+    # cut round 2 after its first run: the next process runs round 2 again, whole
+    lines = runs_file.read_text().splitlines()
+    last_begin = max(i for i, x in enumerate(lines) if '"begin_round": 2' in x)
+    runs_file.write_text("\n".join(lines[:last_begin + 2]) + "\n")
+    p = _cli(*common, "--runs", "3", "--json", str(third))
+    assert p.returncode == 0, p.stderr
+    assert "2 of 3 rounds done before, 1 to run" in p.stderr
+    c = json.loads(third.read_text())
+    cut_run = json.loads(lines[last_begin + 1])
+    assert cut_run["round"] == 2
+    assert c["raw"][cut_run["config"]][2] != cut_run["run"]     # measured again
+    assert all(len(v) == 3 for v in c["raw"].values())
+    assert runs_file.read_text().count('"begin_round": 2') == 2
+    # another sweep in the same file: refused before any run
+    p = _cli(*[("8" if x == "4" else x) for x in common], "--runs", "3")
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "holds another sweep (it differs in long_tokens)" in p.stderr

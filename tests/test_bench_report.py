@@ -10,10 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _report(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/bench_report.py", "--quick", "-t", "2",
+                           "--out", str(out), *extra], cwd=REPO, capture_output=True,
+                          text=True, timeout=1200)
+
+
 def test_quick_report_has_every_method_model_and_picture(tmp_path):
-    r = subprocess.run([sys.executable, "scripts/bench_report.py", "--quick", "-t", "2",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                       timeout=1200)
+    r = _report(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     quality = json.loads((tmp_path / "quality.json").read_text())
     methods = set(__import__("scripts.bench_report", fromlist=["METHODS"]).METHODS.split(","))
@@ -40,3 +44,16 @@ def test_quick_report_has_every_method_model_and_picture(tmp_path):
     # each step is printed as the command a person can rerun alone
     assert "$ python -m lightkv_edge bench" in r.stdout
     assert "$ python -m lightkv_edge cost" in r.stdout
+    # the same command again goes on where the first stopped: nothing is measured anew,
+    # the report is written from the kept steps and runs
+    before = (tmp_path / "cost-shapes-vlm-q8_0.runs.jsonl").read_text()
+    again = _report(tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "quality: done before (steps.json), kept" in again.stdout
+    assert "1 of 1 rounds done before, 0 to run" in again.stderr
+    assert (tmp_path / "cost-shapes-vlm-q8_0.runs.jsonl").read_text() == before
+    assert json.loads((tmp_path / "cost-shapes-vlm-q8_0.json").read_text())["raw"] == cost["raw"]
+    # --fresh measures anew
+    fresh = _report(tmp_path, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "done before" not in fresh.stdout + fresh.stderr

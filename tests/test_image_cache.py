@@ -102,7 +102,8 @@ def test_the_same_picture_twice_in_one_turn_is_two_entries(pictures, encoder_run
 
 def test_slices_of_one_picture_are_cached_apart(encoder_runs, tmp_path):
     """Idefics3 cuts a large picture into slices, each its own chunk with the picture's
-    id: each slice is its own entry, so the second ask gets every slice back in order."""
+    id: each slice is its own entry, so the second ask gets every slice back in order;
+    the cache counts pictures, so room for one picture holds all its slices."""
     from PIL import Image as PILImage
 
     from lightkv_edge.engine import VisionChat
@@ -114,7 +115,7 @@ def test_slices_of_one_picture_are_cached_apart(encoder_runs, tmp_path):
     img.save(p)
     pic = load_image(p)
     with VisionChat(str(m.text), str(m.mmproj), mode="off", n_threads=2, max_tokens=6,
-                    ignore_eos=True) as chat, \
+                    ignore_eos=True, image_cache=1) as chat, \
             VisionChat(str(m.text), str(m.mmproj), mode="off", n_threads=2, max_tokens=6,
                        ignore_eos=True, image_cache=0) as plain:
         chunks = chat._tokenize(chat.marker + "x", [pic])
