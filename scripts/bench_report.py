@@ -147,7 +147,10 @@ def main() -> int:
              "timing is a median over runs interleaved across configurations, ratios to "
              "`off` paired run by run.", "",
              "## Quality: accuracy at each kept fraction", "",
-             "![accuracy vs kept fraction](quality.png)", "", markdown_table(quality),
+             "![accuracy vs kept fraction](quality.png)", "",
+             "The ms and tok/s columns here are per-question means of the accuracy run, "
+             "which may share the machine; the timings to compare are the cost tables'.",
+             "", markdown_table(quality),
              "## Cost", ""]
     for c in costs:
         stem = Path(c["model"]).stem
