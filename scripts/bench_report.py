@@ -39,19 +39,20 @@ MODELS = "shapes-8x8,shapes-16x16"
 COST_MODES = "off,embed,layer,evict,decode-evict"
 
 
-def run(cmd: list[str]) -> str:
-    """Run one step, its command printed first; its stdout back. A failed step ends the
-    report with that step's last line."""
+def run(cmd: list[str], capture: bool = False) -> str:
+    """Run one step, its command printed first, its progress shown as it goes (or, with
+    capture, its stdout back). A failed step ends the report with that step's last line."""
     print("$ " + " ".join(["python", *cmd[1:]] if cmd[0] == sys.executable else cmd), flush=True)
-    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE if capture else None, text=True)
     if p.returncode != 0:
         sys.exit(f"error: step failed (exit {p.returncode}): {' '.join(cmd[1:4])} ...")
-    return p.stdout
+    return p.stdout or ""
 
 
 def shape_model(name: str) -> tuple[str, str]:
     """(text GGUF, mmproj GGUF) of a full-depth shape model, built once and cached."""
-    out = run([sys.executable, "scripts/make_shape_models.py", name]).strip().splitlines()
+    out = run([sys.executable, "scripts/make_shape_models.py", name],
+              capture=True).strip().splitlines()
     _, text, mmproj = out[-1].split("\t")
     return text, mmproj
 
