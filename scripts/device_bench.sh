@@ -100,8 +100,10 @@ run() {
     # pinned converters): prints "name<TAB>text.gguf<TAB>mmproj.gguf"
     line=$("$py" scripts/make_shape_models.py "$m" | tail -n 1) || { say "no shape model $m"; continue; }
     IFS=$'\t' read -r _ text mmproj <<< "$line"
+    # the configurations of the CPU report (scripts/bench_report.py COST_MODES, --cost-keep)
     "$py" -m lightkv_edge cost -m "$text" --mmproj "$mmproj" -ngl 999 \
-      --modes off,embed,layer --keep 0.55,0.25 --runs 5 --long-tokens 512 \
+      --modes off,embed,layer,evict,decode-evict --keep 0.75,0.55,0.25 --runs 5 \
+      --long-tokens 512 --image-size 672 \
       --json "$out/cost-${m}.json" --markdown "$out/cost-${m}.md" || say "cost of $m failed"
   done
 }
