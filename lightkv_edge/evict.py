@@ -178,10 +178,15 @@ class Evictor:
                                    not isinstance(window, (int, np.integer)) or window < 1):
             raise ValueError(f"evict_window must be an integer >= 1, got {window!r}")
         self.window = window
-        if not _l.llama_set_layer_range(ctx, 0, self.n_layer):
+        # eviction frees and restricts the cells of one KV cache: not the sliding-window
+        # pair (iSWA) of a model with sliding-window layers, which layer mode handles cache
+        # by cache (patch 0003's llama_kv_cells_select) but the cell log here does not
+        iswa = _l.llama_model_n_swa(model) > 0 and _l.llama_kv_cells_select(ctx, 1) > 0
+        _l.llama_kv_cells_select(ctx, 0)
+        if iswa or not _l.llama_set_layer_range(ctx, 0, self.n_layer):
             raise ValueError("KV eviction does not cover this model's architecture or "
                              "memory (the llama, qwen2, qwen2vl and gemma3 graphs with one KV "
-                             "cache are patched)")
+                             "cache are patched; not the sliding-window pair)")
         from . import native
         self._q = native.Capture(backend=backend)   # the window's queries, on the backend
         self.log = CellLog()

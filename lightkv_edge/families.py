@@ -5,8 +5,9 @@
 image rows libmtmd produces: they are offered only where we have checked what those rows
 are (one chunk per image or sub-image, their positions and, for M-RoPE, their grid) on
 a tiny checkpoint of the family (scripts/make_tiny_models.py, tests/test_families.py).
-Layer mode also needs a text graph that patch 0003 covers (llama, qwen2, qwen2vl; Gemma
-3's is not), which lightkv_edge.layer_mode checks on the text model itself.
+Layer mode also needs a text graph and KV memory that patches 0003-0006 cover (llama,
+qwen2, qwen2vl, gemma3; one KV cache or Gemma 3's sliding-window pair), which
+lightkv_edge.layer_mode checks on the text model itself.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ FAMILIES = {
     "idefics3": ("SmolVLM / Idefics3", ("off", "embed", "layer")),
     "qwen2vl_merger": ("Qwen2-VL", ("off", "embed", "layer")),
     "qwen2.5vl_merger": ("Qwen2.5-VL", ("off", "embed", "layer")),
-    "gemma3": ("Gemma 3", ("off", "embed")),
+    "gemma3": ("Gemma 3", ("off", "embed", "layer")),
 }
 
 

@@ -209,6 +209,8 @@ for _name, _res, _args in (
         ("llama_kv_cells_set_layers", C.c_bool, [C.c_void_p, C.c_int32, _i32p, C.c_int32,
                                                  C.c_int32]),
         ("llama_kv_cells_set_pos", C.c_bool, [C.c_void_p, C.c_int32, _i32p, _i32p]),
+        ("llama_kv_cells_select", C.c_int32, [C.c_void_p, C.c_int32]),
+        ("llama_model_n_swa", C.c_int32, [C.c_void_p]),
         ("llama_set_position_gaps", None, [C.c_void_p, C.c_bool])):
     _fn = getattr(_l, _name)
     _fn.restype, _fn.argtypes = _res, _args
@@ -297,13 +299,17 @@ class Segment:
     cols), or None for the published padded square).
     pos: [n_pos, n] positions (1 row, or the 4 M-RoPE sections t, y, x, z).
     cells: None (image rows in raster order of the grid), or [n, 2] (row, col) of every
-    row on it (families.row_cells: LLaVA's)."""
+    row on it (families.row_cells: LLaVA's).
+    non_causal: the image's rows attend to each other both ways (libmtmd's
+    decode_use_non_causal: Gemma 3); each range decodes its (kept) rows in one batch with
+    causal attention off, as libmtmd decodes the image."""
     kind: str
     pos: np.ndarray
     tokens: np.ndarray | None = None
     embd: np.ndarray | None = None
     grid: tuple[int, int] | None = None
     cells: np.ndarray | None = None
+    non_causal: bool = False
 
     @property
     def n(self) -> int:
@@ -318,7 +324,7 @@ class _Rows:
     orig: np.ndarray              # [m] original index inside the segment
     gpos: np.ndarray | None       # [m, 2] (row, col) on the original grid (images)
     grid_rc: tuple[int, int] | None
-    cells: np.ndarray | None = None
+    cells: list | None = None     # [m] KV cells of the rows, one array per cache
     h: list = field(default_factory=list)
 
 
@@ -327,6 +333,7 @@ class LayerPrefill:
     logits: np.ndarray                  # [n_vocab] float32, of the turn's last row
     kept: list[np.ndarray]              # per image: original indices of its final rows
     cells: np.ndarray                   # KV cells of the turn's final rows, row order
+                                        # (the full-attention or only cache: cache_cells[0])
     positions: np.ndarray               # [n_pos, S_final] their positions
     stages: list[dict]                  # per stage: layer, rows and vision rows in/out
     vision_in: int
@@ -335,7 +342,12 @@ class LayerPrefill:
     cells_freed: int
     # the turn's live cells by the layers that see them: [(il_begin, il_end, cells)];
     # compact: one entry, every layer; exact: one per range of layers between merges
+    # (cells of the full-attention or only cache; cache_layer_cells: one such list a cache)
     layer_cells: list = field(default_factory=list)
+    # per KV cache (runner.caches: the only one, or the iSWA pair's full-attention and
+    # sliding-window caches), the final rows' cells and the layer_cells
+    cache_cells: list = field(default_factory=list)
+    cache_layer_cells: list = field(default_factory=list)
     t_guidance_ms: float = 0.0
     t_merge_ms: float = 0.0
     t_compact_ms: float = 0.0
@@ -345,11 +357,18 @@ class LayerPrefill:
 
 
 class LayerRunner:
-    """Layer-mode prefills on one llama.cpp context (llama, qwen2 and qwen2vl graphs).
+    """Layer-mode prefills on one llama.cpp context (llama, qwen2, qwen2vl and gemma3
+    graphs; one KV cache, or the iSWA pair of a model with sliding-window layers).
 
     model, ctx: the llama_model / llama_context pointers; n_batch: the context's n_batch.
     Turns on position gaps (patch 0001) for normal-RoPE models, since kept rows keep their
-    original positions; it stays on for the context's later decodes, which need it too."""
+    original positions; it stays on for the context's later decodes, which need it too.
+
+    KV caches: a model with sliding-window layers (Gemma 3) gets llama.cpp's iSWA pair, a
+    full-attention cache (0) and a sliding-window cache (1) with a cell in each for every
+    row. Patch 0003's llama_kv_cells_select names the cache the cell calls edit, so each
+    step on cells (free, compact, restrict to layers, set positions) runs once per cache,
+    on that cache's cells (a layer range covers the layers it holds)."""
 
     def __init__(self, model, ctx, *, n_batch: int, use_mrope: bool, backend=None):
         self.model, self.ctx, self.n_batch = model, ctx, int(n_batch)
@@ -371,7 +390,17 @@ class LayerRunner:
         if not covered:
             raise ValueError("layer mode does not cover this model's architecture or memory "
                              "(the llama, qwen2, qwen2vl and gemma3 graphs with one KV cache "
-                             "are patched; not a sliding-window pair of caches)")
+                             "or the sliding-window pair are patched)")
+        # the caches and their sizes in cells (llama_kv_cells_select); n_ubatch bounds a
+        # non-causal image, which must be decoded in one ubatch
+        self.cache_size = [int(_l.llama_kv_cells_select(ctx, 0))]
+        if _l.llama_model_n_swa(model) > 0:
+            n_swa_cells = int(_l.llama_kv_cells_select(ctx, 1))
+            if n_swa_cells > 0:
+                self.cache_size.append(n_swa_cells)
+            _l.llama_kv_cells_select(ctx, 0)
+        self.caches = range(len(self.cache_size))
+        self.n_ubatch = int(llama_cpp.llama_n_ubatch(ctx))
         # the guidance's scale is the layer's own: 1/sqrt(head_dim) (the capture's default),
         # except Gemma 3 27B, whose query_pre_attn_scalar is n_embd / n_head (llama.cpp's
         # f_attention_scale: src/models/gemma3.cpp, by model type, 62 layers)
@@ -413,11 +442,55 @@ class LayerRunner:
         del keep
         if rc != 0:
             raise RuntimeError(f"llama_decode failed in layer mode (rc={rc})")
-        cells = np.empty(n, np.int32)
-        got = _l.llama_get_layer_range_cells(self.ctx, _ip(cells), n)
-        if got != n:
-            raise RuntimeError("llama.cpp did not report the KV cells of the batch")
-        return cells
+        out = []
+        for c in self.caches:
+            self._select(c)
+            cells = np.empty(n, np.int32)
+            got = _l.llama_get_layer_range_cells(self.ctx, _ip(cells), n)
+            if got != n:
+                raise RuntimeError("llama.cpp did not report the KV cells of the batch")
+            out.append(cells)
+        self._select(0)
+        return out
+
+    def _select(self, cache: int) -> None:
+        """The KV cache the following cell calls name (patch 0003)."""
+        if _l.llama_kv_cells_select(self.ctx, cache) < 0:
+            raise RuntimeError(f"llama.cpp has no KV cache {cache} here")
+
+    def _decode_rows(self, r: _Rows, *, last: bool, is_last_rows: bool,
+                     held: list[set]) -> None:
+        """Decode r's rows through the current layer range: in batches of n_batch, or, for a
+        non-causal image, all in one batch with causal attention off (libmtmd's way).
+        r.cells gets their cells in each cache, r.h the hidden state leaving the range.
+        held: per cache, the cells of this turn still needed (none may be taken again: the
+        sliding-window cache may reuse a cell whose position left the window)."""
+        r.h, cells = [], []
+        step = len(r.orig) if r.seg.non_causal else self.n_batch
+        if r.seg.non_causal:
+            llama_cpp.llama_set_causal_attn(self.ctx, False)
+        try:
+            for lo in range(0, len(r.orig), step):
+                hi = min(lo + step, len(r.orig))
+                got = self._decode(r, lo, hi, logits_last=is_last_rows and hi == len(r.orig))
+                for c, cc in zip(self.caches, got):
+                    if len(set(cc.tolist()) | held[c]) != len(cc) + len(held[c]):
+                        raise RuntimeError(
+                            "llama.cpp's sliding-window KV cache gave a cell of this turn to "
+                            "another row during a layer-mode prefill; create the context with "
+                            "swa_full (a full-size sliding-window cache)")
+                    held[c].update(cc.tolist())
+                cells.append(got)
+                if not last:
+                    out = _l.llama_get_layer_range_out(self.ctx)
+                    if not out:
+                        raise RuntimeError("llama.cpp returned no hidden state")
+                    r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
+                               .copy())
+        finally:
+            if r.seg.non_causal:
+                llama_cpp.llama_set_causal_attn(self.ctx, True)
+        r.cells = [np.concatenate([got[c] for got in cells]) for c in self.caches]
 
     # -- the prefill ------------------------------------------------------------------------
     def prefill(self, segments: list[Segment], stages, *, positions: str = "keep",
@@ -442,6 +515,11 @@ class LayerRunner:
                     raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
                                      f"got {tuple(s.embd.shape)}")
                 grids.append(window_grid(s.n, s.grid))
+                if s.non_causal and s.n > min(self.n_batch, self.n_ubatch):
+                    raise ValueError(
+                        f"an image of {s.n} rows attends to itself both ways and must be "
+                        f"decoded in one batch, but this context takes "
+                        f"{min(self.n_batch, self.n_ubatch)} (raise n_batch and n_ubatch)")
             elif s.kind == "text":
                 if s.tokens is None or len(s.tokens) != s.n:
                     raise ValueError("a text segment needs one token per position column")
@@ -449,6 +527,7 @@ class LayerRunner:
                 raise ValueError(f"unknown segment kind {s.kind!r}")
         stages, sched = _native_schedule(stages, self.n_layer, grids, kv=kv,
                                          positions=positions)
+        self._check_sliding_cache(sum(s.n for s in segments), len(stages) + 1, kv)
         n_pos = 4 if self.use_mrope else 1
         for s in segments:
             if s.pos.shape[0] != n_pos and not (s.kind == "text" and s.pos.shape[0] == 1):
@@ -474,11 +553,13 @@ class LayerRunner:
         report, present = [], [n_vis]
         run_report = sched.report(n_vis)      # liblightkv: the numbers of the run
         t_guid = t_merge = t_compact = 0.0
-        prev_cells = None        # the cells of the rows entering this range
-        layer_cells = []         # exact: (il_begin, il_end, cells) of each range
+        caches = self.caches
+        prev_cells = None        # per cache: the cells of the rows entering this range
+        layer_cells = []         # exact: (il_begin, il_end, [cells per cache]) of each range
         to_rows = []             # exact + renumber: each range's cells -> index of the row
                                  # they are merged into, in the current rows
         maps = None              # per rows: (assign into the new rows, weight) of the merge
+        held = [set() for _ in caches]   # per cache: the turn's cells still needed
         cells_before = None
         logits = None
         window_q = None
@@ -492,12 +573,19 @@ class LayerRunner:
                 if prev_cells is not None and kv == "compact":
                     # the rows enter the range in fresh cells: free the turn's cells (their
                     # K/V of layers < a stay in the tensors until the compaction reads them)
-                    if not _l.llama_kv_cells_rm(self.ctx, len(prev_cells), _ip(prev_cells)):
-                        raise RuntimeError("llama.cpp could not free the turn's KV cells")
+                    for c in caches:
+                        self._select(c)
+                        if not _l.llama_kv_cells_rm(self.ctx, len(prev_cells[c]),
+                                                    _ip(prev_cells[c])):
+                            raise RuntimeError("llama.cpp could not free the turn's KV cells")
+                        held[c] = set()
                 elif prev_cells is not None:
                     # exact: the previous range's cells stay, seen by its layers only
-                    kv_cells_set_layers(self.ctx, prev_cells, bounds[k - 1], a)
+                    for c in caches:
+                        self._select(c)
+                        kv_cells_set_layers(self.ctx, prev_cells[c], bounds[k - 1], a)
                     layer_cells.append((bounds[k - 1], a, prev_cells))
+                self._select(0)
                 observed = [li for li in observe_q if a <= li < b]
                 want = {li: "qc" for li in observed}   # the window's queries, the K cache
                 if not last:                            # the merge layer's guidance
@@ -505,34 +593,28 @@ class LayerRunner:
                 self.capture.want(want)
                 attach_capture(self.ctx, self.capture if want else None)
                 for r in rows:
-                    r.h, cells = [], []
-                    for lo in range(0, len(r.orig), self.n_batch):
-                        hi = min(lo + self.n_batch, len(r.orig))
-                        is_last = last and r is rows[-1] and hi == len(r.orig)
-                        cells.append(self._decode(r, lo, hi, logits_last=is_last))
-                        if not last:
-                            out = _l.llama_get_layer_range_out(self.ctx)
-                            if not out:
-                                raise RuntimeError("llama.cpp returned no hidden state")
-                            r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
-                                       .copy())
-                    r.cells = np.concatenate(cells)
+                    self._decode_rows(r, last=last, is_last_rows=last and r is rows[-1],
+                                      held=held)
                 for li in observed:
                     if self.capture.rows(li) != sum(len(r.orig) for r in rows):
                         raise RuntimeError(f"llama.cpp's graph gave no Qcur-{li} for every row "
                                            "(the architecture names it otherwise)")
                 if observe_q:            # the last segment is decoded last in every range
                     window_q = QueryWindow(self.capture, len(rows[-1].orig))
-                new_cells = np.concatenate([r.cells for r in rows])
+                new_cells = [np.concatenate([r.cells[c] for r in rows]) for c in caches]
                 if cells_before is None:
-                    cells_before = len(new_cells)
+                    cells_before = len(new_cells[0])
                 if maps is not None and kv == "compact":
                     t0 = time.perf_counter()
-                    self._compact(prev_cells, maps, rows, a)
+                    for c in caches:
+                        self._compact(prev_cells[c], maps, rows, a, cache=c)
                     t_compact += (time.perf_counter() - t0) * 1e3
                 if last:
                     if kv == "exact":
-                        kv_cells_set_layers(self.ctx, new_cells, a, b)
+                        for c in caches:
+                            self._select(c)
+                            kv_cells_set_layers(self.ctx, new_cells[c], a, b)
+                        self._select(0)
                         layer_cells.append((a, b, new_cells))
                     out = llama_cpp.llama_get_logits_ith(self.ctx, -1)
                     logits = np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy()
@@ -609,36 +691,61 @@ class LayerRunner:
                 present.append(vis_out)
                 run_report.stage(vis_in, vis_out)
                 prev_cells = new_cells
+            if kv == "exact" and positions == "renumber":
+                # the earlier ranges' rows were stored at positions beyond the renumbered
+                # turn's end, where the causal mask would hide them from every later token
+                # (and the next position would not follow the sequence's): each takes the
+                # position of the final row it was merged into. K keeps the rotation it was
+                # stored with, as in the reference (its later tokens attend to every cached
+                # row)
+                final_pos = np.concatenate([r.pos[0] for r in rows])
+                for (_, _, cells), dest in zip(layer_cells, to_rows):
+                    for c in caches:
+                        self._select(c)
+                        kv_cells_set_pos(self.ctx, cells[c], final_pos[dest])
         finally:
             attach_capture(self.ctx, None)
             self.capture.want({})
             _l.llama_set_layer_range(self.ctx, 0, -1)
+            _l.llama_kv_cells_select(self.ctx, 0)
 
-        final_cells = np.concatenate([r.cells for r in rows])
+        final_cells = [np.concatenate([r.cells[c] for r in rows]) for c in caches]
         if kv == "compact":
             layer_cells = [(0, self.n_layer, final_cells)]
-        elif positions == "renumber":
-            # the earlier ranges' rows were stored at positions beyond the renumbered turn's
-            # end, where the causal mask would hide them from every later token (and the
-            # next position would not follow the sequence's): each takes the position of
-            # the final row it was merged into. K keeps the rotation it was stored with,
-            # as in the reference (its later tokens attend to every cached row)
-            final_pos = np.concatenate([r.pos[0] for r in rows])
-            for (_, _, cells), dest in zip(layer_cells, to_rows):
-                kv_cells_set_pos(self.ctx, cells, final_pos[dest])
-        run_report.cells(cells_before, sum(len(c) for _, _, c in layer_cells))
+        run_report.cells(cells_before, sum(len(cells[0]) for _, _, cells in layer_cells))
         return LayerPrefill(
             logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],
-            cells=final_cells, positions=np.concatenate([r.pos for r in rows], axis=1),
+            cells=final_cells[0], positions=np.concatenate([r.pos for r in rows], axis=1),
             stages=report, vision_in=n_vis, vision_out=present[-1],
             keep_fraction=run_report.keep_fraction, cells_freed=run_report.cells_freed,
-            layer_cells=layer_cells,
+            layer_cells=[(lo, hi, cells[0]) for lo, hi, cells in layer_cells],
+            cache_cells=final_cells,
+            cache_layer_cells=[[(lo, hi, cells[c]) for lo, hi, cells in layer_cells]
+                               for c in caches],
             t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact,
             window_q=window_q)
 
-    def _compact(self, src_cells, maps, rows, n_layers: int):
+    def _check_sliding_cache(self, n_rows: int, n_ranges: int, kv: str) -> None:
+        """A sliding-window cache (the iSWA pair's, cache 1) holds window + n_ubatch cells
+        (padded) unless the context was made with swa_full, and llama.cpp gives a new row a
+        cell whose position has left the window. The prefill needs every row of the turn in
+        its own cell until the merge has read it: compact, the turn's rows (each later
+        range's rows take the cells the previous one freed); exact, each range's rows (at
+        most every row once per range). Refused before any compute when it cannot."""
+        for c in self.caches[1:]:
+            need = n_rows if kv == "compact" else n_rows * n_ranges
+            if need > self.cache_size[c]:
+                raise ValueError(
+                    f"the sliding-window KV cache holds {self.cache_size[c]} cells, but a "
+                    f"layer-mode prefill of this turn ({n_rows} rows"
+                    + ("" if kv == "compact" else f" in each of {n_ranges} layer ranges")
+                    + f", kv {kv}) needs {need}; create the context with swa_full or a "
+                    "larger n_ubatch")
+
+    def _compact(self, src_cells, maps, rows, n_layers: int, cache: int = 0):
         """Layers [0, n_layers) of the new rows' cells := the merge's weighted combination
-        of the previous rows' stored K/V (src_cells, in the previous row order)."""
+        of the previous rows' stored K/V (src_cells, in the previous row order), in one KV
+        cache (the layers of the range it holds)."""
         dst_of_src, weight, base = [], [], 0
         for (assign, w), r in zip(maps, rows):
             dst_of_src.append(assign + base)
@@ -646,11 +753,15 @@ class LayerRunner:
             base += len(r.orig)
         dst_of_src = np.ascontiguousarray(np.concatenate(dst_of_src), dtype=np.int32)
         weight = np.ascontiguousarray(np.concatenate(weight), dtype=np.float32)
-        dst_cells = np.ascontiguousarray(np.concatenate([r.cells for r in rows]), dtype=np.int32)
+        dst_cells = np.ascontiguousarray(np.concatenate([r.cells[cache] for r in rows]),
+                                         dtype=np.int32)
         src = np.ascontiguousarray(src_cells, dtype=np.int32)
-        if not _l.llama_kv_cells_merge(self.ctx, 0, n_layers, len(src), _ip(src),
-                                       _ip(dst_of_src), weight.ctypes.data_as(_f32p),
-                                       len(dst_cells), _ip(dst_cells)):
+        self._select(cache)
+        ok = _l.llama_kv_cells_merge(self.ctx, 0, n_layers, len(src), _ip(src),
+                                     _ip(dst_of_src), weight.ctypes.data_as(_f32p),
+                                     len(dst_cells), _ip(dst_cells))
+        self._select(0)
+        if not ok:
             raise RuntimeError("llama.cpp could not compact the KV cells")
 
 
@@ -706,13 +817,6 @@ def _merge_stage(h, scores, stage: Stage, *, grid, positions, grid_rc, gpos, pro
 # ---------------------------------------------------------------------------------------
 # a turn as libmtmd chunks (what the engine holds)
 # ---------------------------------------------------------------------------------------
-# Gemma 3's image rows attend to each other both ways (one batch, non-causal mask); layer
-# mode's split decodes and per-layer cells assume a causal turn, and Gemma 3's graph (with
-# sliding-window layers) is not among the patched ones
-_NON_CAUSAL = ("images with non-causal attention (Gemma 3) are not supported in layer mode; "
-               "use --mode embed")
-
-
 def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, float]:
     """libmtmd chunks of one turn -> (segments, the position after them, encoder ms).
     Images are encoded here (the vision tower runs once, as in every mode)."""
@@ -731,8 +835,6 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             segs.append(Segment("text", np.repeat(pos[None], n_pos, 0), tokens=toks))
             n_past += len(toks)
         elif kind == mtmd.CHUNK_IMAGE:
-            if mtmd.decode_use_non_causal(vm.mctx, ch):
-                raise ValueError(_NON_CAUSAL)
             embd, t_ms, _ = vm.encode(ch, keys.get(ch))
             t_enc += t_ms
             n = len(embd)
@@ -740,7 +842,8 @@ def segments_from_chunks(vm, chunks, n_past: int) -> tuple[list[Segment], int, f
             grid = mtmd.image_grid(ch, vm.use_mrope)   # None: no token grid (normal RoPE)
             cells = None if grid else row_cells(getattr(vm, "projector", None), n,
                                                 getattr(vm, "class_token", False))
-            segs.append(Segment("image", pos, embd=embd, grid=grid, cells=cells))
+            segs.append(Segment("image", pos, embd=embd, grid=grid, cells=cells,
+                                non_causal=bool(mtmd.decode_use_non_causal(vm.mctx, ch))))
             n_past += mtmd.chunk_get_n_pos(ch)
         else:
             raise ValueError("layer mode takes text and images only")
@@ -761,16 +864,22 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     from . import mtmd
     check_policies(positions, kv)     # before the vision encoder runs
     check_protect(protect)
-    grids = []                      # checked before the vision encoder runs
+    run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
+    grids, n_rows = [], 0           # checked before the vision encoder runs
     for ch in chunks:
+        n = mtmd.chunk_get_n_tokens(ch)
+        n_rows += n
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
-            if mtmd.decode_use_non_causal(vm.mctx, ch):
-                raise ValueError(_NON_CAUSAL)
-            n = mtmd.chunk_get_n_tokens(ch)
+            # an image whose rows attend to each other both ways (Gemma 3) is decoded in
+            # one batch in every range, as libmtmd decodes it
+            if mtmd.decode_use_non_causal(vm.mctx, ch) and n > min(run.n_batch, run.n_ubatch):
+                raise ValueError(
+                    f"an image of {n} rows attends to itself both ways and must be decoded "
+                    f"in one batch, but this context takes {min(run.n_batch, run.n_ubatch)}")
             grids.append(window_grid(n, mtmd.image_grid(ch, vm.use_mrope)))
     check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids, kv=kv,
                    positions=positions)
-    run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
+    run._check_sliding_cache(n_rows, len(stages) + 1, kv)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past,
                       observe_q=observe_q, protect=protect)

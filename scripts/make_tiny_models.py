@@ -406,7 +406,8 @@ class Family:
     hf_repo: str             # a real GGUF repo of the family (README's commands)
 
 
-# layer mode covers the llama, qwen2 and qwen2vl graphs (patch 0003); Gemma 3's is not
+# layer mode covers the llama, qwen2, qwen2vl and gemma3 graphs (patch 0003), Gemma 3's
+# sliding-window pair of KV caches included (patches 0003-0006)
 FAMILIES = {f.name: f for f in (
     Family("llava15", build_llava15, "LLaVA-1.5 (CLIP + MLP projector)", "llama", "mlp",
            ("off", "embed", "layer"), "second-state/Llava-v1.5-7B-GGUF"),
@@ -419,7 +420,7 @@ FAMILIES = {f.name: f for f in (
     Family("qwen25vl", build_qwen25vl, "Qwen2.5-VL", "qwen2vl", "qwen2.5vl_merger",
            ("off", "embed", "layer"), "ggml-org/Qwen2.5-VL-3B-Instruct-GGUF"),
     Family("gemma3", build_gemma3, "Gemma 3", "gemma3", "gemma3",
-           ("off", "embed"), "ggml-org/gemma-3-4b-it-GGUF"),
+           ("off", "embed", "layer"), "ggml-org/gemma-3-4b-it-GGUF"),
 )}
 
 

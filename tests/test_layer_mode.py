@@ -864,23 +864,43 @@ def test_exact_with_zero_ratios_answers_as_off(tiny):
         c.close()
 
 
-def test_non_causal_images_are_refused_before_the_encoder(tmp_path, monkeypatch):
-    """An image libmtmd decodes non-causally (Gemma 3) is refused by layer mode with one
-    line before the vision encoder runs; the conversation is unchanged. (Gemma 3 itself is
-    refused earlier, by architecture: tests/test_families.py; here the embedded model is
-    told its images are non-causal.)"""
+def test_non_causal_images_run_in_layer_mode(tmp_path, monkeypatch):
+    """An image libmtmd decodes non-causally (Gemma 3; here the embedded model is told its
+    images are) goes through layer mode: every range decodes the image's (kept) rows in one
+    batch with causal attention off and turns it on again for the text, the answer's
+    logits move (the image rows then see each other both ways), and the turn compacts as
+    a causal one does. (Gemma 3 itself: tests/test_layer_gemma3.py, test_families.py.)"""
     from lightkv_edge import mtmd
-    from lightkv_edge.errors import InputError
+    from lightkv_edge.engine import llama_cpp as engine_llama
     from lightkv_edge.tasks import shapes
     s = shapes.dataset("test", 1, seed=3)[0]
     img = tmp_path / "s.png"
     s.image.save(img)
+    first = {}
     with _engine_chat(mode="layer", schedule="0:2:0.5,1:1:0.5") as chat:
+        orig = chat._generate
+
+        def gen(max_tokens, stats, answer):
+            first[len(first)] = np.ctypeslib.as_array(
+                engine_llama.llama_get_logits_ith(chat.m.ctx, -1),
+                shape=(engine_llama.llama_vocab_n_tokens(chat.m.vocab),)).copy()
+            yield from orig(max_tokens, stats, answer)
+        chat._generate = gen
+        chat.ask(s.question, [img])
+        causal = chat.last_stats
+        switches = []
+        real = layer_mode.llama_cpp.llama_set_causal_attn
+        monkeypatch.setattr(layer_mode.llama_cpp, "llama_set_causal_attn",
+                            lambda ctx, on: (switches.append(bool(on)), real(ctx, on))[1])
         monkeypatch.setattr(mtmd, "decode_use_non_causal", lambda *a: True)
-        monkeypatch.setattr(mtmd, "encode_chunk", lambda *a: pytest.fail("encoder ran"))
-        with pytest.raises(InputError, match="non-causal attention .*--mode embed"):
-            chat.ask(s.question, [img])
-        assert chat.n_cells == 0
+        chat.reset()
+        chat.ask(s.question, [img])
+        non_causal = chat.last_stats
+    assert switches == [False, True] * 3            # one image, three layer ranges
+    assert np.max(np.abs(first[0] - first[1])) > 1e-3
+    assert causal.vision_tokens_in == non_causal.vision_tokens_in
+    assert 0 < non_causal.vision_tokens_kept < non_causal.vision_tokens_in
+    assert non_causal.cells_freed == non_causal.vision_tokens_in - non_causal.vision_tokens_kept
 
 
 # ---------------------------------------------------------------------------------------
