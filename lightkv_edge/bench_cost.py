@@ -367,7 +367,8 @@ def run_cost(args) -> int:
     configs_names = [c.name for c in configs]
     resume = RunsFile(args.resume, _sweep_id(args, configs)) if args.resume else None
     skipped: dict[str, str] = dict(resume.skipped) if resume else {}
-    kept = [i for i in range(args.runs) if resume and resume.done(i, configs_names)]
+    # round -> its runs, for the rounds --resume's file holds whole
+    kept = {i: r for i in range(args.runs) if resume and (r := resume.done(i, configs_names))}
     todo = [i for i in range(args.runs) if i not in kept]
     if args.max_new_rounds is not None:       # this sitting's share of a long sweep
         todo = todo[:args.max_new_rounds]
@@ -394,7 +395,7 @@ def run_cost(args) -> int:
     done = 0
     for i in range(args.runs):
         if i in kept:               # a whole round from --resume's file
-            for name, r in resume.done(i, configs_names).items():
+            for name, r in kept[i].items():
                 runs[name].append(r)
             continue
         if i not in todo:           # left for a later sitting

@@ -125,7 +125,8 @@ def main() -> int:
            "--json", str(out / "quality.json"), "--markdown", str(out / "quality.md")]
     if a.threads:
         cmd += ["-t", str(a.threads)]
-    step = " ".join(cmd[1:])
+    # the step as a person would type it in the checkout: no machine's paths in steps.json
+    step = " ".join(cmd[1:]).replace(f"{REPO}/", "")
     if step in steps and (out / "quality.json").exists():
         print(f"quality: done before ({steps_file.name}), kept", flush=True)
     else:
