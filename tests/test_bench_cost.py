@@ -200,7 +200,7 @@ def test_resume_keeps_whole_rounds_and_reruns_a_cut_one(tmp_path):
         assert len(b["raw"][name]) == 3
         assert b["raw"][name][:2] == a["raw"][name]          # kept, not measured again
     # a sitting that only reports: the whole rounds so far, marked partial
-    md = tmp_path / "partial.md"
+    md = tmp_path / "cost.md"
     p = _cli(*common, "--runs", "5", "--max-new-rounds", "0", "--json", str(second),
              "--markdown", str(md))
     assert p.returncode == 0, p.stderr
