@@ -20,9 +20,10 @@ Modes:
 - off:   libmtmd's own helpers evaluate every chunk, exactly as llama-mtmd-cli does.
 - embed: each image's embeddings are merged (embed_mode.py) and only the kept rows are
          decoded, each at its destination's original position.
-- layer: a turn with images is prefilled by layer_mode.py: the rows run through the
-         decoder up to each scheduled layer, the image rows are merged there, guided by
-         that layer's attention, and the KV cache is compacted to the final rows.
+- layer: a turn with images is prefilled by liblightkv's driver (layer_mode.py): the
+         rows run through the decoder up to each scheduled layer, the image rows are
+         merged there, guided by that layer's attention, and the KV cache is compacted
+         to the final rows.
 On top of any mode, evict=KEEP frees the least attended vision cells after each turn's
 prefill (and every decode_evict tokens while answering): evict.py. The engine then decodes
 the turn's rows itself, so that the eviction learns their KV cells. evict_adaptive gives

@@ -4,7 +4,8 @@ The paper's method proper: the vision rows are merged *between decoder layers*, 
 that layer's own attention from the prompt, so the following layers run on fewer rows and
 the KV cache ends with fewer vision entries. The pinned llama.cpp runs every layer in one
 graph per llama_decode, so the prefill of a turn is split at the merge layers with our
-patches (native/patches/0003, 0004):
+patches (native/patches/0003, 0004), by liblightkv's driver (lightkv_layer_prefill_run,
+native/src/lightkv_layer_prefill.cpp); this module hands it a turn's segments:
 
     stage 0: every row of the turn (text tokens and image embeddings) through layers
              [0, l1 + 1); the hidden state leaving layer l1 comes back, and layer
@@ -23,8 +24,9 @@ each range's rows stay in their own cells, seen only by that range's layers (pat
 llama_kv_cells_set_layers), so every layer keeps the rows it ran on. Ground truth of both:
 `lightkv_edge.reference.prefill_with_merge(..., kv_policy=...)`. Schedule layers are
 0-based and a merge at layer l merges what layer l outputs (the reference's convention).
-The schedule's rules and the run's report (kept fraction, cells freed) are liblightkv's
-(lightkv_schedule, lightkv_schedule_report in native/include/lightkv.h).
+The schedule's rules, the turn's checks and the run's report (kept fraction, cells freed)
+are liblightkv's (lightkv_schedule, lightkv_layer_prefill_check, lightkv_schedule_report
+in native/include/lightkv.h).
 
 Entry points:
     LayerRunner(model, ctx, ...)       a llama.cpp model + context (raw pointers)
@@ -317,18 +319,6 @@ class Segment:
 
 
 @dataclass
-class _Rows:
-    seg: Segment
-    x: np.ndarray | None          # [m, D] rows entering the next range (None: tokens)
-    pos: np.ndarray               # [n_pos, m]
-    orig: np.ndarray              # [m] original index inside the segment
-    gpos: np.ndarray | None       # [m, 2] (row, col) on the original grid (images)
-    grid_rc: tuple[int, int] | None
-    cells: list | None = None     # [m] KV cells of the rows, one array per cache
-    h: list = field(default_factory=list)
-
-
-@dataclass
 class LayerPrefill:
     logits: np.ndarray                  # [n_vocab] float32, of the turn's last row
     kept: list[np.ndarray]              # per image: original indices of its final rows
@@ -357,42 +347,29 @@ class LayerPrefill:
 
 
 class LayerRunner:
-    """Layer-mode prefills on one llama.cpp context (llama, qwen2, qwen2vl and gemma3
-    graphs; one KV cache, or the iSWA pair of a model with sliding-window layers).
+    """Layer-mode prefills on one llama.cpp context: liblightkv's driver
+    (lightkv_layer_prefill_run, native/src/lightkv_layer_prefill.cpp) with this runner's
+    capture, which holds the stages' Q/K and the observed queries on the lightkv backend.
 
-    model, ctx: the llama_model / llama_context pointers; n_batch: the context's n_batch.
-    Turns on position gaps (patch 0001) for normal-RoPE models, since kept rows keep their
-    original positions; it stays on for the context's later decodes, which need it too.
+    model, ctx: the llama_model / llama_context pointers; n_batch: rows per llama_decode
+    (the context's n_batch). use_mrope: the model's positions have 4 sections (libmtmd's
+    rule; liblightkv reads the same from the model). A context layer mode does not cover
+    is a ValueError here, before any compute.
 
     KV caches: a model with sliding-window layers (Gemma 3) gets llama.cpp's iSWA pair, a
     full-attention cache (0) and a sliding-window cache (1) with a cell in each for every
-    row. Patch 0003's llama_kv_cells_select names the cache the cell calls edit, so each
-    step on cells (free, compact, restrict to layers, set positions) runs once per cache,
-    on that cache's cells (a layer range covers the layers it holds)."""
+    row; `caches` and `cache_size` say which this context has."""
 
     def __init__(self, model, ctx, *, n_batch: int, use_mrope: bool, backend=None):
+        from . import native
         self.model, self.ctx, self.n_batch = model, ctx, int(n_batch)
         self.use_mrope = bool(use_mrope)
         self.n_layer = llama_cpp.llama_model_n_layer(model)
-        self.n_embd = llama_cpp.llama_model_n_embd(model)
-        self.n_head = llama_cpp.llama_model_n_head(model)
-        self.n_head_kv = llama_cpp.llama_model_n_head_kv(model)
-        self.head_dim = self.n_embd // self.n_head
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.backend = backend
-        from . import native
+        native.layer_mode_check(ctx)
         # the merge layers' Q/K (and the eviction's window queries), copied on the lightkv
-        # backend by liblightkv's eval callback
+        # backend by liblightkv's graph hook
         self.capture = native.Capture(backend=backend)
-        # the patches cover some graph builders only: ask llama.cpp (no compute) first
-        covered = _l.llama_set_layer_range(ctx, 0, self.n_layer)
-        _l.llama_set_layer_range(ctx, 0, -1)
-        if not covered:
-            raise ValueError("layer mode does not cover this model's architecture or memory "
-                             "(the llama, qwen2, qwen2vl and gemma3 graphs with one KV cache "
-                             "or the sliding-window pair are patched)")
-        # the caches and their sizes in cells (llama_kv_cells_select); n_ubatch bounds a
-        # non-causal image, which must be decoded in one ubatch
         self.cache_size = [int(_l.llama_kv_cells_select(ctx, 0))]
         if _l.llama_model_n_swa(model) > 0:
             n_swa_cells = int(_l.llama_kv_cells_select(ctx, 1))
@@ -401,98 +378,18 @@ class LayerRunner:
             _l.llama_kv_cells_select(ctx, 0)
         self.caches = range(len(self.cache_size))
         self.n_ubatch = int(llama_cpp.llama_n_ubatch(ctx))
-        # the guidance's scale is the layer's own: 1/sqrt(head_dim) (the capture's default),
-        # except Gemma 3 27B, whose query_pre_attn_scalar is n_embd / n_head (llama.cpp's
-        # f_attention_scale: src/models/gemma3.cpp, by model type, 62 layers)
-        self.guidance_scale = None
-        if _arch(model) == "gemma3" and self.n_layer == 62:
-            self.guidance_scale = (self.n_embd / self.n_head) ** -0.5
-        if not self.use_mrope:
-            _l.llama_set_position_gaps(ctx, True)
 
-    # -- one decode -----------------------------------------------------------------------
-    def _decode(self, rows: _Rows, lo: int, hi: int, *, logits_last: bool):
-        n = hi - lo
-        pos = np.ascontiguousarray(rows.pos[:, lo:hi], dtype=np.int32)
-        seq0 = np.zeros(1, np.int32)
-        n_seq = np.ones(n, np.int32)
-        seq_ptrs = (C.POINTER(C.c_int32) * n)(*[seq0.ctypes.data_as(_i32p)] * n)
-        logits = np.zeros(n, np.int8)
-        logits[-1] = logits_last
-        b = llama_cpp.llama_batch()
-        b.n_tokens = n
-        if rows.x is None:
-            toks = np.ascontiguousarray(rows.seg.tokens[rows.orig[lo:hi]], dtype=np.int32)
-            pos = np.ascontiguousarray(pos[0])            # one position a token
-            b.token = toks.ctypes.data_as(C.POINTER(llama_cpp.llama_token))
-            b.embd = C.cast(None, _f32p)
-            keep = toks
-        else:
-            embd = np.ascontiguousarray(rows.x[lo:hi], dtype=np.float32)
-            if rows.seg.kind == "text" and self.use_mrope:
-                pos = np.ascontiguousarray(np.repeat(pos[:1], 4, 0))  # text: t = y = x = z
-            b.token = C.cast(None, C.POINTER(llama_cpp.llama_token))
-            b.embd = embd.ctypes.data_as(_f32p)
-            keep = embd
-        b.pos = pos.ctypes.data_as(C.POINTER(llama_cpp.llama_pos))
-        b.n_seq_id = n_seq.ctypes.data_as(_i32p)
-        b.seq_id = seq_ptrs
-        b.logits = logits.ctypes.data_as(C.POINTER(C.c_int8))
-        rc = llama_cpp.llama_decode(self.ctx, b)
-        del keep
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed in layer mode (rc={rc})")
-        out = []
-        for c in self.caches:
-            self._select(c)
-            cells = np.empty(n, np.int32)
-            got = _l.llama_get_layer_range_cells(self.ctx, _ip(cells), n)
-            if got != n:
-                raise RuntimeError("llama.cpp did not report the KV cells of the batch")
-            out.append(cells)
-        self._select(0)
-        return out
+    def check(self, segments, stages, *, positions: str = "keep", kv: str = "compact",
+              protect: float = 0.0):
+        """What prefill() refuses, without computing: segments may lack their tokens and
+        embd (images not encoded yet). Returns the native schedule."""
+        from . import native
+        check_protect(protect)
+        _, sched = _native_schedule(stages, self.n_layer, kv=kv, positions=positions)
+        native.layer_prefill_check(self.ctx, segments, sched, protect=protect,
+                                   n_batch=self.n_batch)
+        return sched
 
-    def _select(self, cache: int) -> None:
-        """The KV cache the following cell calls name (patch 0003)."""
-        if _l.llama_kv_cells_select(self.ctx, cache) < 0:
-            raise RuntimeError(f"llama.cpp has no KV cache {cache} here")
-
-    def _decode_rows(self, r: _Rows, *, last: bool, is_last_rows: bool,
-                     held: list[set]) -> None:
-        """Decode r's rows through the current layer range: in batches of n_batch, or, for a
-        non-causal image, all in one batch with causal attention off (libmtmd's way).
-        r.cells gets their cells in each cache, r.h the hidden state leaving the range.
-        held: per cache, the cells of this turn still needed (none may be taken again: the
-        sliding-window cache may reuse a cell whose position left the window)."""
-        r.h, cells = [], []
-        step = len(r.orig) if r.seg.non_causal else self.n_batch
-        if r.seg.non_causal:
-            llama_cpp.llama_set_causal_attn(self.ctx, False)
-        try:
-            for lo in range(0, len(r.orig), step):
-                hi = min(lo + step, len(r.orig))
-                got = self._decode(r, lo, hi, logits_last=is_last_rows and hi == len(r.orig))
-                for c, cc in zip(self.caches, got):
-                    if len(set(cc.tolist()) | held[c]) != len(cc) + len(held[c]):
-                        raise RuntimeError(
-                            "llama.cpp's sliding-window KV cache gave a cell of this turn to "
-                            "another row during a layer-mode prefill; create the context with "
-                            "swa_full (a full-size sliding-window cache)")
-                    held[c].update(cc.tolist())
-                cells.append(got)
-                if not last:
-                    out = _l.llama_get_layer_range_out(self.ctx)
-                    if not out:
-                        raise RuntimeError("llama.cpp returned no hidden state")
-                    r.h.append(np.ctypeslib.as_array(out, shape=(hi - lo, self.n_embd))
-                               .copy())
-        finally:
-            if r.seg.non_causal:
-                llama_cpp.llama_set_causal_attn(self.ctx, True)
-        r.cells = [np.concatenate([got[c] for got in cells]) for c in self.caches]
-
-    # -- the prefill ------------------------------------------------------------------------
     def prefill(self, segments: list[Segment], stages, *, positions: str = "keep",
                 kv: str = "compact", turn_start: int | None = None,
                 observe_q=(), protect: float = 0.0) -> LayerPrefill:
@@ -502,276 +399,33 @@ class LayerRunner:
         (text) segment come back in window_q (KV eviction's window, evict.py).
         protect: LightKV-protect's fraction of each stage's budget (METHODS; 0: the
         published stage), as reference.prefill_with_merge(protect=...)."""
-        check_policies(positions, kv)
+        from . import native
         check_protect(protect)
-        if not segments or segments[-1].kind != "text":
-            raise ValueError("the turn must end with text (the logits to sample from)")
-        grids = []
-        for s in segments:
-            if s.kind == "image":
-                if s.embd is None:
-                    raise ValueError("an image segment needs embd")
-                if s.embd.shape != (s.n, self.n_embd):
-                    raise ValueError(f"image embd must be [{s.n}, {self.n_embd}], "
-                                     f"got {tuple(s.embd.shape)}")
-                grids.append(window_grid(s.n, s.grid))
-                if s.non_causal and s.n > min(self.n_batch, self.n_ubatch):
-                    raise ValueError(
-                        f"an image of {s.n} rows attends to itself both ways and must be "
-                        f"decoded in one batch, but this context takes "
-                        f"{min(self.n_batch, self.n_ubatch)} (raise n_batch and n_ubatch)")
-            elif s.kind == "text":
-                if s.tokens is None or len(s.tokens) != s.n:
-                    raise ValueError("a text segment needs one token per position column")
-            else:
-                raise ValueError(f"unknown segment kind {s.kind!r}")
-        stages, sched = _native_schedule(stages, self.n_layer, grids, kv=kv,
-                                         positions=positions)
-        self._check_sliding_cache(sum(s.n for s in segments), len(stages) + 1, kv)
-        n_pos = 4 if self.use_mrope else 1
-        for s in segments:
-            if s.pos.shape[0] != n_pos and not (s.kind == "text" and s.pos.shape[0] == 1):
-                raise ValueError(f"positions need {n_pos} rows, got {s.pos.shape[0]}")
-        start = int(segments[0].pos[0, 0]) if turn_start is None else int(turn_start)
-
-        rows = []
-        for s in segments:
-            m = s.n
-            pos = s.pos if s.kind == "image" or s.pos.shape[0] == n_pos else \
-                np.repeat(s.pos[:1], n_pos, 0)
-            if s.kind == "image":
-                rc = window_grid(m, s.grid)
-                gpos = (np.stack([np.arange(m) // rc[1], np.arange(m) % rc[1]], 1)
-                        if s.cells is None else np.asarray(s.cells, np.int64))
-                rows.append(_Rows(s, np.asarray(s.embd, np.float32), pos.astype(np.int32),
-                                  np.arange(m), gpos, rc))
-            else:
-                rows.append(_Rows(s, None, pos.astype(np.int32), np.arange(m), None, None))
-
-        bounds = [0] + [s.layer + 1 for s in stages] + [self.n_layer]
-        n_vis = sum(r.seg.n for r in rows if r.seg.kind == "image")
-        report, present = [], [n_vis]
-        run_report = sched.report(n_vis)      # liblightkv: the numbers of the run
-        t_guid = t_merge = t_compact = 0.0
-        caches = self.caches
-        prev_cells = None        # per cache: the cells of the rows entering this range
-        layer_cells = []         # exact: (il_begin, il_end, [cells per cache]) of each range
-        to_rows = []             # exact + renumber: each range's cells -> index of the row
-                                 # they are merged into, in the current rows
-        maps = None              # per rows: (assign into the new rows, weight) of the merge
-        held = [set() for _ in caches]   # per cache: the turn's cells still needed
-        cells_before = None
-        logits = None
-        window_q = None
-        self.capture.reset()
-        try:
-            for k in range(len(bounds) - 1):
-                a, b = bounds[k], bounds[k + 1]
-                last = k == len(bounds) - 2
-                if not _l.llama_set_layer_range(self.ctx, a, b):
-                    raise RuntimeError(f"llama.cpp refused the layer range [{a}, {b})")
-                if prev_cells is not None and kv == "compact":
-                    # the rows enter the range in fresh cells: free the turn's cells (their
-                    # K/V of layers < a stay in the tensors until the compaction reads them)
-                    for c in caches:
-                        self._select(c)
-                        if not _l.llama_kv_cells_rm(self.ctx, len(prev_cells[c]),
-                                                    _ip(prev_cells[c])):
-                            raise RuntimeError("llama.cpp could not free the turn's KV cells")
-                        held[c] = set()
-                elif prev_cells is not None:
-                    # exact: the previous range's cells stay, seen by its layers only
-                    for c in caches:
-                        self._select(c)
-                        kv_cells_set_layers(self.ctx, prev_cells[c], bounds[k - 1], a)
-                    layer_cells.append((bounds[k - 1], a, prev_cells))
-                self._select(0)
-                observed = [li for li in observe_q if a <= li < b]
-                want = {li: "qc" for li in observed}   # the window's queries, the K cache
-                if not last:                            # the merge layer's guidance
-                    want[b - 1] = "qkc" if b - 1 in want else "qk"
-                self.capture.want(want)
-                attach_capture(self.ctx, self.capture if want else None)
-                for r in rows:
-                    self._decode_rows(r, last=last, is_last_rows=last and r is rows[-1],
-                                      held=held)
-                for li in observed:
-                    if self.capture.rows(li) != sum(len(r.orig) for r in rows):
-                        raise RuntimeError(f"llama.cpp's graph gave no Qcur-{li} for every row "
-                                           "(the architecture names it otherwise)")
-                if observe_q:            # the last segment is decoded last in every range
-                    window_q = QueryWindow(self.capture, len(rows[-1].orig))
-                new_cells = [np.concatenate([r.cells[c] for r in rows]) for c in caches]
-                if cells_before is None:
-                    cells_before = len(new_cells[0])
-                if maps is not None and kv == "compact":
-                    t0 = time.perf_counter()
-                    for c in caches:
-                        self._compact(prev_cells[c], maps, rows, a, cache=c)
-                    t_compact += (time.perf_counter() - t0) * 1e3
-                if last:
-                    if kv == "exact":
-                        for c in caches:
-                            self._select(c)
-                            kv_cells_set_layers(self.ctx, new_cells[c], a, b)
-                        self._select(0)
-                        layer_cells.append((a, b, new_cells))
-                    out = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-                    logits = np.ctypeslib.as_array(out, shape=(self.n_vocab,)).copy()
-                    break
-
-                # guidance from layer b-1's Q/K (one graph on the lightkv backend for every
-                # image: the totals do not depend on which rows are read), then each image
-                # merged in its windows
-                stage = stages[k]
-                offsets = np.cumsum([0] + [len(r.orig) for r in rows])
-                text_rows = np.concatenate([np.arange(offsets[i], offsets[i + 1])
-                                            for i, r in enumerate(rows) if r.seg.kind == "text"])
-                guided = [i for i, r in enumerate(rows)
-                          if r.seg.kind == "image" and stage.ratio != 0.0]
-                scores_all = {}
-                if guided:
-                    t0 = time.perf_counter()
-                    for li, kind in ((b - 1, "q"), (b - 1, "k")):
-                        if self.capture.rows(li, kind) != offsets[-1]:
-                            raise RuntimeError(
-                                f"llama.cpp's graph gave no Qcur-{li}/Kcur-{li} for every row "
-                                "(the architecture names them otherwise)")
-                    vis = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in guided])
-                    g = self.capture.guidance(b - 1, vis, text_rows,
-                                              scale=self.guidance_scale)
-                    cuts = np.cumsum([0] + [offsets[i + 1] - offsets[i] for i in guided])
-                    scores_all = {i: g[cuts[j]:cuts[j + 1]] for j, i in enumerate(guided)}
-                    t_guid += (time.perf_counter() - t0) * 1e3
-                maps, vis_in, vis_out = [], 0, 0
-                from . import native
-                for i, r in enumerate(rows):
-                    h = np.concatenate(r.h)
-                    m = len(r.orig)
-                    if r.seg.kind == "text" or stage.ratio == 0.0:
-                        r.x = h
-                        maps.append((np.arange(m), np.ones(m, np.float32)))
-                        if r.seg.kind == "image":
-                            vis_in += m
-                            vis_out += m
-                        continue
-                    scores = scores_all[i]
-                    t0 = time.perf_counter()
-                    # a raster no earlier stage merged: the plain grid (the published square
-                    # padding without one); else every row at its cell
-                    first = len(r.orig) == r.seg.n and r.seg.cells is None
-                    grid = (r.grid_rc if _grid_matches(r.seg) else None) if first \
-                        else r.grid_rc
-                    res = _merge_stage(h, scores, stage, grid=grid,
-                                       positions=None if first else r.gpos,
-                                       grid_rc=r.grid_rc, gpos=r.gpos, protect=protect,
-                                       backend=self.backend)
-                    t_merge += (time.perf_counter() - t0) * 1e3
-                    kept = np.asarray(res.kept, np.int64)
-                    maps.append((np.asarray(res.assign, np.int64),
-                                 np.asarray(res.weight, np.float32)))
-                    r.x = np.asarray(res.x, np.float32)
-                    r.orig, r.gpos = r.orig[kept], r.gpos[kept]
-                    r.pos = r.pos[:, kept]
-                    vis_in += m
-                    vis_out += len(kept)
-                if kv == "exact" and positions == "renumber":
-                    step = np.concatenate([a + base for (a, _), base in zip(
-                        maps, np.cumsum([0] + [len(r.orig) for r in rows])[:-1])])
-                    to_rows = [step[d] for d in to_rows] + [step]
-                if positions == "renumber":
-                    p = start
-                    for r in rows:
-                        r.pos = np.repeat((p + np.arange(len(r.orig), dtype=np.int32))[None],
-                                          n_pos, 0)
-                        p += len(r.orig)
-                report.append({"layer": stage.layer, "windows": stage.windows,
-                               "ratio": stage.ratio, "vision_in": vis_in,
-                               "vision_out": vis_out})
-                present.append(vis_out)
-                run_report.stage(vis_in, vis_out)
-                prev_cells = new_cells
-            if kv == "exact" and positions == "renumber":
-                # the earlier ranges' rows were stored at positions beyond the renumbered
-                # turn's end, where the causal mask would hide them from every later token
-                # (and the next position would not follow the sequence's): each takes the
-                # position of the final row it was merged into. K keeps the rotation it was
-                # stored with, as in the reference (its later tokens attend to every cached
-                # row)
-                final_pos = np.concatenate([r.pos[0] for r in rows])
-                for (_, _, cells), dest in zip(layer_cells, to_rows):
-                    for c in caches:
-                        self._select(c)
-                        kv_cells_set_pos(self.ctx, cells[c], final_pos[dest])
-        finally:
-            attach_capture(self.ctx, None)
-            self.capture.want({})
-            _l.llama_set_layer_range(self.ctx, 0, -1)
-            _l.llama_kv_cells_select(self.ctx, 0)
-
-        final_cells = [np.concatenate([r.cells[c] for r in rows]) for c in caches]
-        if kv == "compact":
-            layer_cells = [(0, self.n_layer, final_cells)]
-        run_report.cells(cells_before, sum(len(cells[0]) for _, _, cells in layer_cells))
+        stages, sched = _native_schedule(stages, self.n_layer, kv=kv, positions=positions)
+        observe_q = tuple(int(li) for li in observe_q)
+        r = native.layer_prefill(self.capture, self.ctx, segments, sched, protect=protect,
+                                 turn_start=turn_start, observe=observe_q, n_batch=self.n_batch)
+        report = [{"layer": s.layer, "windows": s.windows, "ratio": s.ratio,
+                   "vision_in": a, "vision_out": b} for s, (a, b) in zip(stages, r.stages)]
+        vision_in = sum(s.n for s in segments if s.kind == "image")
         return LayerPrefill(
-            logits=logits, kept=[r.orig.copy() for r in rows if r.seg.kind == "image"],
-            cells=final_cells[0], positions=np.concatenate([r.pos for r in rows], axis=1),
-            stages=report, vision_in=n_vis, vision_out=present[-1],
-            keep_fraction=run_report.keep_fraction, cells_freed=run_report.cells_freed,
-            layer_cells=[(lo, hi, cells[0]) for lo, hi, cells in layer_cells],
-            cache_cells=final_cells,
-            cache_layer_cells=[[(lo, hi, cells[c]) for lo, hi, cells in layer_cells]
-                               for c in caches],
-            t_guidance_ms=t_guid, t_merge_ms=t_merge, t_compact_ms=t_compact,
-            window_q=window_q)
-
-    def _check_sliding_cache(self, n_rows: int, n_ranges: int, kv: str) -> None:
-        """A sliding-window cache (the iSWA pair's, cache 1) holds window + n_ubatch cells
-        (padded) unless the context was made with swa_full, and llama.cpp gives a new row a
-        cell whose position has left the window. The prefill needs every row of the turn in
-        its own cell until the merge has read it: compact, the turn's rows (each later
-        range's rows take the cells the previous one freed); exact, each range's rows (at
-        most every row once per range). Refused before any compute when it cannot."""
-        for c in self.caches[1:]:
-            need = n_rows if kv == "compact" else n_rows * n_ranges
-            if need > self.cache_size[c]:
-                raise ValueError(
-                    f"the sliding-window KV cache holds {self.cache_size[c]} cells, but a "
-                    f"layer-mode prefill of this turn ({n_rows} rows"
-                    + ("" if kv == "compact" else f" in each of {n_ranges} layer ranges")
-                    + f", kv {kv}) needs {need}; create the context with swa_full or a "
-                    "larger n_ubatch")
-
-    def _compact(self, src_cells, maps, rows, n_layers: int, cache: int = 0):
-        """Layers [0, n_layers) of the new rows' cells := the merge's weighted combination
-        of the previous rows' stored K/V (src_cells, in the previous row order), in one KV
-        cache (the layers of the range it holds)."""
-        dst_of_src, weight, base = [], [], 0
-        for (assign, w), r in zip(maps, rows):
-            dst_of_src.append(assign + base)
-            weight.append(w)
-            base += len(r.orig)
-        dst_of_src = np.ascontiguousarray(np.concatenate(dst_of_src), dtype=np.int32)
-        weight = np.ascontiguousarray(np.concatenate(weight), dtype=np.float32)
-        dst_cells = np.ascontiguousarray(np.concatenate([r.cells[cache] for r in rows]),
-                                         dtype=np.int32)
-        src = np.ascontiguousarray(src_cells, dtype=np.int32)
-        self._select(cache)
-        ok = _l.llama_kv_cells_merge(self.ctx, 0, n_layers, len(src), _ip(src),
-                                     _ip(dst_of_src), weight.ctypes.data_as(_f32p),
-                                     len(dst_cells), _ip(dst_cells))
-        self._select(0)
-        if not ok:
-            raise RuntimeError("llama.cpp could not compact the KV cells")
-
-
-def _grid_matches(seg: Segment) -> bool:
-    return seg.grid is not None and int(seg.grid[0]) * int(seg.grid[1]) == seg.n
+            logits=r.logits, kept=r.kept, cells=r.cells[0], positions=r.positions,
+            stages=report, vision_in=vision_in,
+            vision_out=report[-1]["vision_out"] if report else vision_in,
+            keep_fraction=r.keep_fraction, cells_freed=r.cells_freed,
+            layer_cells=[(lo, hi, cells[0]) for lo, hi, cells in r.ranges],
+            cache_cells=r.cells,
+            cache_layer_cells=[[(lo, hi, cells[c]) for lo, hi, cells in r.ranges]
+                               for c in self.caches],
+            t_guidance_ms=r.t_guidance_ms, t_merge_ms=r.t_merge_ms,
+            t_compact_ms=r.t_compact_ms,
+            window_q=QueryWindow(self.capture, segments[-1].n) if observe_q else None)
 
 
 def window_grid(n: int, grid) -> tuple[int, int]:
     """The grid the windows of an image of n rows are cut on: its grid (rows, cols), or,
-    without one (normal-RoPE chunks), the published padded square."""
+    without one (normal-RoPE chunks), the published padded square (liblightkv's rule for
+    a segment's windows, here for the schedule the engine derives before a turn)."""
     if grid and grid[0] * grid[1] == n:
         return int(grid[0]), int(grid[1])
     side = math.isqrt(n - 1) + 1
@@ -783,35 +437,6 @@ def check_protect(protect) -> None:
     if isinstance(protect, bool) or not isinstance(protect, (int, float, np.floating)) \
             or not 0.0 <= float(protect) <= 1.0:
         raise ValueError(f"protect must be a number in [0, 1], got {protect!r}")
-
-
-def _merge_stage(h, scores, stage: Stage, *, grid, positions, grid_rc, gpos, protect,
-                 backend):
-    """One image's rows h at one stage -> a native MergeResult-like (x, kept, assign,
-    weight) over h's rows.
-
-    protect 0: the published stage (windows, ratio) as given. protect > 0 (spec:
-    reference MergeState.step): the stage's budget is the rows the published stage keeps
-    on these rows (liblightkv's rows_without_threshold of that stage's plan: m - sum
-    over windows of min(floor(ratio * n_w), n_w // 2)); the round(protect * budget) rows
-    with the highest guidance of THIS layer are never sources (mode "receive"); the
-    stage merges at its ratio in its windows with that rule, then again on what is left
-    until exactly the budget remains (merge_to_budget: protection leaves a window short
-    of sources)."""
-    from . import native
-    from .embed_mode import protected_count
-    from .merge_to_budget import merge_to_budget
-    if not protect:
-        return native.lightkv_merge(h, scores, windows=stage.windows, ratio=stage.ratio,
-                                    grid=grid, positions=positions, backend=backend)
-    target = native.MergePlan(len(h), h.shape[1], windows=stage.windows, ratio=stage.ratio,
-                              grid=grid, positions=positions,
-                              backend=backend).rows_without_threshold
-    p = protected_count(float(protect), target)
-    return merge_to_budget(h, scores, target=target, grid=grid_rc, positions=gpos,
-                           windows=stage.windows, ratio=stage.ratio,
-                           protected=native.protect_top(scores, p) if p else None,
-                           backend=backend)
 
 
 # ---------------------------------------------------------------------------------------
@@ -865,21 +490,17 @@ def prefill_chunks(vm, chunks, stages, *, n_past: int, positions: str = "keep",
     check_policies(positions, kv)     # before the vision encoder runs
     check_protect(protect)
     run = runner or LayerRunner(vm.model, vm.ctx, n_batch=vm.n_batch, use_mrope=vm.use_mrope)
-    grids, n_rows = [], 0           # checked before the vision encoder runs
+    # the turn's shape (no token, no encoded image): liblightkv checks it before any compute
+    shape = []
     for ch in chunks:
         n = mtmd.chunk_get_n_tokens(ch)
-        n_rows += n
         if mtmd.chunk_get_type(ch) == mtmd.CHUNK_IMAGE:
-            # an image whose rows attend to each other both ways (Gemma 3) is decoded in
-            # one batch in every range, as libmtmd decodes it
-            if mtmd.decode_use_non_causal(vm.mctx, ch) and n > min(run.n_batch, run.n_ubatch):
-                raise ValueError(
-                    f"an image of {n} rows attends to itself both ways and must be decoded "
-                    f"in one batch, but this context takes {min(run.n_batch, run.n_ubatch)}")
-            grids.append(window_grid(n, mtmd.image_grid(ch, vm.use_mrope)))
-    check_schedule(stages, llama_cpp.llama_model_n_layer(vm.model), grids, kv=kv,
-                   positions=positions)
-    run._check_sliding_cache(n_rows, len(stages) + 1, kv)
+            grid = mtmd.image_grid(ch, vm.use_mrope)
+            shape.append(Segment("image", np.zeros((4 if vm.use_mrope else 1, n), np.int32),
+                                 grid=grid, non_causal=bool(mtmd.decode_use_non_causal(vm.mctx, ch))))
+        else:
+            shape.append(Segment("text", np.zeros((1, n), np.int32)))
+    run.check(shape, stages, positions=positions, kv=kv, protect=protect)
     segs, end, t_enc = segments_from_chunks(vm, chunks, n_past)
     res = run.prefill(segs, stages, positions=positions, kv=kv, turn_start=n_past,
                       observe_q=observe_q, protect=protect)

@@ -384,18 +384,19 @@ def test_llava_rows_lie_on_their_true_cells(images, monkeypatch):
     (x, grid), rows = reduced[0], encoded[0].reshape(16, -1)
     assert grid == (4, 4)
     assert np.array_equal(x, rows[[15] + list(range(15))])
-    # layer mode: each stage is one native.lightkv_merge, given every row's cell
+    # layer mode: liblightkv's driver is given every row's cell with the image's rows (it
+    # cuts each stage's windows at them: lightkv_merge_run_at / _run_budget)
     seen = []
-    real = native.lightkv_merge
+    real = native.layer_prefill
 
-    def spy(x, scores, **kw):
-        seen.append((len(x), kw.get("grid"), kw.get("positions")))
-        return real(x, scores, **kw)
-    monkeypatch.setattr(native, "lightkv_merge", spy)
+    def spy(capture, lctx, segments, schedule, **kw):
+        seen.extend((len(s.embd), s.grid, s.cells) for s in segments if s.kind == "image")
+        return real(capture, lctx, segments, schedule, **kw)
+    monkeypatch.setattr(native, "layer_prefill", spy)
     _run((m.text, m.mmproj), [images[0]], mode="layer", keep=0.5, schedule="0:2:0.5")
-    n, grid, pos = seen[0]                  # the image's first merge sees all its rows
-    assert (n, grid) == (16, (4, 4))
-    assert pos is not None and np.array_equal(pos, expected), pos
+    n, grid, cells = seen[0]
+    assert (n, grid) == (16, None)          # no token grid: the 4 x 4 square of its rows
+    assert cells is not None and np.array_equal(cells, expected), cells
 
 
 def test_merge_of_rows_on_cells_is_the_raster_merge_permuted():

@@ -262,6 +262,76 @@ def test_bad_policies_raise(tiny):
         c.close()
 
 
+def _bad_turns(m, t1, img, t2):
+    """(name, segments, protect, threshold, observe, message) of turns liblightkv's driver
+    refuses before its first decode (lightkv_layer_prefill_check / _run)."""
+    s1, s2 = len(t1), len(t1) + len(img)
+    pos_i = np.arange(s1, s2)[None]
+    text1 = Segment("text", np.arange(s1)[None], tokens=t1)
+    text2 = Segment("text", np.arange(s2, s2 + len(t2))[None], tokens=t2)
+    nan = img.copy()
+    nan[3, 1] = np.nan
+    cells = np.stack([np.arange(N_IMG) // 8, np.arange(N_IMG) % 8], 1)
+    dup = cells.copy()
+    dup[5] = dup[4]
+    outside = cells.copy()
+    outside[7] = (8, 0)
+    bad_tok = t2.copy()
+    bad_tok[2] = m.n_vocab
+    return [
+        ("grid", [text1, Segment("image", pos_i, embd=img, grid=(4, 8)), text2], 0.0, None, (),
+         "does not hold its 64 rows"),
+        ("cells twice", [text1, Segment("image", pos_i, embd=img, cells=dup), text2], 0.0, None,
+         (), "taken twice"),
+        ("cells outside", [text1, Segment("image", pos_i, embd=img, cells=outside), text2], 0.0,
+         None, (), "outside the 8x8"),
+        ("nan", [text1, Segment("image", pos_i, embd=nan, grid=GRID), text2], 0.0, None, (),
+         "NaN or Inf"),
+        ("token", [text1, Segment("image", pos_i, embd=img, grid=GRID),
+                   Segment("text", text2.pos, tokens=bad_tok)], 0.0, None, (), "vocabulary"),
+        ("non-causal", [text1, Segment("image", pos_i, embd=img, grid=GRID, non_causal=True),
+                        text2], 0.0, None, (), "one batch"),
+        ("4 positions", [text1, Segment("image", np.repeat(pos_i, 4, 0), embd=img, grid=GRID),
+                         text2], 0.0, None, (), "positions need 1 rows"),
+        ("threshold", [text1, Segment("image", pos_i, embd=img, grid=GRID), text2], 1.0, 0.5,
+         (), "no similarity threshold"),
+        ("observe", [text1, Segment("image", pos_i, embd=img, grid=GRID), text2], 0.0, None,
+         (N_LAYER,), "observed layer"),
+    ]
+
+
+def test_the_driver_refuses_bad_turns_before_any_compute(tiny):
+    """liblightkv's driver checks a turn once, before its first decode: each bad turn is a
+    ValueError naming the problem, and the KV cache stays empty (and the same checks run
+    without tokens or embeddings: lightkv_layer_prefill_check, the engine's early check)."""
+    from lightkv_edge import native
+    m, model = tiny
+    t1, img, t2 = _turn(m)
+    c = Ctx(model)
+    checked = 0
+    try:
+        run = LayerRunner(model, c.ctx, n_batch=N_BATCH, use_mrope=False)
+        for name, segs, protect, threshold, observe, why in _bad_turns(m, t1, img, t2):
+            sched = native.LayerSchedule([(s.layer, s.windows, s.ratio) for s in STAGES],
+                                         N_LAYER, threshold=threshold)
+            with pytest.raises(ValueError, match=why):
+                native.layer_prefill(run.capture, c.ctx, segs, sched, protect=protect,
+                                     observe=observe, n_batch=N_BATCH)
+            assert c.n_cells() == (-1, -1), name
+            checked += 1
+        # the shape-only check (no tokens, no embeddings) refuses what depends on shapes
+        shape = [Segment("text", np.zeros((1, 6), np.int32)),
+                 Segment("image", np.zeros((1, N_IMG), np.int32), grid=(4, 8)),
+                 Segment("text", np.zeros((1, 10), np.int32))]
+        with pytest.raises(ValueError, match="does not hold"):
+            run.check(shape, STAGES)
+        shape[1] = Segment("image", np.zeros((1, N_IMG), np.int32), grid=GRID)
+        run.check(shape, STAGES)       # a good shape passes
+    finally:
+        c.close()
+    assert checked == 9
+
+
 def test_schedule_helpers():
     assert layer_mode.parse_schedule("12:4:0.5, 18:2:0.5,24:1:0.5") == (
         Stage(12, 4, 0.5), Stage(18, 2, 0.5), Stage(24, 1, 0.5))
@@ -888,15 +958,15 @@ def test_non_causal_images_run_in_layer_mode(tmp_path, monkeypatch):
         chat._generate = gen
         chat.ask(s.question, [img])
         causal = chat.last_stats
-        switches = []
-        real = layer_mode.llama_cpp.llama_set_causal_attn
-        monkeypatch.setattr(layer_mode.llama_cpp, "llama_set_causal_attn",
-                            lambda ctx, on: (switches.append(bool(on)), real(ctx, on))[1])
         monkeypatch.setattr(mtmd, "decode_use_non_causal", lambda *a: True)
         chat.reset()
         chat.ask(s.question, [img])
         non_causal = chat.last_stats
-    assert switches == [False, True] * 3            # one image, three layer ranges
+        # the driver turns causal attention off for the image's batch of each range and
+        # on again after it: the text rows and the answer were decoded causally
+        get_causal = layer_mode._l.llama_get_causal_attn
+        get_causal.restype, get_causal.argtypes = ctypes.c_bool, [ctypes.c_void_p]
+        assert get_causal(chat.m.ctx)
     assert np.max(np.abs(first[0] - first[1])) > 1e-3
     assert causal.vision_tokens_in == non_causal.vision_tokens_in
     assert 0 < non_causal.vision_tokens_kept < non_causal.vision_tokens_in

@@ -1,4 +1,5 @@
-"""LightKV-protect as one layer-mode stage (layer_mode._merge_stage, native) against its
+"""LightKV-protect as one layer-mode stage (liblightkv's lightkv_merge_run_budget, the stage
+layer mode's driver runs; native.merge_to_budget) against its
 spec, reference.MergeState.step(protect=...): the stage keeps exactly its budget (the
 rows the published stage keeps on the same rows), the protected rows (the top round(protect * budget) by
 that layer's guidance) are never merged away, and the native rows, assignment and weights
@@ -28,9 +29,11 @@ def _rows(n, d, seed):
 
 
 def _native_stage(x, g, stage, grid, gpos, first, protect):
-    return layer_mode._merge_stage(x, g, stage, grid=grid if first else grid,
-                                   positions=None if first else gpos, grid_rc=grid,
-                                   gpos=gpos, protect=protect, backend=None)
+    if not protect:                  # the driver runs the published stage itself
+        return native.lightkv_merge(x, g, windows=stage.windows, ratio=stage.ratio, grid=grid,
+                                    positions=None if first else gpos)
+    return native.merge_to_budget(x, g, windows=stage.windows, ratio=stage.ratio, grid=grid,
+                                  positions=None if first else gpos, protect=protect)
 
 
 @pytest.mark.parametrize("protect", [1.0, 0.5])
@@ -74,9 +77,10 @@ def test_stage_matches_reference_and_keeps_its_budget(grid, windows, ratio, prot
 
 
 def test_protection_off_is_the_published_stage_bit_for_bit():
+    """protect 0 on a whole grid: the budget is the published stage's count, which its
+    first step reaches at once, with the published stage's rows, groups and weights."""
     x, g = _rows(256, 16, seed=3)
-    gpos = np.stack([np.arange(256) // 16, np.arange(256) % 16], 1)
-    got = _native_stage(x, g, Stage(0, 4, 0.5), (16, 16), gpos, True, 0.0)
+    got = native.merge_to_budget(x, g, windows=4, ratio=0.5, grid=(16, 16), protect=0.0)
     pub = native.lightkv_merge(x, g, windows=4, ratio=0.5, grid=(16, 16))
     for a, b in zip((got.x, got.kept, got.assign, got.weight),
                     (pub.x, pub.kept, pub.assign, pub.weight)):
@@ -87,6 +91,15 @@ def test_protection_off_is_the_published_stage_bit_for_bit():
 def test_bad_protect_is_refused(bad):
     with pytest.raises(ValueError, match="protect"):
         layer_mode.check_protect(bad)
+    x, g = _rows(64, 8, seed=1)
+    with pytest.raises(ValueError, match="protect"):    # liblightkv's own check
+        native.merge_to_budget(x, g, windows=2, ratio=0.5, grid=(8, 8), protect=bad)
+
+
+def test_protected_stage_needs_scores_and_no_threshold():
+    x, _ = _rows(64, 8, seed=1)
+    with pytest.raises(ValueError, match="needs scores"):
+        native.merge_to_budget(x, None, windows=2, ratio=0.5, grid=(8, 8), protect=0.5)
 
 
 def test_engine_layer_mode_takes_the_two_layer_methods_only():

@@ -59,6 +59,19 @@ class _ScheduleParams(C.Structure):
                 ("kv", C.c_int32), ("positions", C.c_int32)]
 
 
+class _Segment(C.Structure):
+    _fields_ = [("kind", C.c_int32), ("n", C.c_int64), ("tokens", C.POINTER(C.c_int32)),
+                ("embd", C.POINTER(C.c_float)), ("pos", C.POINTER(C.c_int32)), ("n_pos", C.c_int32),
+                ("grid_rows", C.c_int64), ("grid_cols", C.c_int64), ("cells", C.POINTER(C.c_int64)),
+                ("non_causal", C.c_int32)]
+
+
+class _LayerPrefillParams(C.Structure):
+    _fields_ = [("schedule", C.c_void_p), ("protect", C.c_double), ("turn_start", C.c_int32),
+                ("observe_layers", C.POINTER(C.c_int32)), ("n_observe", C.c_int32),
+                ("n_batch", C.c_int32)]
+
+
 class _GuidanceInfo(C.Structure):
     _fields_ = [("n_embd", C.c_int64), ("n_embd_inp", C.c_int64), ("n_vocab", C.c_int64),
                 ("n_head", C.c_int64), ("n_head_kv", C.c_int64), ("head_dim", C.c_int64),
@@ -103,6 +116,9 @@ def _load():
                                                       C.POINTER(_MergeParams), i64p, u8p, C.c_int32,
                                                       C.POINTER(p_res)]),
             "lightkv_protect_top": (C.c_int, [f32p, C.c_int64, C.c_int64, u8p]),
+            "lightkv_merge_run_budget": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
+                                                   C.POINTER(_MergeParams), i64p, C.c_double,
+                                                   C.POINTER(p_res)]),
             "lightkv_merge_reduce": (C.c_int, [p_ctx, f32p, C.c_int64, C.c_int64, f32p,
                                                C.POINTER(_ReduceParams), C.POINTER(p_res)]),
             "lightkv_merge_result_stages": (C.c_int32, [p_res, C.POINTER(C.c_int32), i64p, C.c_int32]),
@@ -165,6 +181,27 @@ def _load():
             "lightkv_schedule_report_stage_rows": (C.c_int, [C.c_void_p, C.c_int32, i64p, i64p]),
             "lightkv_schedule_report_keep_fraction": (C.c_double, [C.c_void_p]),
             "lightkv_schedule_report_cells_freed": (C.c_int64, [C.c_void_p]),
+            "lightkv_layer_mode_check": (C.c_int, [C.c_void_p]),
+            "lightkv_layer_prefill_check": (C.c_int, [C.c_void_p, C.POINTER(_Segment), C.c_int32,
+                                                      C.POINTER(_LayerPrefillParams)]),
+            "lightkv_layer_prefill_run": (C.c_int, [C.c_void_p, C.c_void_p, C.POINTER(_Segment),
+                                                    C.c_int32, C.POINTER(_LayerPrefillParams),
+                                                    C.POINTER(C.c_void_p)]),
+            "lightkv_layer_prefill_free": (None, [C.c_void_p]),
+            "lightkv_layer_prefill_logits": (f32p, [C.c_void_p, C.POINTER(C.c_int32)]),
+            "lightkv_layer_prefill_rows": (C.c_int64, [C.c_void_p]),
+            "lightkv_layer_prefill_positions": (C.POINTER(C.c_int32), [C.c_void_p, C.POINTER(C.c_int32)]),
+            "lightkv_layer_prefill_n_caches": (C.c_int32, [C.c_void_p]),
+            "lightkv_layer_prefill_cells": (C.POINTER(C.c_int32), [C.c_void_p, C.c_int32]),
+            "lightkv_layer_prefill_n_images": (C.c_int32, [C.c_void_p]),
+            "lightkv_layer_prefill_kept": (i64p, [C.c_void_p, C.c_int32, i64p]),
+            "lightkv_layer_prefill_n_ranges": (C.c_int32, [C.c_void_p]),
+            "lightkv_layer_prefill_range": (C.POINTER(C.c_int32), [C.c_void_p, C.c_int32, C.c_int32,
+                                                                   C.POINTER(C.c_int32),
+                                                                   C.POINTER(C.c_int32), i64p]),
+            "lightkv_layer_prefill_report": (C.c_void_p, [C.c_void_p]),
+            "lightkv_layer_prefill_times": (None, [C.c_void_p, C.POINTER(C.c_double),
+                                                   C.POINTER(C.c_double), C.POINTER(C.c_double)]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -508,6 +545,27 @@ def lightkv_merge(x, scores, *, windows, ratio, grid=None, threshold=None, posit
         plan = ctx.plan(key, create)
         st = ctx.lib.lightkv_merge_plan_run(plan, _f32p(xa), None if sa is None else _f32p(sa), C.byref(res))
         ctx.check(st)
+    return _result(ctx.lib, res, n, d)
+
+
+def merge_to_budget(x, scores, *, windows, ratio, protect, grid=None, positions=None,
+                    backend=None) -> MergeResult:
+    """One layer-mode stage kept to the published stage's budget with LightKV-protect
+    (lightkv_merge_run_budget; spec: reference MergeState.step(protect=...)): x [N, D],
+    scores [N] (required when protect > 0), windows / ratio / grid / positions as
+    lightkv_merge (the published stage whose kept count is the budget), protect in [0, 1]:
+    the share of the budget never merged away. kept indexes the input rows."""
+    xa = _float32_array(x, "x", 2)
+    n, d = xa.shape
+    sa = _scores(scores, n)
+    p = _params(n, windows, ratio, grid, None, positions is not None)
+    pa = _positions(positions, n, grid)
+    ctx = _context(backend)
+    res = C.c_void_p()
+    with ctx.lock:
+        ctx.check(ctx.lib.lightkv_merge_run_budget(
+            ctx.h, _f32p(xa), n, d, None if sa is None else _f32p(sa), C.byref(p),
+            None if pa is None else _i64p(pa), _real(protect, "protect"), C.byref(res)))
     return _result(ctx.lib, res, n, d)
 
 
@@ -1068,3 +1126,149 @@ class LayerReport:
         if getattr(self, "_h", None):
             self._lib.lightkv_schedule_report_free(self._h)
             self._h = None
+
+
+# ------------------------------------------------------------------ layer mode's prefill
+_SEGMENT_KINDS = {"text": 0, "image": 1}
+
+
+@dataclass
+class NativeLayerPrefill:
+    """What lightkv_layer_prefill_run did (host copies; see lightkv.h)."""
+    logits: np.ndarray            # [n_vocab] float32
+    positions: np.ndarray         # [n_pos, S] int32, the final rows'
+    cells: list                   # per KV cache: [S] int32
+    kept: list                    # per image: original indices of its final rows
+    ranges: list                  # [(il_begin, il_end, [cells per cache])]
+    stages: list                  # per stage: (vision_in, vision_out)
+    keep_fraction: float
+    cells_freed: int
+    t_guidance_ms: float
+    t_merge_ms: float
+    t_compact_ms: float
+
+
+def _segments(segments, need_data: bool):
+    """Segment-like objects (kind, pos [n_pos, n], tokens, embd, grid, cells, non_causal) ->
+    a ctypes array, with the numpy arrays it points into (kept alive by the caller)."""
+    arr = (_Segment * max(1, len(segments)))()
+    keep = []
+    for i, s in enumerate(segments):
+        if s.kind not in _SEGMENT_KINDS:
+            raise ValueError(f"unknown segment kind {s.kind!r}")
+        seg = arr[i]
+        seg.kind = _SEGMENT_KINDS[s.kind]
+        pos = np.asarray(s.pos)
+        if pos.ndim != 2:
+            raise ValueError(f"segment {i}: positions must be [n_pos, n], got shape {pos.shape}")
+        seg.n_pos, seg.n = pos.shape
+        if need_data or pos.size:
+            pos = np.ascontiguousarray(pos, dtype=np.int32)
+            keep.append(pos)
+            seg.pos = pos.ctypes.data_as(C.POINTER(C.c_int32))
+        if s.tokens is not None:
+            t = np.ascontiguousarray(s.tokens, dtype=np.int32)
+            if t.shape != (seg.n,):
+                raise ValueError(f"text segment {i} needs one token per position column")
+            keep.append(t)
+            seg.tokens = t.ctypes.data_as(C.POINTER(C.c_int32))
+        if s.embd is not None:
+            e = np.ascontiguousarray(s.embd, dtype=np.float32)
+            if e.ndim != 2 or e.shape[0] != seg.n:
+                raise ValueError(f"image segment {i}: embd must be [{seg.n}, n_embd], got {e.shape}")
+            keep.append(e)
+            seg.embd = e.ctypes.data_as(C.POINTER(C.c_float))
+        if s.grid is not None:
+            seg.grid_rows, seg.grid_cols = (int(v) for v in s.grid)
+        if s.cells is not None:
+            c = np.ascontiguousarray(s.cells, dtype=np.int64)
+            if c.shape != (seg.n, 2):
+                raise ValueError(f"image segment {i}: cells must be [{seg.n}, 2], got {c.shape}")
+            keep.append(c)
+            seg.cells = c.ctypes.data_as(C.POINTER(C.c_int64))
+        seg.non_causal = bool(s.non_causal)
+    return arr, keep
+
+
+def _prefill_params(schedule: LayerSchedule, protect: float, turn_start, observe, n_batch):
+    obs = np.ascontiguousarray(list(observe), dtype=np.int32)
+    p = _LayerPrefillParams(schedule._h, float(protect),
+                            -1 if turn_start is None else int(turn_start),
+                            obs.ctypes.data_as(C.POINTER(C.c_int32)), len(obs), int(n_batch or 0))
+    return p, obs
+
+
+def layer_mode_check(lctx) -> None:
+    """ValueError when a llama.cpp context cannot run layer mode (lightkv_layer_mode_check)."""
+    lib = _load()
+    st = lib.lightkv_layer_mode_check(lctx)
+    if st:
+        _raise(st, lib.lightkv_last_error(None))
+
+
+def layer_prefill_check(lctx, segments, schedule: LayerSchedule, *, protect: float = 0.0,
+                        n_batch: int = 0) -> None:
+    """Everything layer_prefill checks before any compute, for segments whose tokens and
+    embd may still be None (images not encoded yet): ValueError naming what is wrong."""
+    lib = _load()
+    arr, keep = _segments(segments, False)
+    p, obs = _prefill_params(schedule, protect, None, (), n_batch)
+    st = lib.lightkv_layer_prefill_check(lctx, arr, len(segments), C.byref(p))
+    del keep, obs
+    if st:
+        _raise(st, lib.lightkv_last_error(None))
+
+
+def layer_prefill(capture: Capture, lctx, segments, schedule: LayerSchedule, *,
+                  protect: float = 0.0, turn_start: int | None = None, observe=(),
+                  n_batch: int = 0) -> NativeLayerPrefill:
+    """One turn's layer-mode prefill on the llama.cpp context lctx (lightkv_layer_prefill_run):
+    bad input is a ValueError before any compute, a failure of llama.cpp a RuntimeError."""
+    lib = capture._ctx.lib
+    arr, keep = _segments(segments, True)
+    p, obs = _prefill_params(schedule, protect, turn_start, observe, n_batch)
+    h = C.c_void_p()
+    capture._call(lib.lightkv_layer_prefill_run, lctx, arr, len(segments), C.byref(p), C.byref(h))
+    del keep, obs
+    try:
+        nv = C.c_int32()
+        logits = np.ctypeslib.as_array(lib.lightkv_layer_prefill_logits(h, C.byref(nv)),
+                                       shape=(nv.value,)).copy()
+        rows = lib.lightkv_layer_prefill_rows(h)
+        npos = C.c_int32()
+        ptr = lib.lightkv_layer_prefill_positions(h, C.byref(npos))
+        positions = np.ctypeslib.as_array(ptr, shape=(npos.value * rows,)).reshape(npos.value, rows).copy() \
+            if rows else np.zeros((npos.value, 0), np.int32)
+        n_caches = lib.lightkv_layer_prefill_n_caches(h)
+
+        def ints(ptr, n, dtype=np.int32):
+            return np.ctypeslib.as_array(ptr, shape=(n,)).copy() if n else np.zeros(0, dtype)
+        cells = [ints(lib.lightkv_layer_prefill_cells(h, c), rows) for c in range(n_caches)]
+        kept = []
+        for i in range(lib.lightkv_layer_prefill_n_images(h)):
+            n = C.c_int64()
+            ptr = lib.lightkv_layer_prefill_kept(h, i, C.byref(n))
+            kept.append(ints(ptr, n.value, np.int64))
+        ranges = []
+        for i in range(lib.lightkv_layer_prefill_n_ranges(h)):
+            per_cache, lo, hi = [], C.c_int32(), C.c_int32()
+            for c in range(n_caches):
+                n = C.c_int64()
+                ptr = lib.lightkv_layer_prefill_range(h, i, c, C.byref(lo), C.byref(hi), C.byref(n))
+                per_cache.append(ints(ptr, n.value))
+            ranges.append((lo.value, hi.value, per_cache))
+        rep = lib.lightkv_layer_prefill_report(h)
+        stages = []
+        for i in range(lib.lightkv_schedule_report_n_stages(rep)):
+            a, b = C.c_int64(), C.c_int64()
+            lib.lightkv_schedule_report_stage_rows(rep, i, C.byref(a), C.byref(b))
+            stages.append((a.value, b.value))
+        tg, tm, tc = C.c_double(), C.c_double(), C.c_double()
+        lib.lightkv_layer_prefill_times(h, C.byref(tg), C.byref(tm), C.byref(tc))
+        return NativeLayerPrefill(
+            logits=logits, positions=positions, cells=cells, kept=kept, ranges=ranges,
+            stages=stages, keep_fraction=float(lib.lightkv_schedule_report_keep_fraction(rep)),
+            cells_freed=int(lib.lightkv_schedule_report_cells_freed(rep)),
+            t_guidance_ms=tg.value, t_merge_ms=tm.value, t_compact_ms=tc.value)
+    finally:
+        lib.lightkv_layer_prefill_free(h)

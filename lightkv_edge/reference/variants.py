@@ -164,7 +164,7 @@ def reduce_rows(x: torch.Tensor, g: torch.Tensor | None, *, target: int, rows: i
     while cur.shape[0] > target:
         w = min(w, rows, cols)
         m = cur.shape[0]
-        # as liblightkv's lightkv_merge_reduce (embed mode) and merge_to_budget (layer mode)
+        # as liblightkv's lightkv_merge_reduce (embed mode) and lightkv_layer_prefill_run (layer mode)
         step_ratio = ratio if ratio is not None and first else \
             min((m - target) / m + 1e-9, 0.5)
         first = False

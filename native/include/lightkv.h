@@ -203,6 +203,20 @@ typedef struct lightkv_reduce_params {
 LIGHTKV_API lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
                                                 const float * scores, const lightkv_reduce_params * params,
                                                 lightkv_merge_result ** out);
+/* One merge stage kept to the published stage's budget, with LightKV-protect (a layer-mode
+ * stage; spec: reference MergeState.step(protect=...)). The budget B is the rows the published
+ * stage (params, positions: as lightkv_merge_run_at; no threshold) keeps of these rows; the
+ * round(protect * B) rows with the highest scores (round half to even; ties: the lower index)
+ * are never sources (LIGHTKV_PROTECT_RECEIVE); the stage merges at params->ratio in its windows
+ * with that rule, then, as lightkv_merge_reduce, on what is left (a window short of sources
+ * leaves more than B) until B rows remain, every step in true 2D windows of the grid at the
+ * rows' positions (positions NULL: the raster of the grid, or of the padded square). The
+ * result is over the input rows (kept = input index of each row; assign and weight composed
+ * over the steps). scores [n] are required when protect > 0. */
+LIGHTKV_API lightkv_status lightkv_merge_run_budget(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                                    const float * scores, const lightkv_merge_params * params,
+                                                    const int64_t * positions, double protect,
+                                                    lightkv_merge_result ** out);
 /* The stages a lightkv_merge_reduce result ran (0 for other results), and the windows per
  * side and the rows left after each (caller-owned [count] each; either may be NULL). */
 LIGHTKV_API int32_t         lightkv_merge_result_stages(const lightkv_merge_result * r, int32_t * windows,
@@ -407,9 +421,9 @@ LIGHTKV_API lightkv_status lightkv_guidance_model_scores(lightkv_guidance_model 
 
 /* --- layer mode: the schedule and its report ------------------------------------------------ */
 /* Layer mode merges each image's rows after given decoder layers of the LLM (docs/layer-mode.md).
- * The prefill itself is driven from lightkv_edge/layer_mode.py over the patched llama.cpp (it
- * needs llama_decode, libmtmd and the eval callback; liblightkv links ggml only). What a
- * schedule is, which ones are valid, and what a run reports live here, once.
+ * What a schedule is, which ones are valid, and what a run reports live here, once; the
+ * prefill of a turn under a schedule is lightkv_layer_prefill (below), over the patched
+ * llama.cpp (native/patches/0001, 0003-0007).
  *
  * A stage merges what decoder layer `layer` (0-based) outputs, in windows x windows windows
  * of each image's original grid, dropping `ratio` of each window's rows. Valid schedules
@@ -476,6 +490,111 @@ LIGHTKV_API lightkv_status lightkv_schedule_report_stage_rows(const lightkv_sche
 LIGHTKV_API double         lightkv_schedule_report_keep_fraction(const lightkv_schedule_report * r);
 /* cells_before - cells_after when that is positive, else 0 */
 LIGHTKV_API int64_t        lightkv_schedule_report_cells_freed(const lightkv_schedule_report * r);
+
+/* --- layer mode: the prefill of one turn ----------------------------------------------------- */
+/* lightkv_layer_prefill runs one turn of a conversation through a llama.cpp context with the
+ * schedule's merges inside the LLM (docs/layer-mode.md, "The driver"):
+ *
+ *   range 0: every row of the turn (text tokens, image embeddings) through layers
+ *            [0, l1 + 1) (patch 0003's layer range); the hidden state leaving layer l1 comes
+ *            back, and layer l1's post-RoPE Q/K stay on cap's backend (patch 0007's graph
+ *            hook, lightkv_capture_graph);
+ *   merge:   each image's rows are merged in its own windows, guided by layer l1's attention
+ *            from the turn's text rows (lightkv_capture_guidance: only the scores come to the
+ *            host);
+ *   KV:      compact: the turn's cells are freed before the kept rows run through the next
+ *            range into fresh cells, whose layers [0, l1 + 1) are then filled with the merge's
+ *            weighted combination of the stored K/V (patch 0004); exact: each range's cells
+ *            stay, seen only by that range's layers (patch 0005);
+ *   ...      and so on; the last range ends at the model's depth and gives the logits.
+ *
+ * Ground truth: lightkv_edge.reference.prefill_with_merge. The llama, qwen2, qwen2vl and
+ * gemma3 graphs with one KV cache or the iSWA pair (a cell in each cache per row: every step
+ * on cells runs per cache) are covered. Normal-RoPE models get position gaps (patch 0001) on
+ * the context, for good: merged rows keep their positions, and later decodes need it too. */
+struct llama_context;
+
+typedef enum lightkv_segment_kind {
+    LIGHTKV_SEGMENT_TEXT  = 0,
+    LIGHTKV_SEGMENT_IMAGE = 1,
+} lightkv_segment_kind;
+
+/* A run of rows of the turn, in order; the last one must be text (the logits). */
+typedef struct lightkv_segment {
+    int32_t         kind;       /* lightkv_segment_kind                                       */
+    int64_t         n;          /* rows, >= 1                                                 */
+    const int32_t * tokens;     /* text: [n] token ids                                        */
+    const float *   embd;       /* image: [n][n_embd] float32 row-major, finite               */
+    const int32_t * pos;        /* [n_pos][n] row-major: n_pos 1, or 4 on an M-RoPE model
+                                   (t, y, x, z: an image's sections; text uses row 0 for all) */
+    int32_t         n_pos;
+    int64_t         grid_rows;  /* image: its token grid, rows * cols == n; 0 x 0: none (the  */
+    int64_t         grid_cols;  /*   windows are cut on the published padded square)          */
+    const int64_t * cells;      /* image: [n][2] (row, col) of every row on that grid (or     */
+                                /*   square), distinct; NULL: raster order                     */
+    int32_t         non_causal; /* image: its rows see each other both ways (Gemma 3); it is   */
+                                /*   decoded in one batch per range with causal attention off */
+} lightkv_segment;
+
+typedef struct lightkv_layer_prefill_params {
+    const lightkv_schedule * schedule;        /* stages and policies, for this model's depth   */
+    double                   protect;         /* LightKV-protect's share of each stage's budget
+                                                 in [0, 1] (0: the published stage; > 0 takes
+                                                 no threshold)                                  */
+    int32_t                  turn_start;      /* RENUMBER: the turn's first position; < 0: the
+                                                 first segment's first position                 */
+    const int32_t *          observe_layers;  /* layers whose Q rows (and K cache) stay in cap
+                                                 after the prefill (KV eviction's window); the
+                                                 last segment's rows are the capture's last    */
+    int32_t                  n_observe;
+    int32_t                  n_batch;         /* rows per llama_decode; <= 0: the context's    */
+} lightkv_layer_prefill_params;
+
+typedef struct lightkv_layer_prefill lightkv_layer_prefill;
+
+/* Whether lctx can run layer mode (its architecture and memory are covered), computing
+ * nothing; LIGHTKV_ERR_INVALID_ARGUMENT saying why not. */
+LIGHTKV_API lightkv_status lightkv_layer_mode_check(struct llama_context * lctx);
+/* Everything lightkv_layer_prefill checks before any compute, for segments whose tokens / embd
+ * may still be NULL (a turn whose images are not encoded yet): the schedule against the model's
+ * depth and each image's grid, positions, grids and cells, a non-causal image within one batch,
+ * and room in a sliding-window cache. */
+LIGHTKV_API lightkv_status lightkv_layer_prefill_check(struct llama_context * lctx, const lightkv_segment * segs,
+                                                       int32_t n_segs, const lightkv_layer_prefill_params * params);
+/* The prefill (above). cap: the capture the stages' Q/K and the observed queries go to (reset
+ * first; its context runs the guidance and merges); its graph hook is set on lctx during the
+ * call and removed after. Bad input: LIGHTKV_ERR_INVALID_ARGUMENT before any compute; a
+ * failure of llama.cpp on the way: LIGHTKV_ERR_BACKEND (the turn's cells are then in an
+ * unknown state: remove the sequence's turn before going on). */
+LIGHTKV_API lightkv_status lightkv_layer_prefill_run(lightkv_capture * cap, struct llama_context * lctx,
+                                                     const lightkv_segment * segs, int32_t n_segs,
+                                                     const lightkv_layer_prefill_params * params,
+                                                     lightkv_layer_prefill ** out);
+LIGHTKV_API void           lightkv_layer_prefill_free(lightkv_layer_prefill * r);
+
+/* The turn's last row's logits [n_vocab]. */
+LIGHTKV_API const float *   lightkv_layer_prefill_logits(const lightkv_layer_prefill * r, int32_t * n_vocab);
+/* The turn's final rows S (text rows and each image's final rows, in order), their
+ * positions [n_pos][S] and, per KV cache (1, or 2 for the iSWA pair: 0 full-attention, 1
+ * sliding-window), their cells [S]. */
+LIGHTKV_API int64_t         lightkv_layer_prefill_rows(const lightkv_layer_prefill * r);
+LIGHTKV_API const int32_t * lightkv_layer_prefill_positions(const lightkv_layer_prefill * r, int32_t * n_pos);
+LIGHTKV_API int32_t         lightkv_layer_prefill_n_caches(const lightkv_layer_prefill * r);
+LIGHTKV_API const int32_t * lightkv_layer_prefill_cells(const lightkv_layer_prefill * r, int32_t cache);
+/* Per image segment (in order): the original indices of its final rows, ascending. */
+LIGHTKV_API int32_t         lightkv_layer_prefill_n_images(const lightkv_layer_prefill * r);
+LIGHTKV_API const int64_t * lightkv_layer_prefill_kept(const lightkv_layer_prefill * r, int32_t image, int64_t * n);
+/* The turn's live cells by the layers that see them: compact, one range [0, n_layer) with the
+ * final cells; exact, one per range of layers between merges. */
+LIGHTKV_API int32_t         lightkv_layer_prefill_n_ranges(const lightkv_layer_prefill * r);
+LIGHTKV_API const int32_t * lightkv_layer_prefill_range(const lightkv_layer_prefill * r, int32_t range, int32_t cache,
+                                                        int32_t * il_begin, int32_t * il_end, int64_t * n);
+/* What the run did: each stage's vision rows in / out, the kept fraction as run, the cells
+ * freed (owned by r). */
+LIGHTKV_API const lightkv_schedule_report * lightkv_layer_prefill_report(const lightkv_layer_prefill * r);
+/* Milliseconds spent in the guidance, the merges and the KV compaction (any may be NULL). */
+LIGHTKV_API void            lightkv_layer_prefill_times(const lightkv_layer_prefill * r, double * guidance_ms,
+                                                        double * merge_ms, double * compact_ms);
 
 #ifdef __cplusplus
 }

@@ -842,51 +842,28 @@ struct work_mark {
     }
 };
 
-// The progressive schedule of lightkv_merge_reduce: run_plan stages on what is left, the
-// rows, their scores, protected flags and original indices kept here between stages (one
-// call from the caller instead of one per stage).
-void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, const float * scores,
-                const lightkv_reduce_params & rp, lightkv_merge_result ** out) {
-    if (!out) LKV_INVALID("out must not be NULL");
-    *out = nullptr;
-    if (!x) LKV_INVALID("x must not be NULL");
-    lightkv_merge_params grid = lightkv_merge_params_default();
-    grid.grid_rows = rp.grid_rows;
-    grid.grid_cols = rp.grid_cols;
-    int64_t rows = 0, cols = 0;
-    validate_params(n, d, &grid, false, &rows, &cols);  // N, D and the grid
-    if (rp.windows < 1) LKV_INVALID("windows must be >= 1, got %d", (int) rp.windows);
-    if (rp.target < 1 || rp.target > n) {
-        LKV_INVALID("target must be in [1, N = %lld], got %lld", (long long) n, (long long) rp.target);
-    }
-    if (rp.protect_count < 0 || rp.protect_count > rp.target) {
-        LKV_INVALID("protect_count must be in [0, target = %lld], got %lld", (long long) rp.target,
-                    (long long) rp.protect_count);
-    }
-    if (rp.protect_mode != LIGHTKV_PROTECT_RECEIVE && rp.protect_mode != LIGHTKV_PROTECT_KEEP) {
-        LKV_INVALID("protect_mode must be LIGHTKV_PROTECT_RECEIVE (0) or LIGHTKV_PROTECT_KEEP (1), got %d",
-                    (int) rp.protect_mode);
-    }
-    if (rp.protect_count > 0 && !scores) LKV_INVALID("protecting %lld rows needs their scores", (long long) rp.protect_count);
-    validate_scores(scores, n);
-
+// Stages of the merge on what is left until `target` rows remain (lightkv_merge_reduce and
+// lightkv_merge_run_budget): every stage cuts windows x windows true 2D windows of the
+// rows x cols grid at the rows' positions gpos [n][2] (survivors keep theirs); the first runs
+// at first_ratio when >= 0, every other at min((m - target) / m + 1e-9, 0.5); a stage that
+// merges nothing is followed by one with a single window, and the loop stops when a single
+// window merges nothing. The rows, their scores (summed over what a row absorbed: the next
+// stage's weights), protected flags (prot, empty: none; carried with the rows) and composed
+// weights stay here between stages.
+void reduce_rows(lightkv_context & lc, const float * x, int64_t n, int64_t d, const float * scores,
+                 int64_t rows, int64_t cols, const std::vector<int64_t> & gpos, int32_t windows,
+                 double first_ratio, int64_t target, std::vector<uint8_t> prot, int32_t protect_mode,
+                 lightkv_merge_result & res) {
     std::vector<float>   cur(x, x + n * d);                  // the rows of the current stage
     std::vector<float>   sc;                                  // their scores (empty: unguided)
     if (scores) sc.assign(scores, scores + n);
-    std::vector<uint8_t> prot;                                // their protected flags (empty: none)
-    if (rp.protect_count > 0) {
-        prot.resize((size_t) n);
-        if (lightkv_protect_top(scores, n, rp.protect_count, prot.data()) != LIGHTKV_OK) {
-            fail(LIGHTKV_ERR_INTERNAL, "could not choose the protected rows");
-        }
-    }
     std::vector<int64_t> kept((size_t) n), assign((size_t) n), pos;
-    std::iota(kept.begin(), kept.end(), 0);                   // original index of every row
-    std::iota(assign.begin(), assign.end(), 0);               // row of every original token
+    std::iota(kept.begin(), kept.end(), 0);                   // input index of every row
+    std::iota(assign.begin(), assign.end(), 0);               // row of every input token
     std::vector<double>  weight((size_t) n, 1.0);             // composed coefficients
-    auto res = std::make_unique<lightkv_merge_result>();
-    int32_t w = (int32_t) std::min<int64_t>(rp.windows, std::min(rows, cols));
-    while ((int64_t) kept.size() > rp.target) {
+    int32_t w = (int32_t) std::min<int64_t>(windows, std::min(rows, cols));
+    bool first = true;
+    while ((int64_t) kept.size() > target) {
         const int64_t m = (int64_t) kept.size();
         lightkv_merge_plan plan;
         plan.ctx = &lc;
@@ -894,16 +871,19 @@ void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, con
         plan.d = d;
         plan.params = lightkv_merge_params_default();
         plan.params.windows = w;
-        plan.params.ratio = std::min((double) (m - rp.target) / (double) m + 1e-9, 0.5);
+        plan.params.ratio = first && first_ratio >= 0.0
+                                ? first_ratio
+                                : std::min((double) (m - target) / (double) m + 1e-9, 0.5);
+        first = false;
         plan.params.grid_rows = rows;
         plan.params.grid_cols = cols;
         plan.one_shot = true;
         pos.resize((size_t) (2 * m));
-        for (int64_t i = 0; i < m; i++) {  // survivors at their cell of the original grid
-            pos[2 * i] = kept[i] / cols;
-            pos[2 * i + 1] = kept[i] % cols;
+        for (int64_t i = 0; i < m; i++) {  // survivors at their cell of the grid
+            pos[2 * i] = gpos[2 * kept[i]];
+            pos[2 * i + 1] = gpos[2 * kept[i] + 1];
         }
-        set_protection(plan, prot.empty() ? nullptr : prot.data(), rp.protect_mode);
+        set_protection(plan, prot.empty() ? nullptr : prot.data(), protect_mode);
         build_plan(plan, pos.data());
         lightkv_merge_result * raw = nullptr;
         run_plan(plan, cur.data(), sc.empty() ? nullptr : sc.data(), &raw);
@@ -931,16 +911,101 @@ void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, con
             prot.swap(flags);
         }
         cur.swap(st->x);
-        res->stage_windows.push_back(w);
-        res->stage_rows.push_back(st->m);
+        res.stage_windows.push_back(w);
+        res.stage_rows.push_back(st->m);
     }
-    res->n = n;
-    res->d = d;
-    res->m = (int64_t) kept.size();
-    res->x = std::move(cur);
-    res->kept = std::move(kept);
-    res->assign = std::move(assign);
-    res->weight.assign(weight.begin(), weight.end());
+    res.n = n;
+    res.d = d;
+    res.m = (int64_t) kept.size();
+    res.x = std::move(cur);
+    res.kept = std::move(kept);
+    res.assign = std::move(assign);
+    res.weight.assign(weight.begin(), weight.end());
+}
+
+// The progressive schedule of lightkv_merge_reduce: reduce_rows on the raster of the grid.
+void run_reduce(lightkv_context & lc, const float * x, int64_t n, int64_t d, const float * scores,
+                const lightkv_reduce_params & rp, lightkv_merge_result ** out) {
+    if (!out) LKV_INVALID("out must not be NULL");
+    *out = nullptr;
+    if (!x) LKV_INVALID("x must not be NULL");
+    lightkv_merge_params grid = lightkv_merge_params_default();
+    grid.grid_rows = rp.grid_rows;
+    grid.grid_cols = rp.grid_cols;
+    int64_t rows = 0, cols = 0;
+    validate_params(n, d, &grid, false, &rows, &cols);  // N, D and the grid
+    if (rp.windows < 1) LKV_INVALID("windows must be >= 1, got %d", (int) rp.windows);
+    if (rp.target < 1 || rp.target > n) {
+        LKV_INVALID("target must be in [1, N = %lld], got %lld", (long long) n, (long long) rp.target);
+    }
+    if (rp.protect_count < 0 || rp.protect_count > rp.target) {
+        LKV_INVALID("protect_count must be in [0, target = %lld], got %lld", (long long) rp.target,
+                    (long long) rp.protect_count);
+    }
+    if (rp.protect_mode != LIGHTKV_PROTECT_RECEIVE && rp.protect_mode != LIGHTKV_PROTECT_KEEP) {
+        LKV_INVALID("protect_mode must be LIGHTKV_PROTECT_RECEIVE (0) or LIGHTKV_PROTECT_KEEP (1), got %d",
+                    (int) rp.protect_mode);
+    }
+    if (rp.protect_count > 0 && !scores) LKV_INVALID("protecting %lld rows needs their scores", (long long) rp.protect_count);
+    validate_scores(scores, n);
+    std::vector<uint8_t> prot;                                // the protected flags (empty: none)
+    if (rp.protect_count > 0) {
+        prot.resize((size_t) n);
+        if (lightkv_protect_top(scores, n, rp.protect_count, prot.data()) != LIGHTKV_OK) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not choose the protected rows");
+        }
+    }
+    std::vector<int64_t> gpos((size_t) (2 * n));
+    for (int64_t i = 0; i < n; i++) {
+        gpos[2 * i] = i / cols;
+        gpos[2 * i + 1] = i % cols;
+    }
+    auto res = std::make_unique<lightkv_merge_result>();
+    reduce_rows(lc, x, n, d, scores, rows, cols, gpos, rp.windows, -1.0, rp.target, std::move(prot),
+                rp.protect_mode, *res);
+    *out = res.release();
+}
+
+// lightkv_merge_run_budget: the published stage's budget, the protected set, reduce_rows.
+void run_budget(lightkv_context & lc, const float * x, int64_t n, int64_t d, const float * scores,
+                const lightkv_merge_params & p, const int64_t * positions, double protect,
+                lightkv_merge_result ** out) {
+    if (!out) LKV_INVALID("out must not be NULL");
+    *out = nullptr;
+    if (!x) LKV_INVALID("x must not be NULL");
+    if (!(protect >= 0.0 && protect <= 1.0)) LKV_INVALID("protect must be in [0, 1], got %g", protect);
+    if (p.use_threshold) LKV_INVALID("a stage merged to its budget takes no threshold");
+    if (protect > 0.0 && !scores) LKV_INVALID("protect %g needs scores", protect);
+    // the budget: what the published stage keeps of these rows
+    lightkv_merge_plan plan;
+    plan.ctx = &lc;
+    plan.n = n;
+    plan.d = d;
+    plan.params = p;
+    plan.one_shot = true;
+    build_plan(plan, positions);                  // validates N, D, the grid and positions
+    validate_scores(scores, n);
+    const int64_t target = plan.rows_without_threshold;
+    int64_t rows = 0, cols = 0;
+    validate_params(n, d, &p, positions != nullptr, &rows, &cols);
+    std::vector<int64_t> gpos((size_t) (2 * n));
+    for (int64_t i = 0; i < n; i++) {
+        gpos[2 * i] = positions ? positions[2 * i] : i / cols;
+        gpos[2 * i + 1] = positions ? positions[2 * i + 1] : i % cols;
+    }
+    // receive mode: round(protect * budget) rows (round half to even, as the reference's
+    // Python round), at most the budget
+    const int64_t count = std::min<int64_t>((int64_t) std::nearbyint(protect * (double) target), target);
+    std::vector<uint8_t> prot;
+    if (count > 0) {
+        prot.resize((size_t) n);
+        if (lightkv_protect_top(scores, n, count, prot.data()) != LIGHTKV_OK) {
+            fail(LIGHTKV_ERR_INTERNAL, "could not choose the protected rows");
+        }
+    }
+    auto res = std::make_unique<lightkv_merge_result>();
+    reduce_rows(lc, x, n, d, scores, rows, cols, gpos, p.windows, p.ratio, target, std::move(prot),
+                LIGHTKV_PROTECT_RECEIVE, *res);
     *out = res.release();
 }
 
@@ -1223,6 +1288,20 @@ lightkv_status lightkv_merge_reduce(lightkv_context * ctx, const float * x, int6
         if (!params) LKV_INVALID("params must not be NULL");
         const work_mark mark(*ctx);
         run_reduce(*ctx, x, n, d, scores, *params, out);
+        mark.record(**out);
+    });
+}
+
+lightkv_status lightkv_merge_run_budget(lightkv_context * ctx, const float * x, int64_t n, int64_t d,
+                                        const float * scores, const lightkv_merge_params * params,
+                                        const int64_t * positions, double protect, lightkv_merge_result ** out) {
+    return guarded(ctx, [&] {
+        if (!out) LKV_INVALID("out must not be NULL");
+        *out = nullptr;
+        if (!ctx) LKV_INVALID("ctx must not be NULL");
+        if (!params) LKV_INVALID("params must not be NULL");
+        const work_mark mark(*ctx);
+        run_budget(*ctx, x, n, d, scores, *params, positions, protect, out);
         mark.record(**out);
     });
 }

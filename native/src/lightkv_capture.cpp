@@ -235,6 +235,8 @@ ggml_tensor * heads_major(ggml_context * g, const capture_entry & e, int64_t row
 
 }  // namespace
 
+lightkv_context * lightkv::capture_context(lightkv_capture * cap) { return cap ? cap->ctx : nullptr; }
+
 extern "C" {
 
 lightkv_status lightkv_capture_create(lightkv_context * ctx, lightkv_capture ** out) {

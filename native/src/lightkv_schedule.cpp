@@ -8,22 +8,6 @@
 
 using namespace lightkv;
 
-struct lightkv_schedule {
-    std::vector<lightkv_stage> stages;
-    int32_t                    n_layer = 0;
-    int32_t                    use_threshold = 0;
-    double                     threshold = 0.0;
-    lightkv_kv_policy          kv = LIGHTKV_KV_COMPACT;
-    lightkv_positions_policy   positions = LIGHTKV_POSITIONS_KEEP;
-};
-
-struct lightkv_schedule_report {
-    const lightkv_schedule * s = nullptr;
-    int64_t                  vision_rows = 0;
-    std::vector<int64_t>     in, out;
-    int64_t                  cells_before = 0, cells_after = 0;
-};
-
 namespace {
 
 void check_policies(int32_t kv, int32_t positions) {
