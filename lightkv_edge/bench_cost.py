@@ -48,8 +48,8 @@ DEFAULT_KEEPS = (0.75, 0.55, 0.35, 0.25, 0.10)
 PROMPT = "Describe the objects in this picture and their colours."
 # figures a worker reports, in the order of the table
 FIGURES = ("vision_tokens_in", "vision_tokens_kept", "t_encode_ms", "t_merge_ms",
-           "t_prefill_ms", "ttft_ms", "kv_cells", "kv_bytes", "decode_tps_short",
-           "decode_tps_long", "kv_bytes_end_long", "peak_rss_mb")
+           "t_guidance_ms", "t_compact_ms", "t_prefill_ms", "ttft_ms", "kv_cells", "kv_bytes",
+           "decode_tps_short", "decode_tps_long", "kv_bytes_end_long", "peak_rss_mb")
 TIMED = ("t_encode_ms", "t_merge_ms", "t_prefill_ms", "ttft_ms", "decode_tps_short",
          "decode_tps_long")
 
@@ -196,6 +196,7 @@ def measure(job: dict) -> dict:
                 kept = st.evict_vision_after if st.evict_vision_before else st.vision_tokens_kept
                 out.update(vision_tokens_in=st.vision_tokens_in, vision_tokens_kept=kept,
                            t_encode_ms=st.t_encode_ms, t_merge_ms=st.t_merge_ms,
+                           t_guidance_ms=st.t_guidance_ms, t_compact_ms=st.t_compact_ms,
                            t_prefill_ms=st.t_prefill_ms, ttft_ms=st.ttft_ms,
                            kv_cells=st.kv_cells, kv_bytes=st.kv_bytes)
     finally:
@@ -429,7 +430,7 @@ def run_cost(args) -> int:
                   f"  (eta {eta:.0f} s)", file=sys.stderr, flush=True)
     # runs[name][i] is round i of every configuration: the ratios to off pair by round
     out = {"model": Path(args.model).name, "mmproj": Path(args.mmproj).name,
-           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+           "machine": machine(),
            "cpu_count": os.cpu_count(), "threads": args.threads,
            "blas_threads": 1, "runs": len(kept) + len(todo), "runs_planned": args.runs,
            "warmup_turns": 1,
@@ -454,9 +455,29 @@ def run_cost(args) -> int:
     return 0
 
 
+def machine() -> str:
+    """The CPU the timings ran on: its model name and the vector units ggml's kernels use
+    (a virtual machine may name every CPU alike). Runs of other machines are never pooled:
+    a fresh machine named the same but with AMX ran the same sweep 6x faster."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name") and not name:
+                    name = ln.split(":", 1)[1].strip()
+                elif ln.startswith(("flags", "Features")) and not flags:
+                    flags = set(ln.split(":", 1)[1].split())
+    except OSError:
+        pass
+    units = [u for u in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd",
+                         "sve") if u in flags]
+    return " ".join(x for x in (platform.machine(), name or platform.processor(),
+                                f"({' '.join(units)})" if units else "") if x)
+
+
 def _sweep_id(args, configs: list[Config]) -> dict:
-    """What makes two sweeps' runs comparable: the files (by name and size), the
-    configurations and every setting of a run."""
+    """What makes two sweeps' runs comparable: the machine, the files (by name and size),
+    the configurations and every setting of a run."""
     def file_id(path):
         return f"{Path(path).name} ({Path(path).stat().st_size} bytes)"
     return {"model": file_id(args.model), "mmproj": file_id(args.mmproj),
@@ -464,7 +485,8 @@ def _sweep_id(args, configs: list[Config]) -> dict:
             "image": file_id(args.image) if args.image else f"synthetic {args.image_size}",
             "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
             "ctx_size": args.ctx_size, "threads": args.threads,
-            "gpu_layers": args.gpu_layers, "encode_once": bool(args.encode_once)}
+            "gpu_layers": args.gpu_layers, "encode_once": bool(args.encode_once),
+            "machine": machine(), "cpu_count": os.cpu_count()}
 
 
 def _check_writable(path: str | None) -> None:
@@ -512,6 +534,12 @@ def markdown_table(out: dict) -> str:
             cell(r, "decode_tps_short", "{:.1f}"), cell(r, "decode_tps_long", "{:.1f}"),
             ratio(r, "decode_tps_long"), f"{r['kv_bytes_end_long']['median'] / 2**20:.2f}",
             f"{r['peak_rss_mb']['median']:.0f}"]) + " |")
+    split = [r for r in out["rows"] if r.get("t_compact_ms", {}).get("median")]
+    if split:
+        lines.append("\nmerge ms of layer mode, medians: " + "; ".join(
+            f"{r['config']} guidance {r['t_guidance_ms']['median']:.1f} + merge "
+            f"{r['t_merge_ms']['median'] - r['t_guidance_ms']['median'] - r['t_compact_ms']['median']:.1f}"
+            f" + KV compaction {r['t_compact_ms']['median']:.1f}" for r in split) + ".")
     for name, reason in out.get("skipped", {}).items():
         lines.append(f"\n{name}: skipped ({reason})")
     return "\n".join(lines) + "\n"

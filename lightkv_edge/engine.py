@@ -61,7 +61,9 @@ class Stats:
     kv_bytes: int = 0               # bytes of KV cache after this turn's prefill
     t_encode_ms: float = 0.0
     images_cached: int = 0          # image chunks whose encoder output came from the cache
-    t_merge_ms: float = 0.0
+    t_merge_ms: float = 0.0         # merge work: guidance, merges and (layer mode) KV compaction
+    t_guidance_ms: float = 0.0      # of t_merge_ms: layer mode's guidance from the captured Q/K
+    t_compact_ms: float = 0.0       # of t_merge_ms: layer mode's KV compaction
     t_prefill_ms: float = 0.0
     t_decode_ms: float = 0.0
     ttft_ms: float = 0.0            # from the call to the first answer token sampled and decoded
@@ -657,6 +659,8 @@ class VisionChat:
         t_total = (time.perf_counter() - t0) * 1e3
         stats.t_encode_ms += t_enc
         stats.t_merge_ms += res.t_guidance_ms + res.t_merge_ms + res.t_compact_ms
+        stats.t_guidance_ms += res.t_guidance_ms
+        stats.t_compact_ms += res.t_compact_ms
         stats.t_prefill_ms += t_total - t_enc - (res.t_guidance_ms + res.t_merge_ms
                                                   + res.t_compact_ms)
         stats.vision_tokens_in += res.vision_in
